@@ -1,0 +1,1304 @@
+#include "host/vmwp/worker.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <random>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "common/units.h"
+#include "gpup/kmt.h"
+
+namespace gpup::vmwp {
+
+using namespace gpup::proto;
+
+// ----------------------------------------------------------------------------------------------
+// Objects
+
+const char* object_type_name(ObjectType t) {
+  switch (t) {
+    case ObjectType::Free: return "free slot";
+    case ObjectType::Device: return "device";
+    case ObjectType::Allocation: return "allocation";
+    case ObjectType::Context: return "context";
+    case ObjectType::SyncObject: return "synchronization object";
+  }
+  return "object";
+}
+
+namespace {
+
+constexpr uint32_t kMaxPrivateData = 64 * 1024;
+constexpr uint32_t kMaxOutputData = 64 * 1024;
+constexpr size_t kMaxCpuWaits = 4096;
+constexpr uint32_t kDeviceStateNormal = GPUPKMT_DEVICESTATE_NORMAL;
+constexpr uint32_t kDeviceStateReset = GPUPKMT_DEVICESTATE_RESET;
+
+bool add_overflows(uint64_t a, uint64_t b) { return a + b < a; }
+
+}  // namespace
+
+struct Device : Object {
+  Device() : Object(ObjectType::Device) {}
+  GPUPDDI_HANDLE kmd = nullptr;
+  std::set<std::shared_ptr<Context>> contexts;
+  std::set<std::shared_ptr<Allocation>> allocations;
+  std::set<std::shared_ptr<SyncObject>> syncs;
+  uint32_t state = kDeviceStateNormal;
+  gpup_status reason = GPUP_STATUS_SUCCESS;
+};
+
+// Freed when the last reference goes: the handle table, a VA mapping, or a submission in flight.
+// Its destructor returns the device memory, so memory in use by the device is never reused early.
+struct Allocation : Object {
+  Allocation() : Object(ObjectType::Allocation) {}
+  ~Allocation() override {
+    if (kmd && ddi) ddi->Memory.pfnDestroyAllocation(device_kmd, kmd);
+    if (backing) munmap(backing, backing_size);
+    if (vm_vram) *vm_vram -= charged;
+    if (proc_vram) *proc_vram -= charged;
+  }
+  const GPUPDDI_DRIVER_FUNCS* ddi = nullptr;
+  GPUPDDI_HANDLE device_kmd = nullptr;
+  GPUPDDI_HANDLE kmd = nullptr;
+  uint64_t size = 0;
+  uint32_t flags = 0;
+  UniqueFd memfd;
+  void* backing = nullptr;
+  size_t backing_size = 0;
+  uint32_t locks = 0;
+  uint64_t section = 0;
+  uint64_t charged = 0;
+  uint64_t* vm_vram = nullptr;
+  uint64_t* proc_vram = nullptr;
+  bool program() const { return flags & GPUPKMT_ALLOCATION_PROGRAM; }
+};
+
+struct SyncObject : Object {
+  SyncObject() : Object(ObjectType::SyncObject) {}
+  Device* device = nullptr;
+  GuestProcess* process = nullptr;
+  uint64_t value = 0;
+  uint32_t slot = 0;
+  struct CpuWait {
+    uint64_t event_id, value;
+  };
+  std::vector<CpuWait> waits;
+};
+
+// One decoded hardware command with everything it points to owned here, so it can wait in a
+// context queue behind a GPU wait and still be valid when it reaches the KMD.
+struct OwnedCommand {
+  GPUPDDI_COMMAND cmd{};
+  std::string kernel;
+  std::vector<GPUPDDI_KERNEL_ARG> args;
+  std::vector<std::vector<uint8_t>> values;
+};
+
+struct Batch {
+  std::vector<OwnedCommand> commands;
+  std::vector<std::shared_ptr<Allocation>> refs;  // keeps every allocation used alive
+  uint64_t guest_submission = 0;
+};
+
+struct Context : Object {
+  Context() : Object(ObjectType::Context) {}
+  struct Cookie {
+    Worker* worker;
+    uint64_t id;
+  } cookie{};
+  Device* device = nullptr;
+  GuestProcess* process = nullptr;
+  GPUPDDI_HANDLE kmd = nullptr;
+  struct Item {
+    enum Kind { kSubmit, kSignal, kWait } kind;
+    std::shared_ptr<Batch> batch;
+    std::shared_ptr<SyncObject> sync;
+    uint64_t value = 0;
+  };
+  std::deque<Item> queue;
+  std::map<uint64_t, std::shared_ptr<Batch>> inflight;  // by KMD submission id
+  bool faulted = false;
+};
+
+// ----------------------------------------------------------------------------------------------
+// Configuration
+
+std::string guid_to_string(const GPUPDDI_GUID& g) {
+  const uint8_t* b = g.Bytes;
+  return fmt::format("{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+                     b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+}
+
+namespace {
+
+bool parse_guid(const std::string& s, GPUPDDI_GUID& out) {
+  std::string hex;
+  for (char c : s)
+    if (c != '-') hex += c;
+  if (hex.size() != 32) return false;
+  for (int i = 0; i < 16; ++i) {
+    unsigned v;
+    if (std::sscanf(hex.c_str() + 2 * i, "%2x", &v) != 1) return false;
+    out.Bytes[i] = static_cast<uint8_t>(v);
+  }
+  return true;
+}
+
+}  // namespace
+
+Result<WorkerConfig> parse_worker_config(const nlohmann::json& j) {
+  try {
+    WorkerConfig c;
+    const auto& vm = j.at("vm");
+    const auto& ad = j.at("adapter");
+    c.vm_name = vm.at("name").get<std::string>();
+    if (!parse_guid(vm.at("guid").get<std::string>(), c.vm_guid))
+      return Error(GPUP_STATUS_INVALID_PARAMETER, "configure: vm.guid is not a GUID");
+    c.min_vram = vm.value("min_vram", uint64_t{0});
+    c.max_vram = vm.value("max_vram", uint64_t{0});
+    c.optimal_vram = vm.value("optimal_vram", uint64_t{0});
+    c.compute_weight = vm.value("compute_weight", 100u);
+    c.max_compute = vm.value("max_compute", 100u);
+    c.secure = vm.value("secure", false);
+    c.adapter_name = ad.at("name").get<std::string>();
+    c.adapter_luid = ad.at("luid").get<uint64_t>();
+    c.kmd = ad.at("kmd").get<std::string>();
+    c.kmd_config = ad.value("config", std::string());
+    if (c.max_vram && c.min_vram > c.max_vram)
+      return Error(GPUP_STATUS_INVALID_PARAMETER, "configure: min_vram exceeds max_vram");
+    return c;
+  } catch (const std::exception& e) {
+    return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("configure: {}", e.what()));
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Fence page
+
+Status FencePage::create() {
+  size_ = sizeof(FencePageHeader) + sizeof(uint64_t) * kSlots;
+  fd_.reset(memfd_create("gpup-fence-page", MFD_CLOEXEC));
+  if (!fd_ || ftruncate(fd_.get(), static_cast<off_t>(size_)) != 0)
+    return Error(GPUP_STATUS_NO_MEMORY, fmt::format("fence page: {}", std::strerror(errno)));
+  map_ = mmap(nullptr, size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(), 0);
+  if (map_ == MAP_FAILED) {
+    map_ = nullptr;
+    return Error(GPUP_STATUS_NO_MEMORY, fmt::format("fence page mmap: {}", std::strerror(errno)));
+  }
+  FencePageHeader h{kFencePageMagic, kSlots, 1, 0};
+  std::memcpy(map_, &h, sizeof h);
+  return {};
+}
+
+void FencePage::set(uint32_t slot, uint64_t value) {
+  if (!map_ || slot >= kSlots) return;
+  auto* values = reinterpret_cast<uint64_t*>(static_cast<char*>(map_) + sizeof(FencePageHeader));
+  std::atomic_ref<uint64_t>(values[slot]).store(value, std::memory_order_release);
+}
+
+void FencePage::bump_state_counter(uint32_t counter) {
+  if (!map_) return;
+  auto* h = static_cast<FencePageHeader*>(map_);
+  std::atomic_ref<uint32_t>(h->device_state_counter).store(counter, std::memory_order_release);
+}
+
+FencePage::~FencePage() {
+  if (map_) munmap(map_, size_);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Guest process: decode, validate, dispatch
+
+GuestProcess::GuestProcess(Worker& worker, std::unique_ptr<GuestLink> link, uint64_t id)
+    : w_(worker), link_(std::move(link)), id_(id), fence_slots_used_(FencePage::kSlots, false) {}
+
+GuestProcess::~GuestProcess() = default;
+
+void GuestProcess::notify(Op op, const void* fixed, size_t size, std::span<const uint8_t> tail) {
+  const OpInfo* info = find_op(static_cast<uint16_t>(op));
+  auto enc = encode_raw(op, 0, 0, 0, {static_cast<const uint8_t*>(fixed), size}, info && info->request_tail, tail);
+  if (!enc.ok()) return;
+  // Sent with Worker::mu_ held. A guest that stops reading its ring can stall this send once the
+  // ring is full; that delays only this VM's worker (never another partition), and the guest's
+  // death releases it (the channel reports CONNECTION_LOST).
+  (void)link_->send(*enc);
+}
+
+Status GuestProcess::check_adapter(uint64_t luid) const {
+  if (luid != w_.config_.adapter_luid)
+    return Error(GPUP_STATUS_NOT_FOUND, fmt::format("adapter LUID {:#x} is not an adapter of this VM", luid));
+  return {};
+}
+
+Status GuestProcess::handle(std::span<const uint8_t> bytes) {
+  auto dec = decode(bytes, Direction::kGuestToHost);
+  std::lock_guard lock(w_.mu_);
+  if (closed_) return Error(GPUP_STATUS_CONNECTION_LOST, "process closed");
+  if (!dec.ok()) {
+    // Reply when the header names a sync request we can answer; otherwise log (rate-limited).
+    MessageHeader h{};
+    if (bytes.size() >= sizeof h) std::memcpy(&h, bytes.data(), sizeof h);
+    const OpInfo* info = find_op(h.op);
+    if (!hello_done_) return Error(GPUP_STATUS_PROTOCOL_ERROR, "first message is not a valid Hello: " + dec.error().message);
+    if (info && info->kind == Kind::SYNC && h.txn != 0 && !(h.flags & kFlagReply)) {
+      (void)link_->send(encode_error_reply(info->op, h.txn, dec.error().status, dec.error().message));
+    } else if (unknown_ops_logged_ < 16) {
+      ++unknown_ops_logged_;
+      spdlog::warn("process {} ({}): dropped message: {}", pid_, name_, dec.error().message);
+    }
+    return {};
+  }
+  const Message& m = *dec;
+  if (!hello_done_) {
+    if (m.op() != Op::Hello) return Error(GPUP_STATUS_PROTOCOL_ERROR, fmt::format("first message is {}, not Hello", m.info->name));
+    return on_hello(m);
+  }
+  if (m.info->kind == Kind::ASYNC) {
+    on_async(m);
+    return {};
+  }
+  auto r = on_sync(m);
+  if (!r.ok()) {
+    (void)link_->send(encode_error_reply(m.op(), m.header.txn, r.error().status, r.error().message));
+    return {};
+  }
+  send_reply(m, *r);
+  return {};
+}
+
+void GuestProcess::send_reply(const Message& m, const Reply& r) {
+  auto enc = encode_raw(m.op(), kFlagReply, m.header.txn, r.status, r.fixed, m.info->reply_tail, r.tail);
+  if (!enc.ok()) {
+    (void)link_->send(encode_error_reply(m.op(), m.header.txn, enc.error().status, enc.error().message));
+    return;
+  }
+  (void)link_->send(*enc);
+}
+
+Status GuestProcess::on_hello(const Message& m) {
+  auto req = m.as<HelloRequest>();
+  auto refuse = [&](gpup_status st, std::string why) -> Status {
+    (void)link_->send(encode_error_reply(Op::Hello, m.header.txn, st, why));
+    return Error(st, why);
+  };
+  if (req.version_min > req.version_max || req.version_min > kVersion || req.version_max < kLastCompatibleVersion)
+    return refuse(GPUP_STATUS_VERSION_MISMATCH,
+                  fmt::format("guest speaks protocol versions {}..{}, this host speaks {}..{}", req.version_min,
+                              req.version_max, kLastCompatibleVersion, kVersion));
+  version_ = std::min(req.version_max, kVersion);
+  pid_ = req.pid;
+  size_t n = strnlen(req.process_name, sizeof req.process_name);
+  for (size_t i = 0; i < n; ++i) {
+    char c = req.process_name[i];
+    name_ += (c >= 0x20 && c < 0x7f) ? c : '?';
+  }
+  if (name_.empty()) name_ = "guest";
+
+  GPUPDDI_ARG_CREATEPROCESS cp{};
+  cp.struct_size = sizeof cp;
+  cp.Flags.VirtualMachineProcess = 1;
+  cp.hDxgkProcess = this;
+  cp.hKmdVmWorkerProcess = w_.kmd_worker_process_;
+  cp.ProcessId = pid_;
+  cp.ProcessNameLength = static_cast<uint32_t>(name_.size());
+  cp.pProcessName = name_.c_str();
+  gpup_status st = w_.driver_->ddi().Process.pfnCreateProcess(w_.adapter_, &cp);
+  if (GPUP_FAILED(st)) return refuse(st, fmt::format("KMD CreateProcess failed: {}", gpup_status_message(st)));
+  kmd_process_ = cp.hKmdProcess;
+
+  if (auto s = fence_page_.create(); !s.ok()) return refuse(s.status(), s.error().message);
+  uint64_t fence_section = 0;
+  if (link_->shares_memory()) {
+    // The guest gets a read-only view: reopen the memfd O_RDONLY so it cannot map it writable.
+    UniqueFd ro(::open(fmt::format("/proc/self/fd/{}", fence_page_.fd()).c_str(), O_RDONLY | O_CLOEXEC));
+    if (!ro) return refuse(GPUP_STATUS_INTERNAL, fmt::format("fence page reopen: {}", std::strerror(errno)));
+    fence_section = 1;
+    if (GPUP_FAILED(link_->send_fd(fence_section, ro.get())))
+      return Error(GPUP_STATUS_CONNECTION_LOST, "guest went away during Hello");
+  }
+  fence_page_.bump_state_counter(w_.state_counter_);
+
+  AdapterDesc ad{};
+  ad.luid = w_.config_.adapter_luid;
+  ad.flags = GPUPKMT_ADAPTERFLAG_PARAVIRTUALIZED | GPUPKMT_ADAPTERFLAG_COMPUTE_ONLY |
+             (w_.config_.secure ? GPUPKMT_ADAPTERFLAG_SECURE_VM : 0);
+  ad.budget = w_.config_.max_vram;
+  auto desc = fmt::format("gpup partition {} on {}", w_.config_.vm_name, w_.caps_.info.Name);
+  std::strncpy(ad.description, desc.c_str(), sizeof ad.description - 1);
+
+  HelloReply rep{};
+  rep.version = version_;
+  rep.adapter_count = 1;
+  rep.fence_slots = FencePage::kSlots;
+  rep.max_message_size = kMaxMessageSize;
+  rep.fence_section = fence_section;
+  std::vector<uint8_t> tail(reinterpret_cast<uint8_t*>(&ad), reinterpret_cast<uint8_t*>(&ad) + sizeof ad);
+  hello_done_ = true;
+  send_reply(m, reply(rep, std::move(tail)));
+  spdlog::info("guest process {} '{}' connected (protocol v{}, {} transport)", pid_, name_, version_,
+               link_->shares_memory() ? "shared-memory" : "stream");
+  return {};
+}
+
+Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
+  const auto& ddi = w_.driver_->ddi();
+  switch (m.op()) {
+    case Op::Hello:
+      return Error(GPUP_STATUS_PROTOCOL_ERROR, "Hello sent twice");
+
+    case Op::QueryAdapterInfo: {
+      auto req = m.as<QueryAdapterInfoRequest>();
+      if (auto s = check_adapter(req.adapter_luid); !s.ok()) return s.error();
+      switch (req.type) {
+        case GPUPDDI_QAITYPE_UMDRIVERPRIVATE: case GPUPDDI_QAITYPE_DRIVERCAPS: case GPUPDDI_QAITYPE_QUERYSEGMENT:
+        case GPUPDDI_QAITYPE_DEVICEINFO: case GPUPDDI_QAITYPE_GPUMMUCAPS: case GPUPDDI_QAITYPE_PAGETABLELEVELDESC:
+        case GPUPDDI_QAITYPE_GPUPCAPS:
+          break;
+        default:
+          return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("query type {} is not available to a VM", req.type));
+      }
+      const size_t room = max_tail(Op::QueryAdapterInfo, true);
+      if (req.output_size > kMaxOutputData || req.output_size > room)
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("output size {} exceeds {}", req.output_size, std::min<size_t>(kMaxOutputData, room)));
+      if (m.tail.size() > kMaxPrivateData)
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("query input of {} bytes", m.tail.size()));
+      std::vector<uint8_t> out(req.output_size);
+      uint32_t written = 0;
+      GPUPDDI_ARG_QUERYADAPTERINFO q{};
+      q.struct_size = sizeof q;
+      q.Type = req.type;
+      q.Flags.VirtualMachineData = 1;
+      q.Flags.SecureVirtualMachine = w_.config_.secure;
+      q.hKmdProcessHandle = kmd_process_;
+      q.pInputData = m.tail.empty() ? nullptr : m.tail.data();
+      q.InputDataSize = static_cast<uint32_t>(m.tail.size());
+      q.pOutputData = out.data();
+      q.OutputDataSize = req.output_size;
+      q.pOutputDataWritten = &written;
+      gpup_status st = ddi.Adapter.pfnQueryAdapterInfo(w_.adapter_, &q);
+      if (GPUP_FAILED(st)) return Error(st, fmt::format("query type {}: {}", req.type, gpup_status_message(st)));
+      if (written == 0 || written > req.output_size) written = req.output_size;
+      // The guest sees its partition, not the host's device: memory sizes are capped at the budget.
+      const uint64_t budget = w_.config_.max_vram;
+      if (req.type == GPUPDDI_QAITYPE_DEVICEINFO && written >= sizeof(GPUPDDI_DEVICEINFO)) {
+        GPUPDDI_DEVICEINFO info;
+        std::memcpy(&info, out.data(), sizeof info);
+        info.GlobalMemSize = std::min(info.GlobalMemSize, budget);
+        info.MaxAllocSize = std::min(info.MaxAllocSize, budget);
+        std::memcpy(out.data(), &info, sizeof info);
+      } else if (req.type == GPUPDDI_QAITYPE_DRIVERCAPS && written >= sizeof(GPUPDDI_DRIVERCAPS)) {
+        GPUPDDI_DRIVERCAPS caps;
+        std::memcpy(&caps, out.data(), sizeof caps);
+        caps.MaxAllocationSize = std::min(caps.MaxAllocationSize, budget);
+        std::memcpy(out.data(), &caps, sizeof caps);
+      } else if (req.type == GPUPDDI_QAITYPE_QUERYSEGMENT && written >= sizeof(GPUPDDI_QUERYSEGMENTOUT)) {
+        GPUPDDI_QUERYSEGMENTOUT seg;
+        std::memcpy(&seg, out.data(), sizeof seg);
+        for (uint32_t i = 0; i < seg.NbSegment && i < GPUPDDI_MAX_SEGMENTS; ++i)
+          if (!seg.Segments[i].Aperture) seg.Segments[i].Size = std::min(seg.Segments[i].Size, budget);
+        std::memcpy(out.data(), &seg, sizeof seg);
+      }
+      out.resize(written);
+      QueryAdapterInfoReply rep{written, 0};
+      return reply(rep, std::move(out));
+    }
+
+    case Op::CreateDevice: {
+      auto req = m.as<CreateDeviceRequest>();
+      if (auto s = check_adapter(req.adapter_luid); !s.ok()) return s.error();
+      if (req.flags != 0) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("device flags {:#x}", req.flags));
+      auto dev = std::make_shared<Device>();
+      GPUPDDI_ARG_CREATEDEVICE a{};
+      a.struct_size = sizeof a;
+      a.hKmdProcess = kmd_process_;
+      gpup_status st = ddi.Device.pfnCreateDevice(w_.adapter_, &a);
+      if (GPUP_FAILED(st)) return Error(st, fmt::format("KMD CreateDevice: {}", gpup_status_message(st)));
+      dev->kmd = a.hDevice;
+      auto h = handles_.insert(dev);
+      if (!h.ok()) {
+        ddi.Device.pfnDestroyDevice(dev->kmd);
+        return h.error();
+      }
+      devices_.insert(dev);
+      return reply(CreateDeviceReply{*h, w_.state_counter_});
+    }
+
+    case Op::DestroyDevice: {
+      auto req = m.as<DestroyDeviceRequest>();
+      auto dev = handles_.get<Device>(req.device, ObjectType::Device);
+      if (!dev.ok()) return dev.error();
+      destroy_device_locked(*dev);
+      return reply(DestroyDeviceReply{});
+    }
+
+    case Op::CreateContext: {
+      auto req = m.as<CreateContextRequest>();
+      auto dev = handles_.get<Device>(req.device, ObjectType::Device);
+      if (!dev.ok()) return dev.error();
+      if (req.node >= std::max<uint32_t>(1, w_.caps_.driver.NodeCount))
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("node {} (the adapter has {})", req.node, w_.caps_.driver.NodeCount));
+      if (req.priority < -2 || req.priority > 2) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("priority {} (-2..2)", req.priority));
+      if (req.flags != 0) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("context flags {:#x}", req.flags));
+      if (m.tail.size() > kMaxPrivateData) return Error(GPUP_STATUS_INVALID_PARAMETER, "context private data too large");
+      auto ctx = std::make_shared<Context>();
+      ctx->cookie = {&w_, w_.next_context_id_++};
+      ctx->device = dev->get();
+      ctx->process = this;
+      GPUPDDI_ARG_CREATECONTEXT a{};
+      a.struct_size = sizeof a;
+      a.NodeOrdinal = req.node;
+      a.Priority = req.priority;
+      a.hSystemContext = &ctx->cookie;
+      a.pPrivateDriverData = m.tail.empty() ? nullptr : m.tail.data();
+      a.PrivateDriverDataSize = static_cast<uint32_t>(m.tail.size());
+      gpup_status st = ddi.Context.pfnCreateContext((*dev)->kmd, &a);
+      if (GPUP_FAILED(st)) return Error(st, fmt::format("KMD CreateContext: {}", gpup_status_message(st)));
+      ctx->kmd = a.hContext;
+      auto h = handles_.insert(ctx);
+      if (!h.ok()) {
+        ddi.Context.pfnDestroyContext(ctx->kmd);
+        w_.drain_completions_locked();
+        return h.error();
+      }
+      (*dev)->contexts.insert(ctx);
+      w_.contexts_[ctx->cookie.id] = ctx.get();
+      return reply(CreateContextReply{*h, 0});
+    }
+
+    case Op::DestroyContext: {
+      auto req = m.as<DestroyContextRequest>();
+      auto ctx = handles_.get<Context>(req.context, ObjectType::Context);
+      if (!ctx.ok()) return ctx.error();
+      destroy_context_locked(*ctx);
+      return reply(DestroyContextReply{});
+    }
+
+    case Op::CreateAllocation: {
+      auto req = m.as<CreateAllocationRequest>();
+      auto dev = handles_.get<Device>(req.device, ObjectType::Device);
+      if (!dev.ok()) return dev.error();
+      const uint32_t known = GPUPKMT_ALLOCATION_CPU_VISIBLE | GPUPKMT_ALLOCATION_PROGRAM | GPUPKMT_ALLOCATION_READ_ONLY;
+      if (req.flags & ~known) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("allocation flags {:#x}", req.flags));
+      const bool program = req.flags & GPUPKMT_ALLOCATION_PROGRAM;
+      const bool cpu_visible = req.flags & GPUPKMT_ALLOCATION_CPU_VISIBLE;
+      if (program && cpu_visible) return Error(GPUP_STATUS_INVALID_PARAMETER, "a program allocation cannot be CPU visible");
+      if (!program && req.size == 0) return Error(GPUP_STATUS_INVALID_PARAMETER, "allocation of 0 bytes");
+      if (m.tail.size() > max_tail(Op::CreateAllocation, false)) return Error(GPUP_STATUS_INVALID_PARAMETER, "private data too large");
+      if (req.output_size > kMaxOutputData || req.output_size > max_tail(Op::CreateAllocation, true))
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("output size {} exceeds {}", req.output_size, kMaxOutputData));
+      const uint64_t size = program ? 0 : req.size;
+      const uint64_t max_alloc = std::min(w_.caps_.driver.MaxAllocationSize ? w_.caps_.driver.MaxAllocationSize : UINT64_MAX,
+                                          w_.config_.max_vram);
+      if (size > max_alloc)
+        return Error(GPUP_STATUS_INVALID_PARAMETER,
+                     fmt::format("allocation of {} exceeds the largest allowed, {}", format_size(size), format_size(max_alloc)));
+      if (add_overflows(w_.vram_used_, size) || w_.vram_used_ + size > w_.config_.max_vram)
+        return Error(GPUP_STATUS_QUOTA_EXCEEDED,
+                     fmt::format("allocation of {} would bring partition {} to {}, above its max of {}", format_size(size),
+                                 w_.config_.vm_name, format_size(w_.vram_used_ + size), format_size(w_.config_.max_vram)));
+      auto alloc = std::make_shared<Allocation>();
+      alloc->size = size;
+      alloc->flags = req.flags;
+      if (cpu_visible) {
+        const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        alloc->backing_size = (size + page - 1) / page * page;
+        alloc->memfd.reset(memfd_create("gpup-allocation", MFD_CLOEXEC));
+        if (!alloc->memfd || ftruncate(alloc->memfd.get(), static_cast<off_t>(alloc->backing_size)) != 0)
+          return Error(GPUP_STATUS_NO_MEMORY, fmt::format("backing store of {}: {}", format_size(size), std::strerror(errno)));
+        void* p = mmap(nullptr, alloc->backing_size, PROT_READ | PROT_WRITE, MAP_SHARED, alloc->memfd.get(), 0);
+        if (p == MAP_FAILED) return Error(GPUP_STATUS_NO_MEMORY, fmt::format("backing store map: {}", std::strerror(errno)));
+        alloc->backing = p;
+      }
+      std::vector<uint8_t> out(req.output_size);
+      GPUPDDI_ARG_CREATEALLOCATION a{};
+      a.struct_size = sizeof a;
+      a.Flags.CpuVisible = cpu_visible;
+      a.Flags.Program = program;
+      a.Flags.ReadOnly = (req.flags & GPUPKMT_ALLOCATION_READ_ONLY) != 0;
+      a.Size = size;
+      a.pSystemMemory = alloc->backing;
+      a.pPrivateDriverData = m.tail.empty() ? nullptr : m.tail.data();
+      a.PrivateDriverDataSize = static_cast<uint32_t>(m.tail.size());
+      a.pOutputData = out.empty() ? nullptr : out.data();
+      a.OutputDataSize = req.output_size;
+      gpup_status st = ddi.Memory.pfnCreateAllocation((*dev)->kmd, &a);
+      const uint32_t written = std::min(a.OutputDataWritten, req.output_size);
+      out.resize(written);
+      if (GPUP_FAILED(st)) {
+        if (st == GPUP_STATUS_BUILD_FAILED) return Error(st, std::string(out.begin(), out.end()));
+        return Error(st, fmt::format("KMD CreateAllocation of {}: {}", format_size(size), gpup_status_message(st)));
+      }
+      alloc->ddi = &ddi;
+      alloc->device_kmd = (*dev)->kmd;
+      alloc->kmd = a.hAllocation;
+      alloc->charged = size;
+      alloc->vm_vram = &w_.vram_used_;
+      alloc->proc_vram = &vram_used_;
+      w_.vram_used_ += size;
+      vram_used_ += size;
+      auto h = handles_.insert(alloc);
+      if (!h.ok()) return h.error();  // the destructor gives everything back
+      (*dev)->allocations.insert(alloc);
+      CreateAllocationReply rep{*h, written, st, 0};
+      return reply(rep, std::move(out));
+    }
+
+    case Op::DestroyAllocation: {
+      auto req = m.as<DestroyAllocationRequest>();
+      auto alloc = handles_.get<Allocation>(req.allocation, ObjectType::Allocation);
+      if (!alloc.ok()) return alloc.error();
+      destroy_allocation_locked(*alloc);
+      return reply(DestroyAllocationReply{});
+    }
+
+    case Op::Lock:
+    case Op::Unlock: {
+      auto req = m.as<LockRequest>();
+      auto alloc = handles_.get<Allocation>(req.allocation, ObjectType::Allocation);
+      if (!alloc.ok()) return alloc.error();
+      Allocation& al = **alloc;
+      if (!al.backing) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("allocation {:#x} is not CPU visible", req.allocation));
+      if (m.op() == Op::Unlock) {
+        if (al.locks == 0) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("allocation {:#x} is not locked", req.allocation));
+        if (--al.locks == 0 && ddi.Memory.pfnUnlock) {
+          gpup_status st = ddi.Memory.pfnUnlock(al.device_kmd, al.kmd);
+          if (GPUP_FAILED(st)) return Error(st, "KMD Unlock failed");
+        }
+        return reply(UnlockReply{});
+      }
+      if (al.locks == 0 && ddi.Memory.pfnLock) {
+        gpup_status st = ddi.Memory.pfnLock(al.device_kmd, al.kmd);
+        if (GPUP_FAILED(st)) return Error(st, "KMD Lock failed");
+      }
+      ++al.locks;
+      LockReply rep{al.size, 0};
+      if (link_->shares_memory()) {
+        if (!al.section) al.section = next_section_++;
+        rep.section = al.section;
+        if (GPUP_FAILED(link_->send_fd(al.section, al.memfd.get())))
+          return Error(GPUP_STATUS_CONNECTION_LOST, "could not pass the section");
+      }
+      return reply(rep);
+    }
+
+    case Op::ReadAllocation: {
+      auto req = m.as<ReadAllocationRequest>();
+      auto alloc = handles_.get<Allocation>(req.allocation, ObjectType::Allocation);
+      if (!alloc.ok()) return alloc.error();
+      Allocation& al = **alloc;
+      if (!al.backing) return Error(GPUP_STATUS_INVALID_PARAMETER, "allocation is not CPU visible");
+      if (req.size > max_tail(Op::ReadAllocation, true)) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("read of {} bytes exceeds one message", req.size));
+      if (add_overflows(req.offset, req.size) || req.offset + req.size > al.size)
+        return Error(GPUP_STATUS_OUT_OF_RANGE, fmt::format("read [{}, +{}) of an allocation of {} bytes", req.offset, req.size, al.size));
+      const uint8_t* p = static_cast<const uint8_t*>(al.backing) + req.offset;
+      return reply(ReadAllocationReply{}, std::vector<uint8_t>(p, p + req.size));
+    }
+
+    case Op::WriteAllocation: {
+      auto req = m.as<WriteAllocationRequest>();
+      auto alloc = handles_.get<Allocation>(req.allocation, ObjectType::Allocation);
+      if (!alloc.ok()) return alloc.error();
+      Allocation& al = **alloc;
+      if (!al.backing) return Error(GPUP_STATUS_INVALID_PARAMETER, "allocation is not CPU visible");
+      if (add_overflows(req.offset, m.tail.size()) || req.offset + m.tail.size() > al.size)
+        return Error(GPUP_STATUS_OUT_OF_RANGE, fmt::format("write [{}, +{}) of an allocation of {} bytes", req.offset, m.tail.size(), al.size));
+      std::memcpy(static_cast<uint8_t*>(al.backing) + req.offset, m.tail.data(), m.tail.size());
+      return reply(WriteAllocationReply{});
+    }
+
+    case Op::ReserveGpuVa: {
+      auto req = m.as<ReserveGpuVaRequest>();
+      auto va = va_.reserve(req.base, req.size);
+      if (!va.ok()) return va.error();
+      return reply(ReserveGpuVaReply{*va});
+    }
+
+    case Op::MapGpuVa: {
+      auto req = m.as<MapGpuVaRequest>();
+      auto alloc = handles_.get<Allocation>(req.allocation, ObjectType::Allocation);
+      if (!alloc.ok()) return alloc.error();
+      if ((*alloc)->program()) return Error(GPUP_STATUS_INVALID_PARAMETER, "a program allocation has no memory to map");
+      auto st = va_.map(req.va, req.size, *alloc, (*alloc)->size, req.offset, req.protection);
+      if (!st.ok()) return st.error();
+      return reply(MapGpuVaReply{});
+    }
+
+    case Op::FreeGpuVa: {
+      auto req = m.as<FreeGpuVaRequest>();
+      auto st = va_.free(req.va, req.size);
+      if (!st.ok()) return st.error();
+      return reply(FreeGpuVaReply{});
+    }
+
+    case Op::CreateSyncObject: {
+      auto req = m.as<CreateSyncObjectRequest>();
+      auto dev = handles_.get<Device>(req.device, ObjectType::Device);
+      if (!dev.ok()) return dev.error();
+      if (req.type != GPUPKMT_SYNCOBJECT_MONITORED_FENCE)
+        return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("sync object type {}", req.type));
+      auto slot = std::find(fence_slots_used_.begin(), fence_slots_used_.end(), false);
+      if (slot == fence_slots_used_.end()) return Error(GPUP_STATUS_QUOTA_EXCEEDED, "all fence slots of this process are in use");
+      auto s = std::make_shared<SyncObject>();
+      s->device = dev->get();
+      s->process = this;
+      s->value = req.initial_value;
+      s->slot = static_cast<uint32_t>(slot - fence_slots_used_.begin());
+      auto h = handles_.insert(s);
+      if (!h.ok()) return h.error();
+      *slot = true;
+      (*dev)->syncs.insert(s);
+      publish_fence_locked(*s);
+      return reply(CreateSyncObjectReply{*h, s->slot});
+    }
+
+    case Op::DestroySyncObject: {
+      auto req = m.as<DestroySyncObjectRequest>();
+      auto s = handles_.get<SyncObject>(req.sync_object, ObjectType::SyncObject);
+      if (!s.ok()) return s.error();
+      destroy_sync_locked(*s);
+      return reply(DestroySyncObjectReply{});
+    }
+
+    case Op::SignalFromCpu: {
+      auto req = m.as<SignalFromCpuRequest>();
+      auto s = handles_.get<SyncObject>(req.sync_object, ObjectType::SyncObject);
+      if (!s.ok()) return s.error();
+      (*s)->value = req.value;
+      w_.fence_changed_locked(**s);
+      return reply(SignalFromCpuReply{});
+    }
+
+    case Op::WaitFromCpu: {
+      auto req = m.as<WaitFromCpuRequest>();
+      auto s = handles_.get<SyncObject>(req.sync_object, ObjectType::SyncObject);
+      if (!s.ok()) return s.error();
+      if ((*s)->value >= req.value) return reply(WaitFromCpuReply{(*s)->value});
+      if ((*s)->device->state != kDeviceStateNormal)
+        return Error((*s)->device->reason, fmt::format("the device of sync object {:#x} was reset", req.sync_object));
+      if (cpu_waits_ >= kMaxCpuWaits) return Error(GPUP_STATUS_QUOTA_EXCEEDED, fmt::format("{} CPU waits already pending", cpu_waits_));
+      (*s)->waits.push_back({req.event_id, req.value});
+      ++cpu_waits_;
+      return reply(WaitFromCpuReply{(*s)->value}, {}, GPUP_STATUS_PENDING);
+    }
+
+    case Op::Escape: {
+      auto req = m.as<EscapeRequest>();
+      if (auto s = check_adapter(req.adapter_luid); !s.ok()) return s.error();
+      if (req.flags & ~GPUPKMT_ESCAPE_DRIVER_KNOWN) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("escape flags {:#x}", req.flags));
+      const bool known = req.flags & GPUPKMT_ESCAPE_DRIVER_KNOWN;
+      if (w_.config_.secure && !known)
+        return Error(GPUP_STATUS_ACCESS_DENIED, fmt::format("VM {} is a secure VM: only driver-known escapes pass", w_.config_.vm_name));
+      if (!ddi.Adapter.pfnEscape) return Error(GPUP_STATUS_NOT_SUPPORTED, "the KMD has no escapes");
+      GPUPDDI_HANDLE dev_kmd = nullptr;
+      if (req.device) {
+        auto dev = handles_.get<Device>(req.device, ObjectType::Device);
+        if (!dev.ok()) return dev.error();
+        dev_kmd = (*dev)->kmd;
+      }
+      if (req.output_size > kMaxOutputData || req.output_size > max_tail(Op::Escape, true))
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("escape output size {}", req.output_size));
+      std::vector<uint8_t> out(req.output_size);
+      uint32_t written = 0;
+      GPUPDDI_ARG_ESCAPE e{};
+      e.struct_size = sizeof e;
+      e.Flags.VirtualMachineData = 1;
+      e.Flags.DriverKnownEscape = known;
+      e.hKmdProcessHandle = kmd_process_;
+      e.hDevice = dev_kmd;
+      e.pPrivateDriverData = m.tail.empty() ? nullptr : m.tail.data();
+      e.PrivateDriverDataSize = static_cast<uint32_t>(m.tail.size());
+      e.pOutputData = out.empty() ? nullptr : out.data();
+      e.OutputDataSize = req.output_size;
+      e.pOutputDataWritten = &written;
+      gpup_status st = ddi.Adapter.pfnEscape(w_.adapter_, &e);
+      if (GPUP_FAILED(st)) return Error(st, fmt::format("escape refused by the KMD: {}", gpup_status_message(st)));
+      written = std::min(written, req.output_size);
+      out.resize(written);
+      return reply(EscapeReply{written, 0}, std::move(out));
+    }
+
+    case Op::GetDeviceState: {
+      auto req = m.as<GetDeviceStateRequest>();
+      auto dev = handles_.get<Device>(req.device, ObjectType::Device);
+      if (!dev.ok()) return dev.error();
+      return reply(GetDeviceStateReply{(*dev)->state, (*dev)->reason, w_.state_counter_, 0});
+    }
+
+    case Op::QueryVideoMemoryInfo: {
+      auto req = m.as<QueryVideoMemoryInfoRequest>();
+      if (auto s = check_adapter(req.adapter_luid); !s.ok()) return s.error();
+      if (req.segment_group > 1) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("segment group {}", req.segment_group));
+      QueryVideoMemoryInfoReply rep{};
+      rep.budget = w_.config_.max_vram;
+      rep.current_usage = vram_used_;
+      rep.current_reservation = 0;
+      rep.available_for_reservation = w_.config_.min_vram;
+      return reply(rep);
+    }
+
+    case Op::QueryStatistics: {
+      auto req = m.as<QueryStatisticsRequest>();
+      Counts c;
+      if (req.type == GPUPKMT_QUERYSTATISTICS_VM) {
+        c = w_.totals_locked();
+      } else if (req.type == GPUPKMT_QUERYSTATISTICS_PROCESS) {
+        c.processes = 1;
+        handles_.for_each([&](const std::shared_ptr<Object>& o) {
+          switch (o->type) {
+            case ObjectType::Device: ++c.devices; break;
+            case ObjectType::Context: ++c.contexts; break;
+            case ObjectType::Allocation: ++c.allocations; break;
+            case ObjectType::SyncObject: ++c.sync_objects; break;
+            default: break;
+          }
+        });
+        c.va_mappings = static_cast<uint32_t>(va_.mapping_count());
+        c.vram_used = vram_used_;
+        c.submissions = submissions_;
+        c.faults = faults_;
+      } else {
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("statistics type {}", req.type));
+      }
+      QueryStatisticsReply rep{c.processes, c.devices, c.contexts, c.allocations, c.sync_objects, c.va_mappings,
+                               c.vram_used, w_.config_.max_vram, c.submissions, c.faults};
+      return reply(rep);
+    }
+
+    default:
+      // Every SYNC op in schema.def has a case above; reaching this is a schema/handler mismatch.
+      return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("{} is not handled by this worker", m.info->name));
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Async messages: errors become ContextError notifications and fault the context.
+
+void GuestProcess::on_async(const Message& m) {
+  switch (m.op()) {
+    case Op::SubmitCommand:
+      submit_locked(m);
+      break;
+    case Op::SignalFromGpu:
+    case Op::WaitFromGpu: {
+      auto req = m.as<SignalFromGpuRequest>();  // same layout as WaitFromGpuRequest
+      static_assert(sizeof(SignalFromGpuRequest) == sizeof(WaitFromGpuRequest));
+      auto ctx = handles_.get<Context>(req.context, ObjectType::Context);
+      if (!ctx.ok()) {
+        ContextErrorRequest n{req.context, ctx.error().status, 0};
+        notify(Op::ContextError, &n, sizeof n, {reinterpret_cast<const uint8_t*>(ctx.error().message.data()), ctx.error().message.size()});
+        return;
+      }
+      auto s = handles_.get<SyncObject>(req.sync_object, ObjectType::SyncObject);
+      if (!s.ok()) {
+        fault_context_locked(*ctx, s.error().status, 0, s.error().message);
+        return;
+      }
+      if ((*ctx)->faulted) return;
+      Context::Item it{m.op() == Op::SignalFromGpu ? Context::Item::kSignal : Context::Item::kWait, nullptr, *s, req.value};
+      (*ctx)->queue.push_back(std::move(it));
+      w_.pump_locked(**ctx);
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+void GuestProcess::submit_locked(const Message& m) {
+  auto req = m.as<SubmitCommandRequest>();
+  auto ctx_r = handles_.get<Context>(req.context, ObjectType::Context);
+  if (!ctx_r.ok()) {
+    ContextErrorRequest n{req.context, ctx_r.error().status, req.submission_id};
+    notify(Op::ContextError, &n, sizeof n,
+           {reinterpret_cast<const uint8_t*>(ctx_r.error().message.data()), ctx_r.error().message.size()});
+    return;
+  }
+  auto ctx = *ctx_r;
+  if (ctx->faulted) return;  // the guest was told when it faulted
+  if (req.flags != 0) return fault_context_locked(ctx, GPUP_STATUS_INVALID_PARAMETER, req.submission_id, fmt::format("submit flags {:#x}", req.flags));
+  ++submissions_;
+
+  // Decode and validate the whole buffer before anything is queued: a bad command anywhere means
+  // nothing of this submission runs.
+  std::vector<Context::Item> items;
+  std::shared_ptr<Batch> batch;
+  auto fail = [&](gpup_status st, const std::string& why) { fault_context_locked(ctx, st, req.submission_id, why); };
+  auto resolve = [&](uint64_t va, uint64_t size, bool write, GPUPDDI_BUFFER_REF& out) -> Status {
+    auto r = va_.resolve(va, size, write);
+    if (!r.ok()) return r.error();
+    out.hAllocation = r->allocation->kmd;
+    out.Offset = r->offset;
+    out.Size = size;
+    batch->refs.push_back(r->allocation);
+    return {};
+  };
+  CommandReader reader(m.tail);
+  CommandView cv;
+  for (;;) {
+    auto more = reader.next(cv);
+    if (!more.ok()) return fail(more.status(), more.error().message);
+    if (!*more) break;
+    const size_t idx = reader.index() - 1;
+    if (cv.op == CommandOp::SignalFence || cv.op == CommandOp::WaitFence) {
+      auto c = cv.as<SignalFenceCommand>();  // same layout as WaitFenceCommand
+      static_assert(sizeof(SignalFenceCommand) == sizeof(WaitFenceCommand));
+      auto s = handles_.get<SyncObject>(c.sync_object, ObjectType::SyncObject);
+      if (!s.ok()) return fail(s.status(), fmt::format("command {}: {}", idx, s.error().message));
+      if (batch) {
+        items.push_back({Context::Item::kSubmit, std::move(batch), nullptr, 0});
+        batch.reset();
+      }
+      items.push_back({cv.op == CommandOp::SignalFence ? Context::Item::kSignal : Context::Item::kWait, nullptr, *s, c.value});
+      continue;
+    }
+    if (!batch) {
+      batch = std::make_shared<Batch>();
+      batch->guest_submission = req.submission_id;
+    }
+    OwnedCommand oc;
+    switch (cv.op) {
+      case CommandOp::Copy: {
+        auto c = cv.as<CopyCommand>();
+        oc.cmd.Type = GPUPDDI_COMMAND_COPY;
+        if (auto s = resolve(c.src_va, c.size, false, oc.cmd.u.Copy.Src); !s.ok()) return fail(s.status(), fmt::format("command {} (copy source): {}", idx, s.error().message));
+        if (auto s = resolve(c.dst_va, c.size, true, oc.cmd.u.Copy.Dst); !s.ok()) return fail(s.status(), fmt::format("command {} (copy destination): {}", idx, s.error().message));
+        break;
+      }
+      case CommandOp::Fill: {
+        auto c = cv.as<FillCommand>();
+        const uint32_t ps = c.pattern_size;
+        if (ps == 0 || ps > GPUPDDI_MAX_FILL_PATTERN || (ps & (ps - 1)) || c.size % ps)
+          return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {} (fill): pattern size {} with size {}", idx, ps, c.size));
+        oc.cmd.Type = GPUPDDI_COMMAND_FILL;
+        if (auto s = resolve(c.dst_va, c.size, true, oc.cmd.u.Fill.Dst); !s.ok()) return fail(s.status(), fmt::format("command {} (fill): {}", idx, s.error().message));
+        if (oc.cmd.u.Fill.Dst.Offset % ps) return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {} (fill): offset not a multiple of the pattern", idx));
+        oc.cmd.u.Fill.PatternSize = ps;
+        std::memcpy(oc.cmd.u.Fill.Pattern, c.pattern, ps);
+        break;
+      }
+      case CommandOp::Dispatch: {
+        auto d = parse_dispatch(cv);
+        if (!d.ok()) return fail(d.status(), fmt::format("command {}: {}", idx, d.error().message));
+        const auto& c = d->cmd;
+        auto prog = handles_.get<Allocation>(c.program, ObjectType::Allocation);
+        if (!prog.ok()) return fail(prog.status(), fmt::format("command {} (dispatch program): {}", idx, prog.error().message));
+        if (!(*prog)->program()) return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: allocation {:#x} is not a program", idx, c.program));
+        if (c.work_dim < 1 || c.work_dim > 3) return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: work_dim {}", idx, c.work_dim));
+        for (uint32_t i = 0; i < c.work_dim; ++i) {
+          if (c.global_size[i] == 0 || add_overflows(c.global_offset[i], c.global_size[i]))
+            return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: global size/offset in dimension {}", idx, i));
+          if (c.local_size[i] && c.global_size[i] % c.local_size[i])
+            return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: local size does not divide global size in dimension {}", idx, i));
+        }
+        batch->refs.push_back(*prog);
+        oc.kernel.assign(d->name);
+        oc.args.resize(d->args.size());
+        oc.values.resize(d->args.size());
+        for (size_t i = 0; i < d->args.size(); ++i) {
+          const auto& a = d->args[i];
+          GPUPDDI_KERNEL_ARG& k = oc.args[i];
+          k.Kind = a.desc.kind;
+          k.Size = a.desc.size;
+          if (a.desc.kind == GPUPDDI_ARG_VALUE) {
+            oc.values[i].assign(a.value.begin(), a.value.end());
+          } else if (a.desc.kind == GPUPDDI_ARG_BUFFER) {
+            if (auto s = resolve(a.desc.va, a.desc.range, true, k.Buffer); !s.ok())
+              return fail(s.status(), fmt::format("command {} (dispatch argument {}): {}", idx, i, s.error().message));
+          } else if (a.desc.kind == GPUPDDI_ARG_LOCAL) {
+            if (a.desc.size == 0 || (w_.caps_.info.LocalMemSize && a.desc.size > w_.caps_.info.LocalMemSize))
+              return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: local argument {} of {} bytes", idx, i, a.desc.size));
+          }
+        }
+        oc.cmd.Type = GPUPDDI_COMMAND_DISPATCH;
+        oc.cmd.u.Dispatch.hProgram = (*prog)->kmd;
+        oc.cmd.u.Dispatch.WorkDim = c.work_dim;
+        oc.cmd.u.Dispatch.ArgCount = static_cast<uint32_t>(oc.args.size());
+        for (int i = 0; i < 3; ++i) {
+          oc.cmd.u.Dispatch.GlobalOffset[i] = c.global_offset[i];
+          oc.cmd.u.Dispatch.GlobalSize[i] = c.global_size[i];
+          oc.cmd.u.Dispatch.LocalSize[i] = c.local_size[i];
+        }
+        break;
+      }
+      default:
+        return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: {} is not a hardware command", idx, cv.info->name));
+    }
+    batch->commands.push_back(std::move(oc));
+  }
+  if (batch) items.push_back({Context::Item::kSubmit, std::move(batch), nullptr, 0});
+  for (auto& it : items) ctx->queue.push_back(std::move(it));
+  w_.pump_locked(*ctx);
+}
+
+void GuestProcess::fault_context_locked(const std::shared_ptr<Context>& ctx, gpup_status status, uint64_t submission_id,
+                                        const std::string& why) {
+  ++faults_;
+  spdlog::warn("process {} ({}): context {:#x} faulted: {}: {}", pid_, name_, ctx->handle, gpup_status_name(status), why);
+  ctx->faulted = true;
+  ctx->queue.clear();
+  Device* dev = ctx->device;
+  if (dev->state == kDeviceStateNormal) {
+    dev->state = kDeviceStateReset;
+    dev->reason = status;
+  }
+  ContextErrorRequest n{ctx->handle, status, submission_id};
+  notify(Op::ContextError, &n, sizeof n, {reinterpret_cast<const uint8_t*>(why.data()), why.size()});
+}
+
+void GuestProcess::publish_fence_locked(SyncObject& s) {
+  fence_page_.set(s.slot, s.value);
+  if (!link_->shares_memory()) {
+    FenceValueRequest n{s.handle, s.slot, s.value};
+    notify(Op::FenceValue, &n, sizeof n);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Destruction, children first.
+
+void GuestProcess::destroy_context_locked(const std::shared_ptr<Context>& ctx) {
+  ctx->queue.clear();
+  w_.driver_->ddi().Context.pfnDestroyContext(ctx->kmd);  // waits for the context's work
+  w_.drain_completions_locked();                          // so its batches are released now
+  ctx->inflight.clear();
+  w_.contexts_.erase(ctx->cookie.id);
+  (void)handles_.remove(ctx->handle);
+  ctx->device->contexts.erase(ctx);
+}
+
+void GuestProcess::destroy_allocation_locked(const std::shared_ptr<Allocation>& alloc) {
+  va_.unmap_allocation(alloc.get());
+  (void)handles_.remove(alloc->handle);
+  for (auto& dev : devices_) dev->allocations.erase(alloc);
+  // The KMD object and the memory go when the last in-flight submission using it completes.
+}
+
+void GuestProcess::destroy_sync_locked(const std::shared_ptr<SyncObject>& s) {
+  cpu_waits_ -= std::min(cpu_waits_, s->waits.size());
+  fence_slots_used_[s->slot] = false;
+  (void)handles_.remove(s->handle);
+  s->device->syncs.erase(s);
+  // Queued GPU waits/signals on it keep the object alive until their contexts go.
+}
+
+void GuestProcess::destroy_device_locked(const std::shared_ptr<Device>& dev) {
+  auto contexts = dev->contexts;
+  for (auto& c : contexts) destroy_context_locked(c);
+  auto allocs = dev->allocations;
+  for (auto& a : allocs) destroy_allocation_locked(a);
+  auto syncs = dev->syncs;
+  for (auto& s : syncs) destroy_sync_locked(s);
+  (void)handles_.remove(dev->handle);
+  devices_.erase(dev);
+  w_.driver_->ddi().Device.pfnDestroyDevice(dev->kmd);
+}
+
+void GuestProcess::close() {
+  std::lock_guard lock(w_.mu_);
+  if (closed_) return;
+  closed_ = true;
+  auto devices = devices_;
+  for (auto& d : devices) destroy_device_locked(d);
+  // Remaining references (VA mappings) go with the VA space.
+  va_ = VaSpace();
+  if (kmd_process_) w_.driver_->ddi().Process.pfnDestroyProcess(w_.adapter_, kmd_process_);
+  kmd_process_ = nullptr;
+  if (hello_done_) spdlog::info("guest process {} '{}' closed", pid_, name_);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Worker
+
+Worker::Worker(WorkerConfig config) : config_(std::move(config)) {}
+
+Worker::~Worker() { stop(); }
+
+void Worker::on_log(GPUPDDI_SYSTEM_HANDLE, int level, const char* msg) {
+  switch (level) {
+    case GPUPDDI_LOG_DEBUG: spdlog::debug("kmd: {}", msg); break;
+    case GPUPDDI_LOG_INFO: spdlog::info("kmd: {}", msg); break;
+    case GPUPDDI_LOG_WARN: spdlog::warn("kmd: {}", msg); break;
+    default: spdlog::error("kmd: {}", msg); break;
+  }
+}
+
+void Worker::on_complete(GPUPDDI_SYSTEM_HANDLE ctx, uint64_t submission, gpup_status status) {
+  auto* cookie = static_cast<Context::Cookie*>(ctx);
+  Worker* w = cookie->worker;
+  {
+    std::lock_guard lock(w->cq_mu_);
+    w->cq_.push_back({cookie->id, submission, status});
+  }
+  w->cq_cv_.notify_one();
+}
+
+GPUPDDI_ARG_SETVIRTUALMACHINEDATA Worker::vm_data() const {
+  GPUPDDI_ARG_SETVIRTUALMACHINEDATA d{};
+  d.struct_size = sizeof d;
+  d.Flags.SecureVirtualMachine = config_.secure;
+  d.hKmdVmWorkerProcess = kmd_worker_process_;
+  d.pVmGuid = &config_.vm_guid;
+  d.pVmName = config_.vm_name.c_str();
+  d.MinPartitionVRAM = config_.min_vram;
+  d.MaxPartitionVRAM = config_.max_vram;
+  d.OptimalPartitionVRAM = config_.optimal_vram;
+  d.ComputeWeight = config_.compute_weight;
+  d.MaxComputePercent = config_.max_compute;
+  return d;
+}
+
+Status Worker::start() {
+  callbacks_.struct_size = sizeof callbacks_;
+  callbacks_.hSystem = this;
+  callbacks_.pfnLog = &Worker::on_log;
+  callbacks_.pfnNotifySubmissionComplete = &Worker::on_complete;
+  auto drv = kmd::Driver::load(config_.kmd, callbacks_);
+  if (!drv.ok()) return drv.error();
+  driver_ = *drv;
+  GPUPDDI_ARG_STARTADAPTER sa{};
+  sa.struct_size = sizeof sa;
+  sa.pConfig = config_.kmd_config.c_str();
+  gpup_status st = driver_->ddi().Adapter.pfnStartAdapter(&sa);
+  if (GPUP_FAILED(st)) return Error(st, fmt::format("adapter {}: StartAdapter failed: {}", config_.adapter_name, gpup_status_message(st)));
+  adapter_ = sa.hAdapter;
+  auto caps = kmd::query_adapter_caps(*driver_, adapter_);
+  if (!caps.ok()) return caps.error();
+  caps_ = *caps;
+  if (!caps_.driver.MemoryManagementCaps.ParavirtualizationSupported)
+    return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("adapter {}: KMD {} does not declare ParavirtualizationSupported; it cannot be partitioned",
+                                                        config_.adapter_name, driver_->name()));
+  if (config_.secure && !caps_.driver.MemoryManagementCaps.IoMmuSecureModeSupported)
+    return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("secure VM {} cannot start: KMD {} does not declare IoMmuSecureModeSupported",
+                                                        config_.vm_name, driver_->name()));
+  device_memory_ = caps_.info.GlobalMemSize;
+  if (config_.max_vram == 0 || (device_memory_ && config_.max_vram > device_memory_)) config_.max_vram = device_memory_;
+
+  GPUPDDI_ARG_CREATEPROCESS cp{};
+  cp.struct_size = sizeof cp;
+  cp.Flags.VirtualMachineWorkerProcess = 1;
+  std::string name = "gpup-vmwp:" + config_.vm_name;
+  cp.ProcessId = static_cast<uint32_t>(getpid());
+  cp.ProcessNameLength = static_cast<uint32_t>(name.size());
+  cp.pProcessName = name.c_str();
+  st = driver_->ddi().Process.pfnCreateProcess(adapter_, &cp);
+  if (GPUP_FAILED(st)) return Error(st, "KMD CreateProcess (worker) failed");
+  kmd_worker_process_ = cp.hKmdProcess;
+  auto d = vm_data();
+  st = driver_->ddi().Adapter.pfnSetVirtualMachineData(adapter_, &d);
+  if (GPUP_FAILED(st)) return Error(st, "KMD SetVirtualMachineData failed");
+  completion_thread_ = std::thread([this] { completion_loop(); });
+  spdlog::info("VM {} ({}) on adapter {} ({}): max VRAM {}", config_.vm_name, guid_to_string(config_.vm_guid),
+               config_.adapter_name, caps_.info.Name, format_size(config_.max_vram));
+  return {};
+}
+
+Status Worker::update(const WorkerConfig& c) {
+  std::lock_guard lock(mu_);
+  config_.min_vram = c.min_vram;
+  config_.optimal_vram = c.optimal_vram;
+  config_.max_vram = (c.max_vram == 0 || (device_memory_ && c.max_vram > device_memory_)) ? device_memory_ : c.max_vram;
+  config_.compute_weight = c.compute_weight;
+  config_.max_compute = c.max_compute;
+  config_.secure = c.secure;
+  auto d = vm_data();
+  gpup_status st = driver_->ddi().Adapter.pfnSetVirtualMachineData(adapter_, &d);
+  if (GPUP_FAILED(st)) return Error(st, "KMD SetVirtualMachineData failed");
+  return {};
+}
+
+void Worker::stop() {
+  std::vector<std::shared_ptr<GuestProcess>> procs;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [id, p] : processes_) procs.push_back(p);
+    processes_.clear();
+  }
+  for (auto& p : procs) p->close();
+  {
+    std::lock_guard lock(cq_mu_);
+    cq_stop_ = true;
+  }
+  cq_cv_.notify_all();
+  if (completion_thread_.joinable()) completion_thread_.join();
+  if (driver_ && adapter_) {
+    if (kmd_worker_process_) driver_->ddi().Process.pfnDestroyProcess(adapter_, kmd_worker_process_);
+    kmd_worker_process_ = nullptr;
+    driver_->ddi().Adapter.pfnStopAdapter(adapter_);
+    adapter_ = nullptr;
+  }
+}
+
+std::shared_ptr<GuestProcess> Worker::connect(std::unique_ptr<GuestLink> link) {
+  std::lock_guard lock(mu_);
+  auto p = std::make_shared<GuestProcess>(*this, std::move(link), next_process_id_++);
+  processes_[p->id()] = p;
+  return p;
+}
+
+void Worker::disconnect(const std::shared_ptr<GuestProcess>& p) {
+  p->close();
+  std::lock_guard lock(mu_);
+  processes_.erase(p->id());
+}
+
+void Worker::completion_loop() {
+  for (;;) {
+    {
+      std::unique_lock lock(cq_mu_);
+      cq_cv_.wait(lock, [&] { return cq_stop_ || !cq_.empty(); });
+      if (cq_stop_ && cq_.empty()) return;
+    }
+    std::lock_guard lock(mu_);
+    drain_completions_locked();
+  }
+}
+
+void Worker::drain_completions_locked() {
+  std::deque<Completion> batch;
+  {
+    std::lock_guard lock(cq_mu_);
+    batch.swap(cq_);
+  }
+  for (const auto& c : batch) apply_completion_locked(c.context_id, c.submission, c.status);
+}
+
+void Worker::apply_completion_locked(uint64_t context_id, uint64_t submission, gpup_status status) {
+  auto it = contexts_.find(context_id);
+  if (it == contexts_.end()) return;  // context destroyed meanwhile
+  Context& ctx = *it->second;
+  auto sub = ctx.inflight.find(submission);
+  uint64_t guest_submission = sub != ctx.inflight.end() ? sub->second->guest_submission : 0;
+  if (sub != ctx.inflight.end()) ctx.inflight.erase(sub);  // releases the allocations it used
+  if (GPUP_FAILED(status) && !ctx.faulted) {
+    auto self = std::static_pointer_cast<Context>(ctx.process->handles_.get<Context>(ctx.handle, ObjectType::Context).value());
+    ctx.process->fault_context_locked(self, status, guest_submission, "the device failed the submission");
+    return;
+  }
+  pump_locked(ctx);
+}
+
+// Moves a context's queue forward: submissions go to the KMD at once (it keeps them in order),
+// a GPU wait holds everything behind it until its fence value is reached, a GPU signal happens
+// once everything before it has completed.
+void Worker::pump_locked(Context& ctx) {
+  while (!ctx.queue.empty() && !ctx.faulted) {
+    Context::Item& it = ctx.queue.front();
+    if (it.kind == Context::Item::kWait) {
+      if (it.sync->value < it.value) return;
+    } else if (it.kind == Context::Item::kSignal) {
+      if (!ctx.inflight.empty()) return;
+      auto sync = it.sync;
+      const uint64_t v = it.value;
+      ctx.queue.pop_front();
+      sync->value = v;
+      fence_changed_locked(*sync);
+      continue;
+    } else {
+      auto batch = it.batch;
+      std::vector<GPUPDDI_COMMAND> cmds;
+      cmds.reserve(batch->commands.size());
+      for (auto& oc : batch->commands) {
+        if (oc.cmd.Type == GPUPDDI_COMMAND_DISPATCH) {
+          for (size_t i = 0; i < oc.args.size(); ++i)
+            if (oc.args[i].Kind == GPUPDDI_ARG_VALUE) oc.args[i].pValue = oc.values[i].data();
+          oc.cmd.u.Dispatch.pKernelName = oc.kernel.c_str();
+          oc.cmd.u.Dispatch.pArgs = oc.args.empty() ? nullptr : oc.args.data();
+        }
+        cmds.push_back(oc.cmd);
+      }
+      const uint64_t id = next_submission_++;
+      ctx.inflight[id] = batch;
+      GPUPDDI_ARG_SUBMITCOMMAND s{};
+      s.struct_size = sizeof s;
+      s.CommandCount = static_cast<uint32_t>(cmds.size());
+      s.pCommands = cmds.data();
+      s.SubmissionId = id;
+      ctx.queue.pop_front();
+      gpup_status st = driver_->ddi().Context.pfnSubmitCommand(ctx.kmd, &s);
+      if (GPUP_FAILED(st)) {
+        ctx.inflight.erase(id);
+        auto self = ctx.process->handles_.get<Context>(ctx.handle, ObjectType::Context);
+        if (self.ok()) ctx.process->fault_context_locked(*self, st, batch->guest_submission, fmt::format("the KMD refused the submission: {}", gpup_status_message(st)));
+        return;
+      }
+      continue;
+    }
+    ctx.queue.pop_front();
+  }
+}
+
+// A fence moved: publish it, wake CPU waiters, and let contexts waiting on it go on.
+void Worker::fence_changed_locked(SyncObject& s) {
+  GuestProcess* p = s.process;
+  p->publish_fence_locked(s);
+  for (auto w = s.waits.begin(); w != s.waits.end();) {
+    if (s.value >= w->value) {
+      SignalGuestEventRequest n{w->event_id, s.handle, 0, s.value};
+      p->notify(Op::SignalGuestEvent, &n, sizeof n);
+      if (p->cpu_waits_) --p->cpu_waits_;
+      w = s.waits.erase(w);
+    } else {
+      ++w;
+    }
+  }
+  // Contexts blocked on this fence; there are few contexts per VM, so look at all of them.
+  std::vector<Context*> blocked;
+  for (auto& [id, c] : contexts_)
+    if (!c->queue.empty() && c->queue.front().kind == Context::Item::kWait && c->queue.front().sync.get() == &s)
+      blocked.push_back(c);
+  for (Context* c : blocked) pump_locked(*c);
+}
+
+Counts Worker::totals_locked() {
+  Counts c;
+  for (auto& [id, p] : processes_) {
+    if (!p->open()) continue;
+    ++c.processes;
+    p->handles_.for_each([&](const std::shared_ptr<Object>& o) {
+      switch (o->type) {
+        case ObjectType::Device: ++c.devices; break;
+        case ObjectType::Context: ++c.contexts; break;
+        case ObjectType::Allocation: ++c.allocations; break;
+        case ObjectType::SyncObject: ++c.sync_objects; break;
+        default: break;
+      }
+    });
+    c.va_mappings += static_cast<uint32_t>(p->va_.mapping_count());
+    c.submissions += p->submissions_;
+    c.faults += p->faults_;
+  }
+  c.vram_used = vram_used_;
+  return c;
+}
+
+Counts Worker::totals() {
+  std::lock_guard lock(mu_);
+  return totals_locked();
+}
+
+nlohmann::json Worker::stats_json() {
+  std::lock_guard lock(mu_);
+  Counts t = totals_locked();
+  nlohmann::json procs = nlohmann::json::array();
+  for (auto& [id, p] : processes_) {
+    if (!p->open()) continue;
+    procs.push_back({{"pid", p->pid_}, {"name", p->name_}, {"objects", p->handles_.size()}, {"vram_used", p->vram_used_},
+                     {"submissions", p->submissions_}, {"faults", p->faults_}});
+  }
+  return {{"vram_used", vram_used_},
+          {"vram_max", config_.max_vram},
+          {"totals",
+           {{"processes", t.processes}, {"devices", t.devices}, {"contexts", t.contexts}, {"allocations", t.allocations},
+            {"sync_objects", t.sync_objects}, {"va_mappings", t.va_mappings}, {"submissions", t.submissions}, {"faults", t.faults}}},
+          {"processes", procs}};
+}
+
+}  // namespace gpup::vmwp

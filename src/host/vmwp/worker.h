@@ -1,0 +1,235 @@
+// gpup-vmwp core: the VRD backend of one VM partition.
+//
+// The worker terminates the channels of its VM's guest processes, decodes and validates every
+// message, translates guest handles and GPU virtual addresses into KMD objects, and drives the
+// device through the KMD DDI. It keeps, per guest process, a handle table, a GPU VA space and a
+// KMD "VM process" object; per context, a queue that orders submissions, GPU waits and GPU
+// signals; per sync object, a monitored fence whose value is published in the guest's fence page.
+//
+// Threads and locking
+//   - One thread per guest connection calls GuestProcess::handle() for each message it receives.
+//   - KMD completion callbacks (any KMD thread) only enqueue; the completion thread applies them.
+//   - Worker::mu_ guards the whole object graph of every process; handlers and the completion
+//     thread hold it while they run. Messages to guests are sent with it held (see the note in
+//     worker.cpp about guests that stop reading).
+//
+// Object graph: process -> devices -> {contexts, allocations, sync objects}. Destroying a device
+// destroys its children (contexts first, so no work still uses an allocation); closing a process
+// (disconnect, or the guest died) destroys everything it had, in that order, and then its KMD
+// process object.
+#pragma once
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "common/fd.h"
+#include "common/result.h"
+#include "gpup/ddi.h"
+#include "host/kmd_loader/kmd_loader.h"
+#include "host/vmwp/handle_table.h"
+#include "host/vmwp/va_space.h"
+#include "protocol/codec.h"
+
+namespace gpup::vmwp {
+
+// The partition and adapter this worker serves, from gpupd's "configure" message.
+struct WorkerConfig {
+  std::string vm_name;
+  GPUPDDI_GUID vm_guid{};
+  std::string adapter_name;
+  uint64_t adapter_luid = 0;
+  std::string kmd;         // plugin path or name
+  std::string kmd_config;  // "key=value" lines
+  uint64_t min_vram = 0;
+  uint64_t max_vram = 0;   // 0: the device's memory
+  uint64_t optimal_vram = 0;
+  uint32_t compute_weight = 100;
+  uint32_t max_compute = 100;
+  bool secure = false;
+};
+
+Result<WorkerConfig> parse_worker_config(const nlohmann::json& configure);
+std::string guid_to_string(const GPUPDDI_GUID& g);
+
+// How the worker reaches one guest process: the channel, seen through what the core needs.
+class GuestLink {
+ public:
+  virtual ~GuestLink() = default;
+  virtual gpup_status send(const proto::Encoded& msg) = 0;  // thread-safe
+  virtual gpup_status send_fd(uint64_t id, int fd) = 0;
+  virtual bool shares_memory() const = 0;
+  virtual int peer_pid() const { return -1; }
+};
+
+struct Allocation;
+struct Device;
+struct Context;
+struct SyncObject;
+class Worker;
+
+// Fence page shared with one guest (read-only there): header, then fence values.
+class FencePage {
+ public:
+  static constexpr uint32_t kSlots = 4096;
+  Status create();
+  int fd() const { return fd_.get(); }
+  void set(uint32_t slot, uint64_t value);
+  void bump_state_counter(uint32_t counter);
+  ~FencePage();
+
+ private:
+  UniqueFd fd_;
+  void* map_ = nullptr;
+  size_t size_ = 0;
+};
+
+class GuestProcess {
+ public:
+  GuestProcess(Worker& worker, std::unique_ptr<GuestLink> link, uint64_t id);
+  ~GuestProcess();
+
+  // Decodes, validates and executes one message from the guest, replying to SYNC ones. Returns
+  // an error only when the connection must be dropped (e.g. no Hello first).
+  Status handle(std::span<const uint8_t> bytes);
+  // Destroys everything the process holds. Idempotent.
+  void close();
+
+  uint64_t id() const { return id_; }
+  bool open() const { return hello_done_ && !closed_; }
+
+ private:
+  friend class Worker;
+  // A reply's fixed part and tail; status is SUCCESS or a positive non-error (PENDING).
+  struct Reply {
+    std::vector<uint8_t> fixed;
+    std::vector<uint8_t> tail;
+    gpup_status status = GPUP_STATUS_SUCCESS;
+  };
+  template <typename T>
+  static Reply reply(const T& fixed, std::vector<uint8_t> tail = {}, gpup_status status = GPUP_STATUS_SUCCESS) {
+    Reply r;
+    r.fixed.assign(reinterpret_cast<const uint8_t*>(&fixed), reinterpret_cast<const uint8_t*>(&fixed) + sizeof fixed);
+    r.tail = std::move(tail);
+    r.status = status;
+    return r;
+  }
+
+  // Handlers run with Worker::mu_ held. Each returns the reply or an error for the guest.
+  Result<Reply> on_sync(const proto::Message& m);
+  void on_async(const proto::Message& m);
+  Status on_hello(const proto::Message& m);
+  void send_reply(const proto::Message& m, const Reply& r);
+
+  Status check_adapter(uint64_t luid) const;
+  void destroy_device_locked(const std::shared_ptr<Device>& dev);
+  void destroy_context_locked(const std::shared_ptr<Context>& ctx);
+  void destroy_allocation_locked(const std::shared_ptr<Allocation>& alloc);
+  void destroy_sync_locked(const std::shared_ptr<SyncObject>& sync);
+  void fault_context_locked(const std::shared_ptr<Context>& ctx, gpup_status status, uint64_t submission_id,
+                            const std::string& why);
+  void submit_locked(const proto::Message& m);
+  void notify(proto::Op op, const void* fixed, size_t size, std::span<const uint8_t> tail = {});
+  void publish_fence_locked(SyncObject& s);
+
+  Worker& w_;
+  std::unique_ptr<GuestLink> link_;
+  const uint64_t id_;
+  bool hello_done_ = false;
+  bool closed_ = false;
+  uint32_t version_ = 0;
+  uint32_t pid_ = 0;
+  std::string name_;
+  GPUPDDI_HANDLE kmd_process_ = nullptr;
+  HandleTable handles_;
+  VaSpace va_;
+  FencePage fence_page_;
+  std::vector<bool> fence_slots_used_;
+  uint64_t next_section_ = 2;  // section 1 is the fence page
+  uint64_t vram_used_ = 0;
+  uint64_t submissions_ = 0;
+  uint64_t faults_ = 0;
+  size_t cpu_waits_ = 0;
+  uint32_t unknown_ops_logged_ = 0;
+  std::set<std::shared_ptr<Device>> devices_;  // roots of the object graph
+};
+
+struct Counts {
+  uint32_t processes = 0, devices = 0, contexts = 0, allocations = 0, sync_objects = 0, va_mappings = 0;
+  uint64_t vram_used = 0, submissions = 0, faults = 0;
+};
+
+class Worker {
+ public:
+  explicit Worker(WorkerConfig config);
+  ~Worker();
+
+  // Loads the KMD, starts the adapter, checks it may be partitioned, creates the worker-process
+  // object (VirtualMachineWorkerProcess) and calls SetVirtualMachineData.
+  Status start();
+  // New partition settings: SetVirtualMachineData again.
+  Status update(const WorkerConfig& config);
+  // Closes every guest process and stops the adapter.
+  void stop();
+
+  std::shared_ptr<GuestProcess> connect(std::unique_ptr<GuestLink> link);
+  void disconnect(const std::shared_ptr<GuestProcess>& p);
+
+  nlohmann::json stats_json();
+  Counts totals();
+  const WorkerConfig& config() const { return config_; }
+  const kmd::AdapterCaps& caps() const { return caps_; }
+
+ private:
+  friend class GuestProcess;
+  friend struct Context;
+
+  static void on_log(GPUPDDI_SYSTEM_HANDLE sys, int level, const char* msg);
+  static void on_complete(GPUPDDI_SYSTEM_HANDLE ctx, uint64_t submission, gpup_status status);
+  void completion_loop();
+  void drain_completions_locked();
+  void apply_completion_locked(uint64_t context_id, uint64_t submission, gpup_status status);
+  void pump_locked(Context& ctx);
+  void fence_changed_locked(SyncObject& s);
+  Counts totals_locked();
+  GPUPDDI_ARG_SETVIRTUALMACHINEDATA vm_data() const;
+
+  WorkerConfig config_;
+  GPUPDDI_CALLBACKS callbacks_{};
+  std::shared_ptr<kmd::Driver> driver_;
+  GPUPDDI_HANDLE adapter_ = nullptr;
+  GPUPDDI_HANDLE kmd_worker_process_ = nullptr;
+  kmd::AdapterCaps caps_{};
+  uint64_t device_memory_ = 0;
+
+  std::mutex mu_;  // the object graph of every process
+  std::map<uint64_t, std::shared_ptr<GuestProcess>> processes_;
+  std::map<uint64_t, Context*> contexts_;  // by context id (the KMD's hSystemContext)
+  uint64_t next_process_id_ = 1;
+  uint64_t next_context_id_ = 1;
+  uint64_t next_submission_ = 1;
+  uint64_t vram_used_ = 0;
+  uint32_t state_counter_ = 1;
+
+  // Completions from KMD threads.
+  struct Completion {
+    uint64_t context_id, submission;
+    gpup_status status;
+  };
+  std::mutex cq_mu_;
+  std::condition_variable cq_cv_;
+  std::deque<Completion> cq_;
+  bool cq_stop_ = false;
+  std::thread completion_thread_;
+};
+
+}  // namespace gpup::vmwp
