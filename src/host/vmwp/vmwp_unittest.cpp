@@ -311,6 +311,26 @@ TEST_F(WorkerTest, SubmissionOutsideOwnMappingsFaultsOnlyThatContext) {
   EXPECT_EQ(call(b_, GetDeviceStateRequest{dev_b, 0}).as<GetDeviceStateReply>().state, GPUPKMT_DEVICESTATE_NORMAL);
 }
 
+TEST_F(WorkerTest, CommandsMayNotTouchAnotherDevicesMemory) {
+  uint32_t dev1 = create_device(a_);
+  uint32_t dev2 = create_device(a_);
+  uint32_t alloc2 = create_alloc(a_, dev2, 4096);
+  auto va = call(a_, ReserveGpuVaRequest{0, 4096}).as<ReserveGpuVaReply>().va;
+  ASSERT_EQ(call(a_, MapGpuVaRequest{alloc2, 3, va, 0, 4096}).header.status, 0);
+  auto ctx1 = call(a_, CreateContextRequest{dev1, 0, 0, 0}).as<CreateContextReply>().context;
+  CommandWriter w;
+  uint32_t pat = 1;
+  w.fill(va, 4096, &pat, 4);
+  send_async(a_, SubmitCommandRequest{ctx1, 0, 3}, w.bytes());
+  auto errs = context_errors(a_);
+  ASSERT_EQ(errs.size(), 1u);
+  EXPECT_EQ(errs[0].first.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(errs[0].second.find("another device"), std::string::npos) << errs[0].second;
+  // Destroying dev2 while dev1 lives frees its allocation at once.
+  ASSERT_EQ(call(a_, DestroyDeviceRequest{dev2, 0}).header.status, 0);
+  EXPECT_EQ(totals().vram_used, 0u);
+}
+
 TEST_F(WorkerTest, ClosingAProcessReturnsEverything) {
   const Counts base = totals();
   uint32_t dev = create_device(a_);

@@ -66,6 +66,7 @@ struct Allocation : Object {
     if (proc_vram) *proc_vram -= charged;
   }
   const GPUPDDI_DRIVER_FUNCS* ddi = nullptr;
+  const Device* device = nullptr;
   GPUPDDI_HANDLE device_kmd = nullptr;
   GPUPDDI_HANDLE kmd = nullptr;
   uint64_t size = 0;
@@ -537,6 +538,7 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
         return Error(st, fmt::format("KMD CreateAllocation of {}: {}", format_size(size), gpup_status_message(st)));
       }
       alloc->ddi = &ddi;
+      alloc->device = dev->get();
       alloc->device_kmd = (*dev)->kmd;
       alloc->kmd = a.hAllocation;
       alloc->charged = size;
@@ -834,6 +836,9 @@ void GuestProcess::submit_locked(const Message& m) {
   auto resolve = [&](uint64_t va, uint64_t size, bool write, GPUPDDI_BUFFER_REF& out) -> Status {
     auto r = va_.resolve(va, size, write);
     if (!r.ok()) return r.error();
+    // Work on a context may only touch its own device's memory: the device's lifetime bounds it.
+    if (r->allocation->device != ctx->device)
+      return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("GPU VA {:#x} maps an allocation of another device", va));
     out.hAllocation = r->allocation->kmd;
     out.Offset = r->offset;
     out.Size = size;
@@ -891,6 +896,8 @@ void GuestProcess::submit_locked(const Message& m) {
         auto prog = handles_.get<Allocation>(c.program, ObjectType::Allocation);
         if (!prog.ok()) return fail(prog.status(), fmt::format("command {} (dispatch program): {}", idx, prog.error().message));
         if (!(*prog)->program()) return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: allocation {:#x} is not a program", idx, c.program));
+        if ((*prog)->device != ctx->device)
+          return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: program {:#x} belongs to another device", idx, c.program));
         if (c.work_dim < 1 || c.work_dim > 3) return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: work_dim {}", idx, c.work_dim));
         for (uint32_t i = 0; i < c.work_dim; ++i) {
           if (c.global_size[i] == 0 || add_overflows(c.global_offset[i], c.global_size[i]))
@@ -990,12 +997,18 @@ void GuestProcess::destroy_sync_locked(const std::shared_ptr<SyncObject>& s) {
 }
 
 void GuestProcess::destroy_device_locked(const std::shared_ptr<Device>& dev) {
-  auto contexts = dev->contexts;
-  for (auto& c : contexts) destroy_context_locked(c);
-  auto allocs = dev->allocations;
-  for (auto& a : allocs) destroy_allocation_locked(a);
-  auto syncs = dev->syncs;
-  for (auto& s : syncs) destroy_sync_locked(s);
+  {  // scoped: the copies must not keep children alive past the device
+    auto contexts = dev->contexts;
+    for (auto& c : contexts) destroy_context_locked(c);
+  }
+  {
+    auto allocs = dev->allocations;
+    for (auto& a : allocs) destroy_allocation_locked(a);
+  }
+  {
+    auto syncs = dev->syncs;
+    for (auto& s : syncs) destroy_sync_locked(s);
+  }
   (void)handles_.remove(dev->handle);
   devices_.erase(dev);
   w_.driver_->ddi().Device.pfnDestroyDevice(dev->kmd);
@@ -1178,8 +1191,8 @@ void Worker::apply_completion_locked(uint64_t context_id, uint64_t submission, g
   uint64_t guest_submission = sub != ctx.inflight.end() ? sub->second->guest_submission : 0;
   if (sub != ctx.inflight.end()) ctx.inflight.erase(sub);  // releases the allocations it used
   if (GPUP_FAILED(status) && !ctx.faulted) {
-    auto self = std::static_pointer_cast<Context>(ctx.process->handles_.get<Context>(ctx.handle, ObjectType::Context).value());
-    ctx.process->fault_context_locked(self, status, guest_submission, "the device failed the submission");
+    auto self = ctx.process->handles_.get<Context>(ctx.handle, ObjectType::Context);
+    if (self.ok()) ctx.process->fault_context_locked(*self, status, guest_submission, "the device failed the submission");
     return;
   }
   pump_locked(ctx);
