@@ -10,8 +10,16 @@
  *
  * Versioning
  *   GPUPDDI_VERSION_MAJOR changes break the ABI; the host refuses a plugin built for another major.
- *   Minor versions only append fields at the END of structs; every argument struct that may grow
- *   begins with struct_size so either side can tell which fields the other knows.
+ *   The five function tables are embedded by value in GPUPDDI_DRIVER_FUNCS, so within a major
+ *   version each table is frozen (the loader requires its struct_size to match exactly); a minor
+ *   version adds entries only as NEW tables appended at the end of GPUPDDI_DRIVER_FUNCS. Argument
+ *   structs begin with struct_size and grow only by appending fields, so either side can tell
+ *   which fields the other knows.
+ *
+ * Callbacks
+ *   One set of callbacks per plugin per process (given to GpupKmdDriverEntry); a host process
+ *   that needs different callbacks loads a plugin once and demultiplexes itself. Each gpup-vmwp
+ *   drives one adapter, so this costs nothing today.
  *
  * Trust and validation
  *   The host's object manager validates every guest handle, offset, size and GPU virtual address
@@ -23,7 +31,8 @@
  *
  * Threads
  *   The host calls DDIs for one adapter from any thread but never concurrently for the same
- *   object, except pfnSubmitCommand and completion callbacks, which may overlap. Callbacks
+ *   object (two pfnSubmitCommand calls on one context never overlap); a DDI call and completion
+ *   callbacks may overlap. Callbacks
  *   (GPUPDDI_CALLBACKS) may be called from any thread the KMD owns, and never from inside a DDI
  *   call of the same object. Pointers passed into a DDI are valid only for the call: copy what
  *   must outlive it.
@@ -167,6 +176,7 @@ typedef struct GPUPDDI_PAGETABLELEVELDESC {
 } GPUPDDI_PAGETABLELEVELDESC;
 
 #define GPUPDDI_MAX_SEGMENTS 4
+/* Segment ids are 1-based, as in WDDM: Segments[i] is segment i + 1. */
 typedef struct GPUPDDI_SEGMENTDESCRIPTOR {
   uint64_t BaseAddress;
   uint64_t Size;
@@ -182,7 +192,7 @@ typedef struct GPUPDDI_QUERYSEGMENTOUT {
   GPUPDDI_SEGMENTDESCRIPTOR Segments[GPUPDDI_MAX_SEGMENTS];
 } GPUPDDI_QUERYSEGMENTOUT;
 
-/* What the device really is, as its native API reports it. */
+/* What the device really is, as its native API reports it. Strings are NUL-terminated. */
 typedef struct GPUPDDI_DEVICEINFO {
   char Name[128];
   char Vendor[64];
@@ -246,7 +256,8 @@ typedef struct GPUPDDI_ADAPTER_FUNCS {
   uint32_t Reserved;
   /* mandatory */
   gpup_status (*pfnStartAdapter)(GPUPDDI_ARG_STARTADAPTER* pArgs);
-  /* mandatory. Destroys everything still open on the adapter. */
+  /* mandatory. Destroys everything still open on the adapter; completions of work still in
+   * flight are reported before it returns. */
   void (*pfnStopAdapter)(GPUPDDI_HANDLE hAdapter);
   /* mandatory */
   gpup_status (*pfnQueryAdapterInfo)(GPUPDDI_HANDLE hAdapter, const GPUPDDI_ARG_QUERYADAPTERINFO* pArgs);
@@ -364,7 +375,10 @@ typedef struct GPUPDDI_ARG_CREATECONTEXT {
   GPUPDDI_HANDLE hContext;                /* out */
 } GPUPDDI_ARG_CREATECONTEXT;
 
-/* A range of an allocation, already checked by the host to lie inside it. */
+/* A range of an allocation, already checked by the host to lie inside it: Size > 0, and the
+ * allocation belongs to the device of the context the command is submitted on. A KMD whose device
+ * needs sub-ranges aligned (OpenCL's CL_DEVICE_MEM_BASE_ADDR_ALIGN) fails a misaligned Offset
+ * with INVALID_PARAMETER before queuing anything. */
 typedef struct GPUPDDI_BUFFER_REF {
   GPUPDDI_HANDLE hAllocation;
   uint64_t Offset;
@@ -405,7 +419,7 @@ typedef struct GPUPDDI_KERNEL_ARG {
 
 typedef struct GPUPDDI_DISPATCH {
   GPUPDDI_HANDLE hProgram;    /* an allocation created with Flags.Program */
-  const char* pKernelName;    /* NUL-terminated, guest-chosen: the KMD looks it up */
+  const char* pKernelName;    /* NUL-terminated, 1..256 bytes, guest-chosen: the KMD looks it up */
   uint32_t WorkDim;           /* 1..3 */
   uint32_t ArgCount;
   uint64_t GlobalOffset[3];

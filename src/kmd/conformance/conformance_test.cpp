@@ -1,0 +1,955 @@
+// DDI conformance suite: the same checks against every KMD plugin (mock and opencl). Everything
+// here must hold for any gpup KMD; backend-specific checks live in backend_test.cpp.
+#include <dlfcn.h>
+
+#include <array>
+#include <atomic>
+#include <numeric>
+#include <random>
+#include <thread>
+
+#include "kmd/conformance/kmd_fixture.h"
+#include "kmd/mock/mock_kernels.h"
+
+namespace gpup::kmd::test {
+namespace {
+
+using mock::kPortableKernelsSource;
+using namespace std::chrono_literals;
+
+class Conformance : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    clear_log();
+    f.open(GetParam());
+  }
+  void TearDown() override {
+    f.close();
+    EXPECT_EQ(reentrant_completions(), 0) << "a completion arrived inside a DDI call";
+  }
+
+  // The portable kernels, built once per test.
+  GPUPDDI_HANDLE program() {
+    if (program_ == nullptr) {
+      KmdFixture::Built b = f.build(kPortableKernelsSource);
+      EXPECT_EQ(b.status, GPUP_STATUS_SUCCESS) << b.log;
+      program_ = b.h;
+    }
+    return program_;
+  }
+
+  static std::vector<int32_t> ints(const KmdFixture::Buffer& b, size_t first, size_t count) {
+    std::vector<int32_t> v(count);
+    std::memcpy(v.data(), b.mem + first * 4, count * 4);
+    return v;
+  }
+  static void set_ints(const KmdFixture::Buffer& b, const std::vector<int32_t>& v) {
+    std::memcpy(b.mem, v.data(), v.size() * 4);
+  }
+
+  KmdFixture f;
+  GPUPDDI_HANDLE program_ = nullptr;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Loading and adapter
+
+TEST_P(Conformance, DriverEntryChecksVersionAndSizes) {
+  EXPECT_GT(std::strlen(f.ddi().DriverName), 0u);
+  EXPECT_EQ(f.ddi().DdiVersion >> 16, GPUPDDI_VERSION_MAJOR);
+  void* dl = dlopen(f.driver->path().c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+  ASSERT_NE(dl, nullptr);
+  auto entry = reinterpret_cast<GPUPDDI_PFN_DRIVERENTRY>(dlsym(dl, GPUPDDI_DRIVERENTRY_SYMBOL));
+  ASSERT_NE(entry, nullptr);
+  // None of these calls may replace the callbacks the loaded driver uses.
+  GPUPDDI_CALLBACKS cb = test_callbacks();
+  GPUPDDI_DRIVER_FUNCS funcs{};
+  funcs.struct_size = sizeof(funcs);
+  funcs.DdiVersion = (GPUPDDI_VERSION_MAJOR + 1) << 16;
+  EXPECT_EQ(entry(&cb, &funcs), GPUP_STATUS_VERSION_MISMATCH);
+  EXPECT_EQ(funcs.DdiVersion >> 16, GPUPDDI_VERSION_MAJOR);  // the KMD says what it implements
+  funcs = {};
+  funcs.struct_size = sizeof(funcs) - 8;
+  funcs.DdiVersion = GPUPDDI_VERSION;
+  EXPECT_EQ(entry(&cb, &funcs), GPUP_STATUS_INVALID_PARAMETER);
+  funcs.struct_size = sizeof(funcs);
+  EXPECT_EQ(entry(nullptr, &funcs), GPUP_STATUS_INVALID_PARAMETER);
+  cb.pfnNotifySubmissionComplete = nullptr;
+  EXPECT_EQ(entry(&cb, &funcs), GPUP_STATUS_INVALID_PARAMETER);
+  dlclose(dl);
+}
+
+TEST_P(Conformance, StartAdapterRejectsBadConfig) {
+  for (const char* config : {"bogus_key=1", "no equals sign", "=value"}) {
+    GPUPDDI_ARG_STARTADAPTER a{};
+    a.struct_size = sizeof(a);
+    a.pConfig = config;
+    EXPECT_EQ(f.ddi().Adapter.pfnStartAdapter(&a), GPUP_STATUS_INVALID_PARAMETER) << config;
+  }
+  EXPECT_TRUE(log_contains("bogus_key")) << "the error names the unknown key";
+  GPUPDDI_ARG_STARTADAPTER a{};
+  a.struct_size = sizeof(a);
+  a.pConfig = "# comments and blank lines are fine\n\n";
+  ASSERT_EQ(f.ddi().Adapter.pfnStartAdapter(&a), GPUP_STATUS_SUCCESS);
+  f.ddi().Adapter.pfnStopAdapter(a.hAdapter);
+  a.pConfig = nullptr;
+  ASSERT_EQ(f.ddi().Adapter.pfnStartAdapter(&a), GPUP_STATUS_SUCCESS);
+  f.ddi().Adapter.pfnStopAdapter(a.hAdapter);
+}
+
+TEST_P(Conformance, QueriesAnswerConsistently) {
+  uint32_t written = 0;
+  GPUPDDI_DRIVERCAPS caps{};
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_DRIVERCAPS, &caps, sizeof(caps), nullptr, 0, &written), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(written, sizeof(caps));
+  EXPECT_EQ(caps.MemoryManagementCaps.ParavirtualizationSupported, 1u);
+  EXPECT_EQ(caps.ComputeOnly, 1u);
+  EXPECT_EQ(caps.NodeCount, 1u);
+  EXPECT_EQ(caps.SupportPerEngineTDR, f.ddi().Adapter.pfnResetEngine != nullptr ? 1u : 0u);
+
+  const GPUPDDI_DEVICEINFO& info = f.info;
+  EXPECT_NE(std::memchr(info.Name, 0, sizeof(info.Name)), nullptr);
+  EXPECT_GT(std::strlen(info.Name), 0u);
+  EXPECT_GT(std::strlen(info.Platform), 0u);
+  EXPECT_GT(info.MaxAllocSize, 0u);
+  EXPECT_EQ(caps.MaxAllocationSize, info.MaxAllocSize);
+  EXPECT_GE(info.GlobalMemSize, info.MaxAllocSize);
+  EXPECT_GE(info.ComputeUnits, 1u);
+  EXPECT_GE(info.MaxWorkGroupSize, 1u);
+  EXPECT_GE(info.MemBaseAddrAlignBits, 8u);
+  EXPECT_EQ(info.MemBaseAddrAlignBits % 8, 0u);
+
+  GPUPDDI_GPUMMUCAPS mmu{};
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_GPUMMUCAPS, &mmu, sizeof(mmu), nullptr, 0, &written), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(written, sizeof(mmu));
+  EXPECT_EQ(mmu.VirtualAddressBitCount, 48u);
+  EXPECT_EQ(mmu.PageTableLevelCount, 4u);
+  EXPECT_EQ(mmu.PageSizeInBytes, 4096u);
+  uint32_t va_bits = 12;
+  for (uint32_t level = 0; level < mmu.PageTableLevelCount; ++level) {
+    GPUPDDI_PAGETABLELEVELDESC d{};
+    ASSERT_EQ(f.query(GPUPDDI_QAITYPE_PAGETABLELEVELDESC, &d, sizeof(d), &level, sizeof(level), &written),
+              GPUP_STATUS_SUCCESS);
+    EXPECT_EQ(written, sizeof(d));
+    EXPECT_EQ(d.PageTableIndexBitCount, 9u);
+    EXPECT_EQ(d.PageTableSizeInBytes, 4096u);
+    va_bits += d.PageTableIndexBitCount;
+  }
+  EXPECT_EQ(va_bits, mmu.VirtualAddressBitCount) << "levels and page size cover the VA space";
+
+  GPUPDDI_QUERYSEGMENTOUT seg{};
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_QUERYSEGMENT, &seg, sizeof(seg), nullptr, 0, &written), GPUP_STATUS_SUCCESS);
+  ASSERT_GE(seg.NbSegment, 1u);
+  ASSERT_LE(seg.NbSegment, uint32_t{GPUPDDI_MAX_SEGMENTS});
+  EXPECT_EQ(seg.Segments[0].Size, info.GlobalMemSize);
+  bool aperture = false;
+  for (uint32_t i = 0; i < seg.NbSegment; ++i) aperture |= seg.Segments[i].Aperture && seg.Segments[i].CpuVisible;
+  EXPECT_TRUE(aperture) << "a CPU-visible aperture segment";
+
+  GPUPDDI_GPUPCAPS gpup{};
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_GPUPCAPS, &gpup, sizeof(gpup), nullptr, 0, &written), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(written, sizeof(gpup));
+}
+
+TEST_P(Conformance, QueriesRejectBadSizesAndTypes) {
+  const std::array<std::pair<uint32_t, uint32_t>, 5> fixed = {{
+      {GPUPDDI_QAITYPE_DRIVERCAPS, sizeof(GPUPDDI_DRIVERCAPS)},
+      {GPUPDDI_QAITYPE_QUERYSEGMENT, sizeof(GPUPDDI_QUERYSEGMENTOUT)},
+      {GPUPDDI_QAITYPE_DEVICEINFO, sizeof(GPUPDDI_DEVICEINFO)},
+      {GPUPDDI_QAITYPE_GPUMMUCAPS, sizeof(GPUPDDI_GPUMMUCAPS)},
+      {GPUPDDI_QAITYPE_GPUPCAPS, sizeof(GPUPDDI_GPUPCAPS)},
+  }};
+  std::vector<unsigned char> out(4096);
+  for (const auto& [type, size] : fixed) {
+    EXPECT_EQ(f.query(type, out.data(), size - 1), GPUP_STATUS_BUFFER_TOO_SMALL) << type;
+    EXPECT_EQ(f.query(type, out.data(), 0), GPUP_STATUS_BUFFER_TOO_SMALL) << type;
+    EXPECT_EQ(f.query(type, nullptr, size), GPUP_STATUS_INVALID_PARAMETER) << type;
+    EXPECT_EQ(f.query(type, out.data(), size + 100), GPUP_STATUS_SUCCESS) << "a larger buffer is fine: " << type;
+  }
+  GPUPDDI_PAGETABLELEVELDESC d{};
+  uint32_t level = 4;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_PAGETABLELEVELDESC, &d, sizeof(d), &level, sizeof(level)),
+            GPUP_STATUS_INVALID_PARAMETER);
+  level = UINT32_MAX;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_PAGETABLELEVELDESC, &d, sizeof(d), &level, sizeof(level)),
+            GPUP_STATUS_INVALID_PARAMETER);
+  level = 0;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_PAGETABLELEVELDESC, &d, sizeof(d)), GPUP_STATUS_INVALID_PARAMETER);
+  const uint64_t wide_level = 0;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_PAGETABLELEVELDESC, &d, sizeof(d), &wide_level, sizeof(wide_level)),
+            GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_PAGETABLELEVELDESC, &d, sizeof(d) - 1, &level, sizeof(level)),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+
+  for (uint32_t type : {2u, 16u, 999u, 0xffffffffu}) {
+    EXPECT_EQ(f.query(type, out.data(), 4096), GPUP_STATUS_NOT_SUPPORTED) << type;
+  }
+  GPUPDDI_ARG_QUERYADAPTERINFO shortargs{};
+  shortargs.struct_size = sizeof(shortargs) - 8;
+  shortargs.Type = GPUPDDI_QAITYPE_DRIVERCAPS;
+  shortargs.pOutputData = out.data();
+  shortargs.OutputDataSize = 4096;
+  EXPECT_EQ(f.ddi().Adapter.pfnQueryAdapterInfo(f.adapter, &shortargs), GPUP_STATUS_INVALID_PARAMETER);
+}
+
+TEST_P(Conformance, UmdPrivateQuery) {
+  GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_UMD_INFO};
+  GPUP_OCL_UMD_INFO info{};
+  uint32_t written = 0;
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &info, sizeof(info), &h, sizeof(h), &written), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(written, sizeof(info));
+  EXPECT_EQ(info.ContractVersion, GPUP_OCL_CONTRACT_VERSION);
+  EXPECT_TRUE(info.ProgramFormats & GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_SOURCE));
+  EXPECT_GE(info.MaxWorkItemDimensions, 1u);
+  EXPECT_NE(std::memchr(info.DeviceVersion, 0, sizeof(info.DeviceVersion)), nullptr);
+  EXPECT_EQ(std::string(info.DeviceVersion).rfind("OpenCL ", 0), 0u) << info.DeviceVersion;
+
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &info, sizeof(info) - 1, &h, sizeof(h)),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &info, sizeof(info)), GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &info, sizeof(info), &h, sizeof(h) - 1),
+            GPUP_STATUS_INVALID_PARAMETER);
+  GPUP_OCL_PRIVATE_HEADER bad{GPUP_OCL_ESCAPE_MAGIC, GPUP_OCL_QUERY_UMD_INFO};
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &info, sizeof(info), &bad, sizeof(bad)),
+            GPUP_STATUS_INVALID_PARAMETER);
+  GPUP_OCL_PRIVATE_HEADER unknown{GPUP_OCL_QUERY_MAGIC, 0x777};
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &info, sizeof(info), &unknown, sizeof(unknown)),
+            GPUP_STATUS_NOT_SUPPORTED);
+}
+
+// ---------------------------------------------------------------------------------------------
+// VM data and processes
+
+GPUPDDI_ARG_SETVIRTUALMACHINEDATA vm_data(GPUPDDI_HANDLE worker, const GPUPDDI_GUID* guid) {
+  GPUPDDI_ARG_SETVIRTUALMACHINEDATA a{};
+  a.struct_size = sizeof(a);
+  a.hKmdVmWorkerProcess = worker;
+  a.pVmGuid = guid;
+  a.pVmName = "vm-1";
+  a.MinPartitionVRAM = 64 << 20;
+  a.OptimalPartitionVRAM = 128 << 20;
+  a.MaxPartitionVRAM = 256 << 20;
+  a.ComputeWeight = 100;
+  a.MaxComputePercent = 50;
+  return a;
+}
+
+TEST_P(Conformance, SetVirtualMachineDataTwice) {
+  const GPUPDDI_GUID guid = {{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16}};
+  auto a = vm_data(f.worker, &guid);
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &a), GPUP_STATUS_SUCCESS);
+  a.Flags.SecureVirtualMachine = 1;
+  a.MaxPartitionVRAM = 512 << 20;
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &a), GPUP_STATUS_SUCCESS) << "a re-call updates";
+
+  auto not_worker = vm_data(f.vm_process, &guid);
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &not_worker), GPUP_STATUS_INVALID_PARAMETER);
+  auto no_guid = vm_data(f.worker, nullptr);
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &no_guid), GPUP_STATUS_INVALID_PARAMETER);
+  auto weight = vm_data(f.worker, &guid);
+  weight.ComputeWeight = 0;
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &weight), GPUP_STATUS_INVALID_PARAMETER);
+  auto percent = vm_data(f.worker, &guid);
+  percent.MaxComputePercent = 101;
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &percent), GPUP_STATUS_INVALID_PARAMETER);
+  auto inverted = vm_data(f.worker, &guid);
+  inverted.MinPartitionVRAM = inverted.MaxPartitionVRAM + 1;
+  EXPECT_EQ(f.ddi().Adapter.pfnSetVirtualMachineData(f.adapter, &inverted), GPUP_STATUS_INVALID_PARAMETER);
+}
+
+TEST_P(Conformance, ProcessesLinkToTheirWorker) {
+  auto create = [&](GPUPDDI_CREATEPROCESSFLAGS flags, GPUPDDI_HANDLE worker, const char* name, uint32_t len,
+                    GPUPDDI_HANDLE* out) {
+    GPUPDDI_ARG_CREATEPROCESS a{};
+    a.struct_size = sizeof(a);
+    a.Flags = flags;
+    a.hKmdVmWorkerProcess = worker;
+    a.pProcessName = name;
+    a.ProcessNameLength = len;
+    const gpup_status s = f.ddi().Process.pfnCreateProcess(f.adapter, &a);
+    if (out) *out = a.hKmdProcess;
+    return s;
+  };
+  GPUPDDI_CREATEPROCESSFLAGS vm{};
+  vm.VirtualMachineProcess = 1;
+  EXPECT_EQ(create(vm, nullptr, "orphan", 6, nullptr), GPUP_STATUS_INVALID_PARAMETER) << "no worker";
+  EXPECT_EQ(create(vm, f.vm_process, "x", 1, nullptr), GPUP_STATUS_INVALID_PARAMETER) << "worker is a VM process";
+  GPUPDDI_CREATEPROCESSFLAGS both = vm;
+  both.VirtualMachineWorkerProcess = 1;
+  EXPECT_EQ(create(both, f.worker, "x", 1, nullptr), GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(create(vm, f.worker, nullptr, 5, nullptr), GPUP_STATUS_INVALID_PARAMETER) << "length without a name";
+
+  GPUPDDI_CREATEPROCESSFLAGS wflags{};
+  wflags.VirtualMachineWorkerProcess = 1;
+  GPUPDDI_HANDLE worker2 = nullptr, p2 = nullptr, p3 = nullptr;
+  ASSERT_EQ(create(wflags, nullptr, "vmwp-2", 6, &worker2), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(create(vm, worker2, "app\x01\xff", 5, &p2), GPUP_STATUS_SUCCESS) << "odd bytes in a name are fine";
+  ASSERT_EQ(create(vm, worker2, nullptr, 0, &p3), GPUP_STATUS_SUCCESS);
+  const std::string long_name(100000, 'n');
+  GPUPDDI_HANDLE p4 = nullptr;
+  ASSERT_EQ(create(vm, worker2, long_name.data(), static_cast<uint32_t>(long_name.size()), &p4), GPUP_STATUS_SUCCESS)
+      << "a long name is kept shortened";
+  f.ddi().Process.pfnDestroyProcess(f.adapter, p4);
+
+  GPUPDDI_ARG_CREATEDEVICE cd{};
+  cd.struct_size = sizeof(cd);
+  cd.hKmdProcess = worker2;
+  EXPECT_EQ(f.ddi().Device.pfnCreateDevice(f.adapter, &cd), GPUP_STATUS_INVALID_PARAMETER)
+      << "a VM worker process does no device work itself";
+  cd.hKmdProcess = p2;
+  ASSERT_EQ(f.ddi().Device.pfnCreateDevice(f.adapter, &cd), GPUP_STATUS_SUCCESS);
+  f.ddi().Device.pfnDestroyDevice(cd.hDevice);
+  f.ddi().Process.pfnDestroyProcess(f.adapter, p3);
+  f.ddi().Process.pfnDestroyProcess(f.adapter, p2);
+  f.ddi().Process.pfnDestroyProcess(f.adapter, worker2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Object lifecycles
+
+TEST_P(Conformance, LifecyclesNestInCreateDestroyOrder) {
+  for (int round = 0; round < 3; ++round) {
+    GPUPDDI_ARG_CREATEDEVICE cd{};
+    cd.struct_size = sizeof(cd);
+    cd.hKmdProcess = f.vm_process;
+    ASSERT_EQ(f.ddi().Device.pfnCreateDevice(f.adapter, &cd), GPUP_STATUS_SUCCESS);
+    GPUPDDI_HANDLE dev = cd.hDevice;
+    std::vector<GPUPDDI_HANDLE> contexts, allocs;
+    Sink sink;
+    for (int i = 0; i < 3; ++i) {
+      GPUPDDI_ARG_CREATECONTEXT cc{};
+      cc.struct_size = sizeof(cc);
+      cc.Priority = i - 1;
+      cc.hSystemContext = &sink;
+      ASSERT_EQ(f.ddi().Context.pfnCreateContext(dev, &cc), GPUP_STATUS_SUCCESS);
+      contexts.push_back(cc.hContext);
+      GPUPDDI_ARG_CREATEALLOCATION ca{};
+      ca.struct_size = sizeof(ca);
+      ca.Size = 4096u << i;
+      ASSERT_EQ(f.ddi().Memory.pfnCreateAllocation(dev, &ca), GPUP_STATUS_SUCCESS);
+      allocs.push_back(ca.hAllocation);
+    }
+    GPUPDDI_ARG_CREATECONTEXT bad{};
+    bad.struct_size = sizeof(bad);
+    bad.NodeOrdinal = 1;
+    EXPECT_EQ(f.ddi().Context.pfnCreateContext(dev, &bad), GPUP_STATUS_INVALID_PARAMETER) << "one node";
+    bad.NodeOrdinal = 0;
+    bad.Priority = 3;
+    EXPECT_EQ(f.ddi().Context.pfnCreateContext(dev, &bad), GPUP_STATUS_INVALID_PARAMETER) << "priority -2..2";
+    // Destroy a middle one first, then the rest in reverse creation order.
+    f.ddi().Context.pfnDestroyContext(contexts[1]);
+    f.ddi().Memory.pfnDestroyAllocation(dev, allocs[1]);
+    f.ddi().Context.pfnDestroyContext(contexts[2]);
+    f.ddi().Context.pfnDestroyContext(contexts[0]);
+    f.ddi().Memory.pfnDestroyAllocation(dev, allocs[2]);
+    f.ddi().Memory.pfnDestroyAllocation(dev, allocs[0]);
+    f.ddi().Device.pfnDestroyDevice(dev);
+    EXPECT_EQ(sink.count(), 0u);
+  }
+}
+
+TEST_P(Conformance, AllocationArgumentsAreChecked) {
+  std::vector<unsigned char> mem(4096);
+  auto alloc = [&](auto setup) {
+    GPUPDDI_ARG_CREATEALLOCATION a{};
+    a.struct_size = sizeof(a);
+    a.Size = 4096;
+    setup(a);
+    const gpup_status s = f.ddi().Memory.pfnCreateAllocation(f.device, &a);
+    if (s == GPUP_STATUS_SUCCESS) f.ddi().Memory.pfnDestroyAllocation(f.device, a.hAllocation);
+    return s;
+  };
+  EXPECT_EQ(alloc([](auto& a) { a.Size = 0; }), GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(alloc([&](auto& a) { a.Size = f.info.MaxAllocSize + 1; }), GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(alloc([](auto& a) { a.Flags.CpuVisible = 1; }), GPUP_STATUS_INVALID_PARAMETER) << "no backing store";
+  EXPECT_EQ(alloc([&](auto& a) { a.pSystemMemory = mem.data(); }), GPUP_STATUS_INVALID_PARAMETER)
+      << "backing store without CpuVisible";
+  EXPECT_EQ(alloc([&](auto& a) {
+              a.pPrivateDriverData = mem.data();
+              a.PrivateDriverDataSize = 16;
+            }),
+            GPUP_STATUS_INVALID_PARAMETER)
+      << "buffers take no private data";
+  EXPECT_EQ(alloc([](auto& a) { a.Flags.Reserved = 1; }), GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(alloc([&](auto& a) {
+              a.Flags.Program = 1;
+              a.Flags.CpuVisible = 1;
+              a.pSystemMemory = mem.data();
+            }),
+            GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(alloc([](auto& a) { a.Flags.ReadOnly = 1; }), GPUP_STATUS_SUCCESS);
+
+  auto dev = f.device_buffer(4096);
+  EXPECT_EQ(f.lock(dev.h), f.ddi().Memory.pfnLock ? GPUP_STATUS_INVALID_PARAMETER : GPUP_STATUS_SUCCESS)
+      << "only CPU-visible allocations lock";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copy and fill
+
+TEST_P(Conformance, CpuVisibleCopyRoundTrip) {
+  constexpr uint64_t kSize = 64 << 10;
+  auto a = f.cpu_buffer(kSize);
+  auto b = f.cpu_buffer(kSize);
+  ASSERT_NE(a.h, nullptr);
+  ASSERT_NE(b.h, nullptr);
+  std::mt19937 rng(42);
+  for (uint64_t i = 0; i < kSize; ++i) a.mem[i] = static_cast<unsigned char>(rng());
+  ASSERT_EQ(f.unlock(a.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.unlock(b.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  ASSERT_EQ(f.run(ctx, {copy_cmd(ref(a.h, 0, kSize), ref(b.h, 0, kSize))}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(b.h), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(std::memcmp(a.mem, b.mem, kSize), 0);
+
+  // A sub-range copy within one allocation (no overlap) and into the other at an odd offset.
+  ASSERT_EQ(f.run(ctx, {copy_cmd(ref(a.h, 0, 1000), ref(a.h, 4096, 1000)), copy_cmd(ref(a.h, 7, 333), ref(b.h, 1, 333))}),
+            GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(a.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(b.h), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(std::memcmp(a.mem, a.mem + 4096, 1000), 0);
+  EXPECT_EQ(std::memcmp(a.mem + 7, b.mem + 1, 333), 0);
+  EXPECT_EQ(b.mem[0], a.mem[0]) << "bytes outside the range are untouched";
+  EXPECT_EQ(b.mem[334], a.mem[334]);
+}
+
+TEST_P(Conformance, DeviceMemoryStartsZeroed) {
+  constexpr uint64_t kSize = 8192;
+  auto dev = f.device_buffer(kSize);
+  auto out = f.cpu_buffer(kSize);
+  std::memset(out.mem, 0xab, kSize);
+  ASSERT_EQ(f.unlock(out.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  ASSERT_EQ(f.run(ctx, {copy_cmd(ref(dev.h, 0, kSize), ref(out.h, 0, kSize))}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(out.h), GPUP_STATUS_SUCCESS);
+  std::vector<unsigned char> zeros(kSize, 0);
+  EXPECT_EQ(std::memcmp(out.mem, zeros.data(), kSize), 0);
+}
+
+TEST_P(Conformance, FillPatternsAtOffsets) {
+  constexpr uint64_t kSize = 4096;
+  auto buf = f.cpu_buffer(kSize);
+  std::memset(buf.mem, 0xee, kSize);
+  ASSERT_EQ(f.unlock(buf.h), GPUP_STATUS_SUCCESS);
+  const uint8_t p1 = 0x5a;
+  const uint32_t p4 = 0x11223344;
+  uint8_t p16[16];
+  for (int i = 0; i < 16; ++i) p16[i] = static_cast<uint8_t>(0xa0 + i);
+  auto* ctx = f.context();
+  ASSERT_EQ(f.run(ctx, {fill_cmd(ref(buf.h, 3, 45), &p1, 1), fill_cmd(ref(buf.h, 128, 64), &p4, 4),
+                        fill_cmd(ref(buf.h, 1024, 256), p16, 16)}),
+            GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  std::vector<uint8_t> want(kSize, 0xee);
+  std::memset(want.data() + 3, p1, 45);
+  for (int i = 0; i < 16; ++i) std::memcpy(want.data() + 128 + 4 * i, &p4, 4);
+  for (int i = 0; i < 16; ++i) std::memcpy(want.data() + 1024 + 16 * i, p16, 16);
+  for (uint64_t i = 0; i < kSize; ++i) ASSERT_EQ(buf.mem[i], want[i]) << "byte " << i;
+}
+
+TEST_P(Conformance, InvalidCopiesAndFillsQueueNothing) {
+  auto a = f.cpu_buffer(4096);
+  auto b = f.cpu_buffer(4096);
+  auto* ctx = f.context();
+  uint8_t pat[GPUPDDI_MAX_FILL_PATTERN];
+  for (int i = 0; i < GPUPDDI_MAX_FILL_PATTERN; ++i) pat[i] = static_cast<uint8_t>(i + 1);
+  GPUPDDI_COMMAND unknown{};
+  unknown.Type = 77;
+  const std::vector<std::pair<const char*, GPUPDDI_COMMAND>> bad = {
+      {"overlapping copy", copy_cmd(ref(a.h, 0, 100), ref(a.h, 50, 100))},
+      {"size mismatch", copy_cmd(ref(a.h, 0, 100), ref(b.h, 0, 99))},
+      {"empty copy", copy_cmd(ref(a.h, 0, 0), ref(b.h, 0, 0))},
+      {"pattern size 0", fill_cmd(ref(a.h, 0, 96), pat, 0)},
+      {"pattern size 3", fill_cmd(ref(a.h, 0, 96), pat, 3)},
+      {"pattern size 256", fill_cmd(ref(a.h, 0, 256), pat, 256)},
+      {"misaligned fill offset", fill_cmd(ref(a.h, 2, 64), pat, 4)},
+      {"fill size not a multiple", fill_cmd(ref(a.h, 0, 62), pat, 4)},
+      {"unknown command", unknown},
+  };
+  for (const auto& [what, cmd] : bad) {
+    // A valid first command must not run when a later one is bad.
+    EXPECT_EQ(f.submit(ctx, {fill_cmd(ref(b.h, 0, 4096), pat, 4), cmd}, 1), GPUP_STATUS_INVALID_PARAMETER) << what;
+  }
+  auto prog = program();
+  GPUPDDI_COMMAND as_buffer = copy_cmd(ref(prog, 0, 16), ref(b.h, 0, 16));
+  EXPECT_NE(f.submit(ctx, {as_buffer}, 1), GPUP_STATUS_SUCCESS) << "a program is not a buffer";
+  EXPECT_EQ(f.run(ctx, {}), GPUP_STATUS_SUCCESS) << "an empty submission completes";
+  EXPECT_EQ(ctx->sink->count(), 1u);
+  ASSERT_EQ(f.lock(b.h), GPUP_STATUS_SUCCESS);
+  for (int i = 0; i < 4096; ++i) ASSERT_EQ(b.mem[i], 0) << "nothing of a refused submission ran";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programs and dispatch
+
+TEST_P(Conformance, ProgramBuildReportsResult) {
+  KmdFixture::Built b = f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, "-DUNUSED=1");
+  ASSERT_EQ(b.status, GPUP_STATUS_SUCCESS) << b.log;
+  EXPECT_GE(b.written, sizeof(GPUP_OCL_BUILD_RESULT));
+  EXPECT_EQ(b.result.BuildError, 0);
+  EXPECT_EQ(b.result.Truncated, 0u);
+  EXPECT_EQ(b.result.LogBytes, b.result.LogSize);
+  // Options and source may carry one terminating NUL.
+  std::string src(kPortableKernelsSource);
+  src.push_back('\0');
+  KmdFixture::Built nul = f.build(src, GPUP_OCL_PROGRAM_SOURCE, std::string_view("-DX=1\0", 6));
+  EXPECT_EQ(nul.status, GPUP_STATUS_SUCCESS) << nul.log;
+  KmdFixture::Built no_output = f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, 0);
+  EXPECT_EQ(no_output.status, GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(no_output.written, 0u);
+}
+
+TEST_P(Conformance, BuildFailureReturnsLog) {
+  const char* broken = "__kernel void broken(__global int* b) { b[0] = ; }\n";
+  KmdFixture::Built b = f.build(broken);
+  EXPECT_EQ(b.status, GPUP_STATUS_BUILD_FAILED);
+  EXPECT_EQ(b.h, nullptr);
+  ASSERT_GE(b.written, sizeof(GPUP_OCL_BUILD_RESULT));
+  EXPECT_NE(b.result.BuildError, 0);
+  EXPECT_GT(b.result.LogSize, 0u);
+  EXPECT_EQ(b.result.LogBytes, b.result.LogSize);
+  EXPECT_EQ(b.result.Truncated, 0u);
+  EXPECT_FALSE(b.log.empty());
+
+  KmdFixture::Built small = f.build(broken, GPUP_OCL_PROGRAM_SOURCE, {}, sizeof(GPUP_OCL_BUILD_RESULT) + 8);
+  EXPECT_EQ(small.status, GPUP_STATUS_BUILD_FAILED);
+  EXPECT_EQ(small.written, sizeof(GPUP_OCL_BUILD_RESULT) + 8);
+  EXPECT_EQ(small.result.LogBytes, 8u);
+  EXPECT_EQ(small.result.Truncated, 1u);
+  EXPECT_EQ(small.result.LogSize, b.result.LogSize);
+  EXPECT_EQ(small.log, b.log.substr(0, 8));
+
+  KmdFixture::Built header_only = f.build(broken, GPUP_OCL_PROGRAM_SOURCE, {}, sizeof(GPUP_OCL_BUILD_RESULT) - 1);
+  EXPECT_EQ(header_only.status, GPUP_STATUS_BUILD_FAILED);
+  EXPECT_EQ(header_only.written, 0u);
+
+  KmdFixture::Built garbage = f.build("\x7f" "garbage!\x01\x02", GPUP_OCL_PROGRAM_BINARY);
+  EXPECT_EQ(garbage.status, GPUP_STATUS_BUILD_FAILED);
+  EXPECT_NE(garbage.result.BuildError, 0);
+}
+
+TEST_P(Conformance, MalformedProgramDescriptorsAreInvalid) {
+  const std::string src = "__kernel void add_i32(__global int* b, int v) { b[get_global_id(0)] += v; }";
+  std::vector<unsigned char> good = program_desc(GPUP_OCL_PROGRAM_SOURCE, "-DA=1", src);
+  auto with = [&](auto edit) {
+    std::vector<unsigned char> d = good;
+    GPUP_OCL_PROGRAM_DESC h;
+    std::memcpy(&h, d.data(), sizeof(h));
+    edit(h, d);
+    std::memcpy(d.data(), &h, sizeof(h));
+    return f.build_raw(d.data(), static_cast<uint32_t>(d.size()));
+  };
+  EXPECT_EQ(f.build_raw(good.data(), static_cast<uint32_t>(good.size())), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(f.build_raw(nullptr, 0), GPUP_STATUS_INVALID_PARAMETER) << "no private data";
+  EXPECT_EQ(f.build_raw(nullptr, 100), GPUP_STATUS_INVALID_PARAMETER) << "size without data";
+  EXPECT_EQ(f.build_raw(good.data(), sizeof(GPUP_OCL_PROGRAM_DESC) - 1), GPUP_STATUS_INVALID_PARAMETER)
+      << "truncated header";
+  EXPECT_EQ(f.build_raw(good.data(), sizeof(GPUP_OCL_PROGRAM_DESC)), GPUP_STATUS_INVALID_PARAMETER) << "header only";
+  EXPECT_EQ(f.build_raw(good.data(), static_cast<uint32_t>(good.size() - 1)), GPUP_STATUS_INVALID_PARAMETER)
+      << "one byte short";
+  std::vector<unsigned char> longer = good;
+  longer.push_back(' ');
+  EXPECT_EQ(f.build_raw(longer.data(), static_cast<uint32_t>(longer.size())), GPUP_STATUS_INVALID_PARAMETER)
+      << "one byte long";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Magic ^= 1; }), GPUP_STATUS_INVALID_PARAMETER) << "magic";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Version = 2; }), GPUP_STATUS_INVALID_PARAMETER) << "version";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Reserved = 1; }), GPUP_STATUS_INVALID_PARAMETER) << "reserved";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Format = 0; }), GPUP_STATUS_INVALID_PARAMETER) << "format 0";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Format = 3; }), GPUP_STATUS_INVALID_PARAMETER) << "format 3";
+  // Sizes whose 32-bit sum wraps around to the real size.
+  EXPECT_EQ(with([](auto& h, auto&) {
+              h.OptionsSize += 0x80000000u;
+              h.ContentSize += 0x80000000u;
+            }),
+            GPUP_STATUS_INVALID_PARAMETER)
+      << "wrapping sizes";
+  EXPECT_EQ(with([](auto& h, auto&) { h.OptionsSize = 0xffffffffu; }), GPUP_STATUS_INVALID_PARAMETER)
+      << "huge options";
+  EXPECT_EQ(with([](auto& h, auto&) { h.ContentSize = 0xffffffffu; }), GPUP_STATUS_INVALID_PARAMETER)
+      << "huge content";
+  EXPECT_EQ(with([](auto& h, auto&) {
+              h.OptionsSize += h.ContentSize;
+              h.ContentSize = 0;
+            }),
+            GPUP_STATUS_INVALID_PARAMETER)
+      << "no content";
+}
+
+TEST_P(Conformance, NulRulesOfOptionsAndSource) {
+  const std::string src = "__kernel void add_i32(__global int* b, int v) { b[get_global_id(0)] += v; }";
+  auto build = [&](std::string_view options, std::string_view content) {
+    std::vector<unsigned char> d = program_desc(GPUP_OCL_PROGRAM_SOURCE, options, content);
+    return f.build_raw(d.data(), static_cast<uint32_t>(d.size()));
+  };
+  EXPECT_EQ(build(std::string_view("-DA\0=1", 6), src), GPUP_STATUS_INVALID_PARAMETER) << "NUL inside options";
+  std::string nul_src = src;
+  nul_src.insert(10, 1, '\0');
+  EXPECT_EQ(build({}, nul_src), GPUP_STATUS_INVALID_PARAMETER) << "NUL inside source";
+  EXPECT_EQ(build({}, std::string_view("\0", 1)), GPUP_STATUS_INVALID_PARAMETER) << "only a NUL";
+  EXPECT_EQ(build({}, {}), GPUP_STATUS_INVALID_PARAMETER) << "no content";
+  EXPECT_EQ(build(std::string_view("\0", 1), src), GPUP_STATUS_SUCCESS) << "options that are just a NUL";
+}
+
+TEST_P(Conformance, DispatchAddOnSubRange) {
+  auto prog = program();
+  ASSERT_NE(prog, nullptr);
+  constexpr size_t kCount = 4096;
+  auto buf = f.cpu_buffer(kCount * 4);
+  std::vector<int32_t> init(kCount);
+  std::iota(init.begin(), init.end(), 0);
+  set_ints(buf, init);
+  ASSERT_EQ(f.unlock(buf.h), GPUP_STATUS_SUCCESS);
+
+  const uint64_t first = f.align / 4 * 3;  // an aligned element offset (3 * alignment bytes)
+  const uint64_t count = 256;
+  auto* ctx = f.context();
+  Dispatch d(prog, "add_i32", Args().buffer(ref(buf.h, first * 4, count * 4)).value(int32_t{7}), count);
+  ASSERT_EQ(f.run(ctx, {d.cmd()}), GPUP_STATUS_SUCCESS);
+  // The whole buffer with a negative value and an explicit work-group size.
+  Dispatch whole(prog, "add_i32", Args().buffer(ref(buf.h, 0, kCount * 4)).value(int32_t{-1}), kCount, 64);
+  ASSERT_EQ(f.run(ctx, {whole.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  const std::vector<int32_t> got = ints(buf, 0, kCount);
+  for (size_t i = 0; i < kCount; ++i) {
+    const int32_t want = static_cast<int32_t>(i) - 1 + (i >= first && i < first + count ? 7 : 0);
+    ASSERT_EQ(got[i], want) << "element " << i;
+  }
+}
+
+TEST_P(Conformance, DispatchWithGlobalOffsetLocalAndNullArgs) {
+  auto prog = program();
+  ASSERT_NE(prog, nullptr);
+  constexpr size_t kCount = 256;
+  auto src = f.cpu_buffer(kCount * 4);
+  auto dst = f.cpu_buffer(kCount * 4);
+  std::vector<int32_t> init(kCount);
+  for (size_t i = 0; i < kCount; ++i) init[i] = static_cast<int32_t>(1000 + i);
+  set_ints(src, init);
+  ASSERT_EQ(f.unlock(src.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.unlock(dst.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  // First half from src, second half -1 through a NULL buffer; 16-item work-groups, 64 bytes
+  // of local scratch each.
+  Dispatch from_src(prog, "or_null_i32",
+                    Args().buffer(ref(dst.h, 0, kCount * 4)).buffer(ref(src.h, 0, kCount * 4)).local(16 * 4),
+                    kCount / 2, 16);
+  Dispatch from_null(prog, "or_null_i32", Args().buffer(ref(dst.h, 0, kCount * 4)).null_buffer().local(16 * 4),
+                     kCount / 2, 16);
+  from_null.offset[0] = kCount / 2;
+  ASSERT_EQ(f.run(ctx, {from_src.cmd(), from_null.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(dst.h), GPUP_STATUS_SUCCESS);
+  const std::vector<int32_t> got = ints(dst, 0, kCount);
+  for (size_t i = 0; i < kCount; ++i) ASSERT_EQ(got[i], i < kCount / 2 ? init[i] : -1) << "element " << i;
+}
+
+TEST_P(Conformance, SpinMatchesReference) {
+  auto prog = program();
+  ASSERT_NE(prog, nullptr);
+  constexpr size_t kCount = 64;
+  auto out = f.cpu_buffer(kCount * 8);
+  auto* ctx = f.context();
+  Dispatch d(prog, "spin", Args().buffer(ref(out.h, 0, kCount * 8)).value(uint64_t{1000}), kCount);
+  ASSERT_EQ(f.run(ctx, {d.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(out.h), GPUP_STATUS_SUCCESS);
+  for (size_t i = 0; i < kCount; ++i) {
+    uint64_t v;
+    std::memcpy(&v, out.mem + i * 8, 8);
+    ASSERT_EQ(v, mock::spin_reference(i, 1000)) << "item " << i;
+  }
+}
+
+TEST_P(Conformance, UnknownKernelIsNotFound) {
+  auto prog = program();
+  auto buf = f.cpu_buffer(4096);
+  auto* ctx = f.context();
+  Dispatch d(prog, "no_such_kernel", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{1}), 16);
+  EXPECT_EQ(f.submit(ctx, {d.cmd()}, 1), GPUP_STATUS_NOT_FOUND);
+  Dispatch empty_name(prog, "", Args(), 16);
+  EXPECT_EQ(f.submit(ctx, {empty_name.cmd()}, 2), GPUP_STATUS_INVALID_PARAMETER);
+  std::string long_name(4096, 'k');
+  Dispatch too_long(prog, long_name, Args(), 16);
+  EXPECT_EQ(f.submit(ctx, {too_long.cmd()}, 3), GPUP_STATUS_INVALID_PARAMETER);
+  GPUPDDI_COMMAND no_name = d.cmd();
+  no_name.u.Dispatch.pKernelName = nullptr;
+  EXPECT_EQ(f.submit(ctx, {no_name}, 4), GPUP_STATUS_INVALID_PARAMETER);
+  GPUPDDI_COMMAND not_program = d.cmd();
+  not_program.u.Dispatch.hProgram = buf.h;
+  EXPECT_EQ(f.submit(ctx, {not_program}, 5), GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_EQ(f.run(ctx, {}), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(ctx->sink->count(), 1u) << "refused submissions complete nothing";
+}
+
+TEST_P(Conformance, BadKernelArgumentsAreRefusedBeforeQueuing) {
+  auto prog = program();
+  ASSERT_NE(prog, nullptr);
+  auto buf = f.cpu_buffer(4096);
+  ASSERT_EQ(f.unlock(buf.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  Dispatch good(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{5}), 1024);
+  std::vector<std::pair<const char*, Dispatch>> bad;
+  bad.emplace_back("8-byte value for an int", Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(uint64_t{5}), 1024));
+  bad.emplace_back("2-byte value for an int", Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int16_t{5}), 1024));
+  bad.emplace_back("too few arguments", Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)), 1024));
+  bad.emplace_back("too many arguments",
+                   Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{5}).value(int32_t{5}), 1024));
+  bad.emplace_back("value for a buffer", Dispatch(prog, "add_i32", Args().value(uint64_t{0x1000}).value(int32_t{5}), 1024));
+  bad.emplace_back("buffer for a value",
+                   Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).buffer(ref(buf.h, 0, 4096)), 1024));
+  bad.emplace_back("local for a buffer", Dispatch(prog, "add_i32", Args().local(64).value(int32_t{5}), 1024));
+  bad.emplace_back("empty local", Dispatch(prog, "or_null_i32",
+                                           Args().buffer(ref(buf.h, 0, 4096)).null_buffer().local(0), 64, 16));
+  bad.emplace_back("local too large",
+                   Dispatch(prog, "or_null_i32",
+                            Args().buffer(ref(buf.h, 0, 4096)).null_buffer().local(static_cast<uint32_t>(f.info.LocalMemSize + 4)),
+                            64, 16));
+  bad.emplace_back("global size 0", Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{5}), 0));
+  bad.emplace_back("local size not dividing global",
+                   Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{5}), 1000, 64));
+  Dispatch dims0 = good;
+  dims0.dims = 0;
+  bad.emplace_back("WorkDim 0", dims0);
+  Dispatch dims4 = good;
+  dims4.dims = 4;
+  bad.emplace_back("WorkDim 4", dims4);
+  Dispatch wrapping = good;
+  wrapping.offset[0] = UINT64_MAX - 10;
+  bad.emplace_back("offset + size wraps", wrapping);
+  if (f.align > 1) {
+    bad.emplace_back("misaligned sub-buffer offset",
+                     Dispatch(prog, "add_i32", Args().buffer(ref(buf.h, f.align / 2, 1024)).value(int32_t{5}), 256));
+  }
+  for (const auto& [what, d] : bad) {
+    // A valid dispatch first: it must not run either.
+    EXPECT_EQ(f.submit(ctx, {good.cmd(), d.cmd()}, 100), GPUP_STATUS_INVALID_PARAMETER) << what;
+  }
+  GPUPDDI_COMMAND no_args = good.cmd();
+  no_args.u.Dispatch.pArgs = nullptr;
+  EXPECT_EQ(f.submit(ctx, {no_args}, 101), GPUP_STATUS_INVALID_PARAMETER);
+  GPUPDDI_COMMAND null_value = good.cmd();
+  std::vector<GPUPDDI_KERNEL_ARG> args = good.args.list();
+  args[1].pValue = nullptr;
+  null_value.u.Dispatch.pArgs = args.data();
+  EXPECT_EQ(f.submit(ctx, {null_value}, 102), GPUP_STATUS_INVALID_PARAMETER);
+
+  EXPECT_EQ(f.run(ctx, {}), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(ctx->sink->count(), 1u);
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  for (int i = 0; i < 1024; ++i) ASSERT_EQ(ints(buf, i, 1)[0], 0) << "nothing ran, element " << i;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Completion
+
+TEST_P(Conformance, CompletionExactlyOncePerSubmission) {
+  auto prog = program();
+  auto buf = f.cpu_buffer(4096);
+  auto* ctx = f.context();
+  Dispatch d(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{1}), 1024);
+  std::vector<uint64_t> ids;
+  std::mt19937_64 rng(7);
+  for (int i = 0; i < 20; ++i) {
+    ids.push_back(rng());
+    ASSERT_EQ(f.submit(ctx, {d.cmd()}, ids.back()), GPUP_STATUS_SUCCESS);
+  }
+  ASSERT_TRUE(ctx->sink->wait_for(ids.size()));
+  std::this_thread::sleep_for(50ms);
+  const auto done = ctx->sink->snapshot();
+  ASSERT_EQ(done.size(), ids.size()) << "no extra completions";
+  for (size_t i = 0; i < ids.size(); ++i) {
+    EXPECT_EQ(done[i].first, ids[i]);
+    EXPECT_EQ(done[i].second, GPUP_STATUS_SUCCESS);
+  }
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(ints(buf, 0, 1)[0], 20);
+  EXPECT_EQ(ints(buf, 1023, 1)[0], 20);
+}
+
+TEST_P(Conformance, ManySubmissionsInFlightCompleteInOrder) {
+  auto prog = program();
+  auto buf = f.cpu_buffer(4096);
+  auto spin_out = f.cpu_buffer(64 * 8);
+  ASSERT_EQ(f.unlock(buf.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  Dispatch add(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{1}), 1024);
+  Dispatch spin(prog, "spin", Args().buffer(ref(spin_out.h, 0, 64 * 8)).value(uint64_t{20000}), 64);
+  constexpr int kSubmissions = 200;
+  for (int i = 0; i < kSubmissions; ++i) {
+    std::vector<GPUPDDI_COMMAND> cmds = {add.cmd()};
+    if (i % 10 == 0) cmds.insert(cmds.begin(), spin.cmd());
+    ASSERT_EQ(f.submit(ctx, cmds, 1000 + i), GPUP_STATUS_SUCCESS);
+  }
+  ASSERT_TRUE(ctx->sink->wait_for(kSubmissions));
+  const auto done = ctx->sink->snapshot();
+  ASSERT_EQ(done.size(), size_t{kSubmissions});
+  for (int i = 0; i < kSubmissions; ++i) {
+    ASSERT_EQ(done[i].first, uint64_t(1000 + i)) << "completion " << i << " out of order";
+    ASSERT_EQ(done[i].second, GPUP_STATUS_SUCCESS);
+  }
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  for (int i = 0; i < 1024; ++i) ASSERT_EQ(ints(buf, i, 1)[0], kSubmissions) << "element " << i;
+}
+
+TEST_P(Conformance, DestroyContextReportsEveryCompletion) {
+  auto prog = program();
+  auto out = f.cpu_buffer(64 * 8);
+  auto* ctx = f.context();
+  Dispatch spin(prog, "spin", Args().buffer(ref(out.h, 0, 64 * 8)).value(uint64_t{50000}), 64);
+  for (int i = 0; i < 10; ++i) ASSERT_EQ(f.submit(ctx, {spin.cmd()}, i), GPUP_STATUS_SUCCESS);
+  // The fixture frees a context's sink with it; keep this one to look at afterwards.
+  std::unique_ptr<Sink> sink = std::move(ctx->sink);
+  ctx->sink = std::make_unique<Sink>();
+  f.destroy_context(ctx);
+  EXPECT_EQ(sink->count(), 10u) << "all completions reported when DestroyContext returns";
+  for (const auto& [id, status] : sink->snapshot()) EXPECT_EQ(status, GPUP_STATUS_SUCCESS) << id;
+}
+
+TEST_P(Conformance, TwoContextsShareAProgram) {
+  auto prog = program();
+  ASSERT_NE(prog, nullptr);
+  constexpr int kThreads = 2, kRounds = 40;
+  std::vector<KmdFixture::Buffer> bufs;
+  std::vector<KmdFixture::Context*> ctxs;
+  for (int t = 0; t < kThreads; ++t) {
+    bufs.push_back(f.cpu_buffer(4096));
+    ctxs.push_back(f.context());
+  }
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      Dispatch d(prog, "add_i32", Args().buffer(ref(bufs[t].h, 0, 4096)).value(int32_t{t + 1}), 1024);
+      for (int r = 0; r < kRounds; ++r) {
+        if (f.submit(ctxs[t], {d.cmd()}, r) != GPUP_STATUS_SUCCESS) ++failures;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  ASSERT_EQ(failures.load(), 0);
+  for (int t = 0; t < kThreads; ++t) {
+    ASSERT_TRUE(ctxs[t]->sink->wait_for(kRounds));
+    ASSERT_EQ(f.lock(bufs[t].h), GPUP_STATUS_SUCCESS);
+    for (int i = 0; i < 1024; ++i) ASSERT_EQ(ints(bufs[t], i, 1)[0], (t + 1) * kRounds) << "context " << t;
+  }
+}
+
+TEST_P(Conformance, StopAdapterCleansUpEverything) {
+  auto prog = program();
+  auto out = f.cpu_buffer(64 * 8);
+  f.device_buffer(1 << 20);
+  auto* ctx = f.context();
+  Dispatch spin(prog, "spin", Args().buffer(ref(out.h, 0, 64 * 8)).value(uint64_t{50000}), 64);
+  for (int i = 0; i < 5; ++i) ASSERT_EQ(f.submit(ctx, {spin.cmd()}, i), GPUP_STATUS_SUCCESS);
+  auto sink = std::move(ctx->sink);
+  ctx->sink = std::make_unique<Sink>();
+  f.stop_adapter_now();
+  EXPECT_EQ(sink->count(), 5u) << "work in flight is completed or reported";
+}
+
+TEST_P(Conformance, ResetEngineWhenSupported) {
+  if (f.ddi().Adapter.pfnResetEngine == nullptr) GTEST_SKIP() << "pfnResetEngine is optional";
+  auto prog = program();
+  auto out = f.cpu_buffer(8);
+  auto buf = f.cpu_buffer(4096);
+  auto* ctx = f.context();
+  Dispatch forever(prog, "spin", Args().buffer(ref(out.h, 0, 8)).value(uint64_t{1} << 60), 1);
+  ASSERT_EQ(f.submit(ctx, {forever.cmd()}, 1), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.submit(ctx, {forever.cmd()}, 2), GPUP_STATUS_SUCCESS);
+  std::this_thread::sleep_for(20ms);
+  GPUPDDI_ARG_RESETENGINE r{};
+  r.struct_size = sizeof(r);
+  r.hContext = ctx->h;
+  ASSERT_EQ(f.ddi().Adapter.pfnResetEngine(f.adapter, &r), GPUP_STATUS_SUCCESS);
+  ASSERT_TRUE(ctx->sink->wait_for(2, 10s));
+  auto done = ctx->sink->snapshot();
+  EXPECT_EQ(done[0], std::make_pair(uint64_t{1}, gpup_status{GPUP_STATUS_CONTEXT_RESET_GUILTY}));
+  EXPECT_EQ(done[1], std::make_pair(uint64_t{2}, gpup_status{GPUP_STATUS_CONTEXT_RESET_GUILTY}));
+  Dispatch add(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{1}), 1024);
+  EXPECT_EQ(f.run(ctx, {add.cmd()}), GPUP_STATUS_SUCCESS) << "the context survives a reset";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Escapes
+
+std::vector<unsigned char> escape_data(uint32_t code, const std::vector<unsigned char>& payload = {},
+                                       uint32_t magic = GPUP_OCL_ESCAPE_MAGIC) {
+  GPUP_OCL_PRIVATE_HEADER h{magic, code};
+  std::vector<unsigned char> d(sizeof(h) + payload.size());
+  std::memcpy(d.data(), &h, sizeof(h));
+  if (!payload.empty()) std::memcpy(d.data() + sizeof(h), payload.data(), payload.size());
+  return d;
+}
+
+uint64_t fnv(const std::vector<unsigned char>& bytes) {
+  uint64_t h = GPUP_OCL_FNV1A64_OFFSET;
+  for (unsigned char b : bytes) h = (h ^ b) * GPUP_OCL_FNV1A64_PRIME;
+  return h;
+}
+
+TEST_P(Conformance, EscapeChecksumOf128KiB) {
+  ASSERT_NE(f.ddi().Adapter.pfnEscape, nullptr);
+  std::vector<unsigned char> payload((128 << 10) - sizeof(GPUP_OCL_PRIVATE_HEADER));
+  std::mt19937 rng(1);
+  for (auto& b : payload) b = static_cast<unsigned char>(rng());
+  const auto data = escape_data(GPUP_OCL_ESCAPE_CHECKSUM, payload);
+  ASSERT_EQ(data.size(), 128u << 10);
+  GPUP_OCL_ESCAPE_CHECKSUM_OUT out{};
+  uint32_t written = 0;
+  ASSERT_EQ(f.escape(data.data(), static_cast<uint32_t>(data.size()), &out, sizeof(out), false, &written),
+            GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(written, sizeof(out));
+  EXPECT_EQ(out.ByteCount, payload.size());
+  EXPECT_EQ(out.Fnv1a64, fnv(payload));
+
+  const auto empty = escape_data(GPUP_OCL_ESCAPE_CHECKSUM);
+  ASSERT_EQ(f.escape(empty.data(), static_cast<uint32_t>(empty.size()), &out, sizeof(out)), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(out.ByteCount, 0u);
+  EXPECT_EQ(out.Fnv1a64, GPUP_OCL_FNV1A64_OFFSET);
+  EXPECT_EQ(f.escape(empty.data(), static_cast<uint32_t>(empty.size()), &out, sizeof(out) - 1),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  EXPECT_EQ(f.escape(empty.data(), static_cast<uint32_t>(empty.size()), nullptr, sizeof(out)),
+            GPUP_STATUS_INVALID_PARAMETER);
+}
+
+TEST_P(Conformance, EscapeDeviceInfo) {
+  ASSERT_NE(f.ddi().Adapter.pfnEscape, nullptr);
+  const auto data = escape_data(GPUP_OCL_ESCAPE_DEVICE_INFO);
+  for (bool known : {false, true}) {
+    GPUP_OCL_ESCAPE_DEVICE_INFO_OUT out{};
+    uint32_t written = 0;
+    ASSERT_EQ(f.escape(data.data(), static_cast<uint32_t>(data.size()), &out, sizeof(out), known, &written),
+              GPUP_STATUS_SUCCESS);
+    EXPECT_EQ(written, sizeof(out));
+    EXPECT_EQ(std::memcmp(&out.Info, &f.info, sizeof(f.info)), 0) << "the same answer as the DEVICEINFO query";
+  }
+  GPUP_OCL_ESCAPE_DEVICE_INFO_OUT out{};
+  EXPECT_EQ(f.escape(data.data(), static_cast<uint32_t>(data.size()), &out, sizeof(out) - 1),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  const auto with_payload = escape_data(GPUP_OCL_ESCAPE_DEVICE_INFO, {1, 2, 3});
+  EXPECT_EQ(f.escape(with_payload.data(), static_cast<uint32_t>(with_payload.size()), &out, sizeof(out)),
+            GPUP_STATUS_INVALID_PARAMETER);
+}
+
+TEST_P(Conformance, EscapeRejections) {
+  ASSERT_NE(f.ddi().Adapter.pfnEscape, nullptr);
+  std::vector<unsigned char> out(4096);
+  auto esc = [&](const std::vector<unsigned char>& d, bool known = false) {
+    return f.escape(d.data(), static_cast<uint32_t>(d.size()), out.data(), static_cast<uint32_t>(out.size()), known);
+  };
+  EXPECT_EQ(esc(escape_data(0x1234)), GPUP_STATUS_NOT_SUPPORTED) << "unknown code";
+  EXPECT_EQ(esc(escape_data(0x80001234)), GPUP_STATUS_NOT_SUPPORTED) << "unknown private code";
+  EXPECT_EQ(esc(escape_data(GPUP_OCL_ESCAPE_CHECKSUM, {}, 0xdeadbeef)), GPUP_STATUS_INVALID_PARAMETER) << "magic";
+  std::vector<unsigned char> truncated = escape_data(GPUP_OCL_ESCAPE_CHECKSUM);
+  truncated.resize(sizeof(GPUP_OCL_PRIVATE_HEADER) - 1);
+  EXPECT_EQ(esc(truncated), GPUP_STATUS_INVALID_PARAMETER) << "truncated header";
+  EXPECT_EQ(f.escape(nullptr, 0, out.data(), 4096), GPUP_STATUS_INVALID_PARAMETER) << "no data";
+  EXPECT_EQ(esc(escape_data(GPUP_OCL_ESCAPE_CHECKSUM, {1, 2, 3}), true), GPUP_STATUS_ACCESS_DENIED)
+      << "a driver-private escape marked driver-known";
+  EXPECT_EQ(esc(escape_data(0x1234), true), GPUP_STATUS_ACCESS_DENIED) << "an unknown escape marked driver-known";
+}
+
+std::string backend_name(const ::testing::TestParamInfo<std::string>& info) { return info.param; }
+
+INSTANTIATE_TEST_SUITE_P(Kmd, Conformance, ::testing::Values("mock", "opencl"), backend_name);
+
+}  // namespace
+}  // namespace gpup::kmd::test

@@ -1,0 +1,481 @@
+#include "kmd/opencl/kmd_support.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+
+namespace gpup::kmd {
+
+// ---------------------------------------------------------------------------------------------
+// Driver entry and logging
+
+namespace {
+
+GPUPDDI_CALLBACKS g_callbacks{};
+
+}  // namespace
+
+gpup_status driver_entry_prologue(const GPUPDDI_CALLBACKS* pCallbacks, GPUPDDI_DRIVER_FUNCS* pFuncs,
+                                  const char* driver_name) {
+  if (pFuncs == nullptr || pCallbacks == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+  const uint32_t host_major = pFuncs->DdiVersion >> 16;
+  if (host_major != GPUPDDI_VERSION_MAJOR) {
+    pFuncs->DdiVersion = GPUPDDI_VERSION;
+    return GPUP_STATUS_VERSION_MISMATCH;
+  }
+  // The function tables are nested by value, so a host of our major always has all of them.
+  if (pFuncs->struct_size < sizeof(GPUPDDI_DRIVER_FUNCS)) return GPUP_STATUS_INVALID_PARAMETER;
+  constexpr size_t kNotifyEnd =
+      offsetof(GPUPDDI_CALLBACKS, pfnNotifySubmissionComplete) + sizeof(pCallbacks->pfnNotifySubmissionComplete);
+  if (pCallbacks->struct_size < kNotifyEnd || pCallbacks->pfnNotifySubmissionComplete == nullptr) {
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  GPUPDDI_CALLBACKS copy{};
+  std::memcpy(&copy, pCallbacks, std::min<size_t>(pCallbacks->struct_size, sizeof(copy)));
+  copy.struct_size = sizeof(copy);
+  g_callbacks = copy;
+
+  const uint32_t host_size = pFuncs->struct_size;
+  std::memset(static_cast<void*>(pFuncs), 0, sizeof(*pFuncs));
+  pFuncs->struct_size = host_size;
+  pFuncs->DdiVersion = GPUPDDI_VERSION;
+  copy_fixed_string(pFuncs->DriverName, driver_name);
+  pFuncs->Adapter.struct_size = sizeof(pFuncs->Adapter);
+  pFuncs->Process.struct_size = sizeof(pFuncs->Process);
+  pFuncs->Device.struct_size = sizeof(pFuncs->Device);
+  pFuncs->Memory.struct_size = sizeof(pFuncs->Memory);
+  pFuncs->Context.struct_size = sizeof(pFuncs->Context);
+  return GPUP_STATUS_SUCCESS;
+}
+
+const GPUPDDI_CALLBACKS& callbacks() { return g_callbacks; }
+
+void log_message(int level, std::string_view message) {
+  const GPUPDDI_CALLBACKS& cb = g_callbacks;
+  std::string text(message);
+  if (cb.pfnLog != nullptr) {
+    cb.pfnLog(cb.hSystem, level, text.c_str());
+  } else if (level >= GPUPDDI_LOG_WARN) {
+    std::fprintf(stderr, "kmd: %s\n", text.c_str());
+  }
+}
+
+void notify_complete(GPUPDDI_SYSTEM_HANDLE hSystemContext, uint64_t submission_id, gpup_status status) {
+  g_callbacks.pfnNotifySubmissionComplete(hSystemContext, submission_id, status);
+}
+
+std::string printable(std::string_view s, size_t max_len) {
+  std::string out;
+  const size_t n = std::min(s.size(), max_len);
+  out.reserve(n + 3);
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char c = static_cast<unsigned char>(s[i]);
+    out.push_back(c >= 0x20 && c < 0x7f ? static_cast<char>(c) : '?');
+  }
+  if (s.size() > max_len) out += "...";
+  return out;
+}
+
+void copy_fixed_string(char* dst, size_t dst_size, std::string_view s) {
+  if (dst_size == 0) return;
+  const size_t n = std::min(s.size(), dst_size - 1);
+  std::memcpy(dst, s.data(), n);
+  std::memset(dst + n, 0, dst_size - n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+namespace {
+
+std::string_view trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\r')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+}  // namespace
+
+Result<std::map<std::string, std::string>> parse_config(const char* text,
+                                                        std::span<const std::string_view> known_keys) {
+  std::map<std::string, std::string> out;
+  if (text == nullptr) return out;
+  std::string_view rest(text);
+  unsigned line_no = 0;
+  while (!rest.empty()) {
+    const size_t nl = rest.find('\n');
+    std::string_view line = trim(rest.substr(0, nl));
+    rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+    ++line_no;
+    if (line.empty() || line.front() == '#') continue;
+    const size_t eq = line.find('=');
+    if (eq == std::string_view::npos) {
+      return Error(GPUP_STATUS_INVALID_PARAMETER,
+                   fmt::format("config line {} '{}' is not key=value", line_no, printable(line)));
+    }
+    const std::string_view key = trim(line.substr(0, eq));
+    const std::string_view value = trim(line.substr(eq + 1));
+    if (key.empty()) {
+      return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("config line {} has an empty key", line_no));
+    }
+    if (std::find(known_keys.begin(), known_keys.end(), key) == known_keys.end()) {
+      std::string known;
+      for (std::string_view k : known_keys) known += (known.empty() ? "" : ", ") + std::string(k);
+      return Error(GPUP_STATUS_INVALID_PARAMETER,
+                   fmt::format("unknown config key '{}' (known: {})", printable(key), known));
+    }
+    if (!out.emplace(std::string(key), std::string(value)).second) {
+      return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("config key '{}' given twice", key));
+    }
+  }
+  return out;
+}
+
+bool parse_u64(std::string_view s, uint64_t* out) {
+  if (s.empty() || s.size() > 20) return false;
+  uint64_t v = 0;
+  for (char c : s) {
+    if (c < '0' || c > '9') return false;
+    const uint64_t d = static_cast<uint64_t>(c - '0');
+    if (v > (UINT64_MAX - d) / 10) return false;
+    v = v * 10 + d;
+  }
+  *out = v;
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Programs
+
+namespace {
+
+// Bytes [data, data+size) contain no NUL, except possibly the last one. Returns the length
+// without that terminating NUL, or SIZE_MAX when a NUL sits elsewhere.
+size_t nul_rule_length(const unsigned char* data, size_t size) {
+  const void* nul = std::memchr(data, 0, size);
+  if (nul == nullptr) return size;
+  const size_t at = static_cast<size_t>(static_cast<const unsigned char*>(nul) - data);
+  return at + 1 == size ? at : SIZE_MAX;
+}
+
+}  // namespace
+
+Result<ProgramImage> parse_program_desc(const void* data, uint32_t size) {
+  auto bad = [](std::string m) { return Error(GPUP_STATUS_INVALID_PARAMETER, "program descriptor: " + m); };
+  if (data == nullptr || size < sizeof(GPUP_OCL_PROGRAM_DESC)) {
+    return bad(fmt::format("{} bytes of private data, need at least {}", data ? size : 0u,
+                           sizeof(GPUP_OCL_PROGRAM_DESC)));
+  }
+  GPUP_OCL_PROGRAM_DESC desc;  // read the header exactly once
+  std::memcpy(&desc, data, sizeof(desc));
+  if (desc.Magic != GPUP_OCL_PROGRAM_MAGIC) return bad(fmt::format("bad magic {:#010x}", desc.Magic));
+  if (desc.Version != GPUP_OCL_PROGRAM_VERSION) return bad(fmt::format("unsupported version {}", desc.Version));
+  if (desc.Reserved != 0) return bad("Reserved is not zero");
+  if (desc.Format != GPUP_OCL_PROGRAM_SOURCE && desc.Format != GPUP_OCL_PROGRAM_BINARY) {
+    return bad(fmt::format("unknown format {}", desc.Format));
+  }
+  if (desc.OptionsSize > GPUP_OCL_MAX_OPTIONS_SIZE) {
+    return bad(fmt::format("OptionsSize {} exceeds {}", desc.OptionsSize, GPUP_OCL_MAX_OPTIONS_SIZE));
+  }
+  if (desc.ContentSize == 0 || desc.ContentSize > GPUP_OCL_MAX_CONTENT_SIZE) {
+    return bad(fmt::format("ContentSize {} outside 1..{}", desc.ContentSize, GPUP_OCL_MAX_CONTENT_SIZE));
+  }
+  // Both sizes are below 2^32, so the 64-bit sum cannot overflow.
+  const uint64_t total = uint64_t{sizeof(desc)} + desc.OptionsSize + desc.ContentSize;
+  if (total != size) {
+    return bad(fmt::format("header {} + options {} + content {} = {} bytes, but {} were given", sizeof(desc),
+                           desc.OptionsSize, desc.ContentSize, total, size));
+  }
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  const unsigned char* options = bytes + sizeof(desc);
+  const unsigned char* content = options + desc.OptionsSize;
+
+  ProgramImage image;
+  image.format = desc.Format;
+  if (desc.OptionsSize > 0) {
+    const size_t n = nul_rule_length(options, desc.OptionsSize);
+    if (n == SIZE_MAX) return bad("options contain a NUL byte before their end");
+    image.options.assign(reinterpret_cast<const char*>(options), n);
+  }
+  if (desc.Format == GPUP_OCL_PROGRAM_SOURCE) {
+    const size_t n = nul_rule_length(content, desc.ContentSize);
+    if (n == SIZE_MAX) return bad("source contains a NUL byte before its end");
+    if (n == 0) return bad("source is empty");
+    image.content.assign(content, content + n);
+  } else {
+    image.content.assign(content, content + desc.ContentSize);
+  }
+  return image;
+}
+
+uint32_t write_build_result(void* out, uint32_t capacity, int32_t build_error, std::string_view log) {
+  while (!log.empty() && log.back() == '\0') log.remove_suffix(1);
+  if (out == nullptr || capacity < sizeof(GPUP_OCL_BUILD_RESULT)) return 0;
+  const uint64_t log_size = std::min<uint64_t>(log.size(), UINT32_MAX);
+  const uint32_t room = capacity - static_cast<uint32_t>(sizeof(GPUP_OCL_BUILD_RESULT));
+  const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(room, log_size));
+  GPUP_OCL_BUILD_RESULT header{};
+  header.BuildError = build_error;
+  header.LogSize = static_cast<uint32_t>(log_size);
+  header.LogBytes = n;
+  header.Truncated = n < log.size() ? 1u : 0u;
+  auto* dst = static_cast<unsigned char*>(out);
+  std::memcpy(dst, &header, sizeof(header));
+  if (n > 0) std::memcpy(dst + sizeof(header), log.data(), n);
+  return static_cast<uint32_t>(sizeof(header)) + n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Escapes and queries
+
+uint64_t fnv1a64(std::span<const unsigned char> bytes) {
+  uint64_t h = GPUP_OCL_FNV1A64_OFFSET;
+  for (unsigned char b : bytes) {
+    h ^= b;
+    h *= GPUP_OCL_FNV1A64_PRIME;
+  }
+  return h;
+}
+
+gpup_status handle_escape(const GPUPDDI_ARG_ESCAPE* args, const GPUPDDI_DEVICEINFO& info) {
+  if (!arg_ok(args)) return GPUP_STATUS_INVALID_PARAMETER;
+  if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = 0;
+  if (args->pPrivateDriverData == nullptr || args->PrivateDriverDataSize < sizeof(GPUP_OCL_PRIVATE_HEADER)) {
+    logf(GPUPDDI_LOG_WARN, "escape: {} bytes of private data, need a {}-byte header", args->PrivateDriverDataSize,
+         sizeof(GPUP_OCL_PRIVATE_HEADER));
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  GPUP_OCL_PRIVATE_HEADER header;
+  std::memcpy(&header, args->pPrivateDriverData, sizeof(header));
+  if (header.Magic != GPUP_OCL_ESCAPE_MAGIC) {
+    logf(GPUPDDI_LOG_WARN, "escape: bad magic {:#010x}", header.Magic);
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  const std::span<const unsigned char> payload(
+      static_cast<const unsigned char*>(args->pPrivateDriverData) + sizeof(header),
+      args->PrivateDriverDataSize - sizeof(header));
+
+  // Adding an escape: a code in kmd_opencl.h (private bit set unless a secure VM may send it), a
+  // case here, a conformance test. Everything else is refused.
+  const bool known = header.Code == GPUP_OCL_ESCAPE_DEVICE_INFO;
+  if (args->Flags.DriverKnownEscape && !known) {
+    logf(GPUPDDI_LOG_WARN, "escape: code {:#010x} is not a driver-known escape", header.Code);
+    return GPUP_STATUS_ACCESS_DENIED;
+  }
+  switch (header.Code) {
+    case GPUP_OCL_ESCAPE_DEVICE_INFO: {
+      if (!payload.empty()) return GPUP_STATUS_INVALID_PARAMETER;
+      if (args->pOutputData == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+      if (args->OutputDataSize < sizeof(GPUP_OCL_ESCAPE_DEVICE_INFO_OUT)) return GPUP_STATUS_BUFFER_TOO_SMALL;
+      GPUP_OCL_ESCAPE_DEVICE_INFO_OUT out{};
+      out.Info = info;
+      std::memcpy(args->pOutputData, &out, sizeof(out));
+      if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = sizeof(out);
+      return GPUP_STATUS_SUCCESS;
+    }
+    case GPUP_OCL_ESCAPE_CHECKSUM: {
+      if (args->pOutputData == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+      if (args->OutputDataSize < sizeof(GPUP_OCL_ESCAPE_CHECKSUM_OUT)) return GPUP_STATUS_BUFFER_TOO_SMALL;
+      GPUP_OCL_ESCAPE_CHECKSUM_OUT out{};
+      out.ByteCount = payload.size();
+      out.Fnv1a64 = fnv1a64(payload);
+      std::memcpy(args->pOutputData, &out, sizeof(out));
+      if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = sizeof(out);
+      return GPUP_STATUS_SUCCESS;
+    }
+    default:
+      logf(GPUPDDI_LOG_WARN, "escape: unknown code {:#010x}", header.Code);
+      return GPUP_STATUS_NOT_SUPPORTED;
+  }
+}
+
+gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info) {
+  if (args->pInputData == nullptr || args->InputDataSize != sizeof(GPUP_OCL_PRIVATE_HEADER)) {
+    logf(GPUPDDI_LOG_WARN, "UMD-private query: {} bytes of input, need exactly {}", args->InputDataSize,
+         sizeof(GPUP_OCL_PRIVATE_HEADER));
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  GPUP_OCL_PRIVATE_HEADER header;
+  std::memcpy(&header, args->pInputData, sizeof(header));
+  if (header.Magic != GPUP_OCL_QUERY_MAGIC) {
+    logf(GPUPDDI_LOG_WARN, "UMD-private query: bad magic {:#010x}", header.Magic);
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  switch (header.Code) {
+    case GPUP_OCL_QUERY_UMD_INFO:
+      return write_query_output(args, info);
+    default:
+      logf(GPUPDDI_LOG_WARN, "UMD-private query: unknown code {:#010x}", header.Code);
+      return GPUP_STATUS_NOT_SUPPORTED;
+  }
+}
+
+GPUPDDI_GPUMMUCAPS standard_mmu_caps(bool cache_coherent) {
+  GPUPDDI_GPUMMUCAPS caps{};
+  caps.ReadOnlyMemorySupported = 1;
+  caps.NoExecuteMemorySupported = 0;
+  caps.CacheCoherentMemorySupported = cache_coherent ? 1 : 0;
+  caps.VirtualAddressBitCount = 48;
+  caps.PageTableLevelCount = kMmuLevels;
+  caps.PageSizeInBytes = 4096;
+  // A leaf table covers 512 4 KiB pages = 2 MiB; with 64 KiB pages it needs 32 eight-byte entries.
+  caps.LeafPageTableSizeFor64KPagesInBytes = (512 / 16) * 8;
+  return caps;
+}
+
+gpup_status answer_page_table_level(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
+  if (args->pInputData == nullptr || args->InputDataSize != sizeof(uint32_t)) return GPUP_STATUS_INVALID_PARAMETER;
+  uint32_t level;
+  std::memcpy(&level, args->pInputData, sizeof(level));
+  if (level >= kMmuLevels) return GPUP_STATUS_INVALID_PARAMETER;
+  GPUPDDI_PAGETABLELEVELDESC desc{};
+  desc.PageTableIndexBitCount = 9;
+  desc.PageTableSegmentId = 1;
+  desc.PagingProcessPageTableSegmentId = 1;
+  desc.PageTableSizeInBytes = 4096;
+  desc.PageTableAlignmentInBytes = 4096;
+  return write_query_output(args, desc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and VM data
+
+namespace {
+
+constexpr size_t kMaxNameLength = 256;
+
+std::string guid_string(const GPUPDDI_GUID& g) {
+  const uint8_t* b = g.Bytes;
+  return fmt::format("{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+                     b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+                     b[15]);
+}
+
+}  // namespace
+
+gpup_status ProcessTable::create(GPUPDDI_ARG_CREATEPROCESS* args) {
+  if (!arg_ok(args)) return GPUP_STATUS_INVALID_PARAMETER;
+  const GPUPDDI_CREATEPROCESSFLAGS f = args->Flags;
+  if (f.Reserved != 0) return GPUP_STATUS_INVALID_PARAMETER;
+  if (f.VirtualMachineProcess && f.VirtualMachineWorkerProcess) {
+    log_message(GPUPDDI_LOG_WARN, "CreateProcess: VirtualMachineProcess and VirtualMachineWorkerProcess are exclusive");
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  if (args->ProcessNameLength > 0 && args->pProcessName == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+
+  auto process = std::make_unique<Process>();
+  process->flags = f;
+  process->host_cookie = args->hDxgkProcess;
+  process->guest_pid = args->ProcessId;
+  if (args->pProcessName != nullptr) {  // kept for logs: bounded, printable
+    const size_t n = std::min<size_t>(args->ProcessNameLength, kMaxNameLength);
+    process->name = printable(std::string_view(args->pProcessName, n), kMaxNameLength);
+  }
+
+  std::lock_guard lock(mu_);
+  if (f.VirtualMachineProcess) {
+    auto it = processes_.find(static_cast<const KmdObject*>(args->hKmdVmWorkerProcess));
+    if (it == processes_.end() || !it->second->is_worker()) {
+      log_message(GPUPDDI_LOG_WARN, "CreateProcess: VirtualMachineProcess needs hKmdVmWorkerProcess to be a "
+                                    "live VirtualMachineWorkerProcess");
+      return GPUP_STATUS_INVALID_PARAMETER;
+    }
+    process->worker_id = it->second->id;
+  } else if (args->hKmdVmWorkerProcess != nullptr) {
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  process->id = next_id_++;
+  logf(GPUPDDI_LOG_DEBUG, "process {} '{}' pid {} created ({}{})", process->id, process->name, process->guest_pid,
+       f.VirtualMachineWorkerProcess ? "VM worker"
+       : f.VirtualMachineProcess     ? "VM process"
+       : f.SystemProcess             ? "system"
+                                     : "host",
+       process->worker_id ? fmt::format(", worker {}", process->worker_id) : std::string());
+  Process* raw = process.get();
+  processes_.emplace(raw, std::move(process));
+  args->hKmdProcess = to_handle(raw);
+  return GPUP_STATUS_SUCCESS;
+}
+
+void ProcessTable::destroy(GPUPDDI_HANDLE h) {
+  std::unique_ptr<Process> dead;
+  {
+    std::lock_guard lock(mu_);
+    auto it = processes_.find(static_cast<const KmdObject*>(h));
+    if (it == processes_.end()) {
+      log_message(GPUPDDI_LOG_ERROR, "DestroyProcess: unknown process handle");
+      return;
+    }
+    dead = std::move(it->second);
+    processes_.erase(it);
+    if (dead->is_worker()) {
+      for (auto& [key, p] : processes_) {
+        if (p->worker_id == dead->id) {
+          logf(GPUPDDI_LOG_WARN, "DestroyProcess: worker {} destroyed before its VM process {}", dead->id, p->id);
+        }
+      }
+    }
+  }
+  logf(GPUPDDI_LOG_DEBUG, "process {} '{}' destroyed", dead->id, dead->name);
+}
+
+gpup_status ProcessTable::set_vm_data(const GPUPDDI_ARG_SETVIRTUALMACHINEDATA* args) {
+  if (!arg_ok(args)) return GPUP_STATUS_INVALID_PARAMETER;
+  if (args->Flags.Reserved != 0 || args->pVmGuid == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+  if (args->ComputeWeight < 1 || args->ComputeWeight > 10000 || args->MaxComputePercent < 1 ||
+      args->MaxComputePercent > 100) {
+    logf(GPUPDDI_LOG_WARN, "SetVirtualMachineData: ComputeWeight {} (1..10000) / MaxComputePercent {} (1..100)",
+         args->ComputeWeight, args->MaxComputePercent);
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  if (args->MaxPartitionVRAM != 0 && args->MinPartitionVRAM > args->MaxPartitionVRAM) {
+    logf(GPUPDDI_LOG_WARN, "SetVirtualMachineData: MinPartitionVRAM {} > MaxPartitionVRAM {}", args->MinPartitionVRAM,
+         args->MaxPartitionVRAM);
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  VmData data;
+  data.guid = *args->pVmGuid;
+  if (args->pVmName != nullptr) {
+    data.name = printable(std::string_view(args->pVmName, strnlen(args->pVmName, kMaxNameLength)), kMaxNameLength);
+  }
+  data.min_vram = args->MinPartitionVRAM;
+  data.max_vram = args->MaxPartitionVRAM;
+  data.optimal_vram = args->OptimalPartitionVRAM;
+  data.compute_weight = args->ComputeWeight;
+  data.max_compute_percent = args->MaxComputePercent;
+  data.secure = args->Flags.SecureVirtualMachine != 0;
+
+  std::lock_guard lock(mu_);
+  auto it = processes_.find(static_cast<const KmdObject*>(args->hKmdVmWorkerProcess));
+  if (it == processes_.end() || !it->second->is_worker()) {
+    log_message(GPUPDDI_LOG_WARN, "SetVirtualMachineData: hKmdVmWorkerProcess is not a live worker process");
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  Process& worker = *it->second;
+  data.updates = worker.vm ? worker.vm->updates + 1 : 1;
+  logf(GPUPDDI_LOG_INFO,
+       "VM '{}' {} {}: secure={} VRAM min/optimal/max {}/{}/{} compute weight {} cap {}% (worker process {})",
+       data.name, guid_string(data.guid), data.updates == 1 ? "registered" : "updated", data.secure, data.min_vram,
+       data.optimal_vram, data.max_vram, data.compute_weight, data.max_compute_percent, worker.id);
+  worker.vm = std::make_unique<VmData>(std::move(data));
+  return GPUP_STATUS_SUCCESS;
+}
+
+Process* ProcessTable::find(GPUPDDI_HANDLE h) {
+  std::lock_guard lock(mu_);
+  auto it = processes_.find(static_cast<const KmdObject*>(h));
+  return it == processes_.end() ? nullptr : it->second.get();
+}
+
+void ProcessTable::clear() {
+  std::map<const KmdObject*, std::unique_ptr<Process>> dead;
+  std::lock_guard lock(mu_);
+  dead.swap(processes_);
+}
+
+size_t ProcessTable::size() {
+  std::lock_guard lock(mu_);
+  return processes_.size();
+}
+
+}  // namespace gpup::kmd

@@ -1,0 +1,251 @@
+// Pieces every gpup KMD plugin needs and that must behave identically in all of them: the driver
+// entry handshake, logging through the host's callbacks, "key=value" configuration, the
+// GPUP_OCL_* private-data contract (include/gpup/kmd_opencl.h: program descriptors, build
+// results, escapes, UMD-private queries), the process / VM-data object model of the DDI, and the
+// standard GPU MMU description both KMDs report.
+//
+// Built as the static library gpup_kmd_support (PIC, hidden visibility) and linked into
+// libgpup_kmd_opencl.so and the libgpup_kmd_mock*.so variants. Nothing here is exported.
+//
+// Threads: everything is safe to call from any thread. ProcessTable locks internally; the
+// callbacks copy is written once by install_callbacks() in GpupKmdDriverEntry, before the host
+// makes any other call.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <stdexcept>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/result.h"
+#include "gpup/ddi.h"
+#include "gpup/kmd_opencl.h"
+
+namespace gpup::kmd {
+
+// ---------------------------------------------------------------------------------------------
+// Driver entry and logging
+
+// The GpupKmdDriverEntry handshake shared by all gpup KMDs: checks the host's DdiVersion major
+// and struct sizes, copies the callbacks (see install_callbacks), zeroes *pFuncs (keeping its
+// struct_size), writes our DdiVersion, DriverName and every table's struct_size. The caller
+// then fills the function pointers. Returns VERSION_MISMATCH (with our DdiVersion written) for
+// another major, INVALID_PARAMETER for missing or short structures.
+gpup_status driver_entry_prologue(const GPUPDDI_CALLBACKS* pCallbacks, GPUPDDI_DRIVER_FUNCS* pFuncs,
+                                  const char* driver_name);
+
+// The host's callbacks as given to the last successful driver entry. Fields the host's (older)
+// struct lacked are NULL.
+const GPUPDDI_CALLBACKS& callbacks();
+
+void log_message(int level, std::string_view message);
+template <typename... Args>
+void logf(int level, fmt::format_string<Args...> format, Args&&... args) {
+  log_message(level, fmt::format(format, std::forward<Args>(args)...));
+}
+
+// Reports a finished submission to the host. Must not be called from inside a DDI call on the
+// same context (ddi.h "Threads").
+void notify_complete(GPUPDDI_SYSTEM_HANDLE hSystemContext, uint64_t submission_id, gpup_status status);
+
+// A guest- or host-supplied string made safe to log: at most max_len bytes, non-printable bytes
+// shown as '?'.
+std::string printable(std::string_view s, size_t max_len = 128);
+// Copies s into a fixed char array, truncating, always NUL-terminated, rest zero-filled.
+void copy_fixed_string(char* dst, size_t dst_size, std::string_view s);
+template <size_t N>
+void copy_fixed_string(char (&dst)[N], std::string_view s) {
+  copy_fixed_string(dst, N, s);
+}
+
+// Runs a DDI body so that no C++ exception crosses the C ABI: std::bad_alloc becomes NO_MEMORY,
+// anything else INTERNAL, both logged with what.
+template <typename F>
+gpup_status guarded(const char* what, F&& body) noexcept {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    logf(GPUPDDI_LOG_ERROR, "{}: out of memory", what);
+    return GPUP_STATUS_NO_MEMORY;
+  } catch (const std::exception& e) {
+    logf(GPUPDDI_LOG_ERROR, "{}: {}", what, e.what());
+    return GPUP_STATUS_INTERNAL;
+  } catch (...) {
+    logf(GPUPDDI_LOG_ERROR, "{}: unknown exception", what);
+    return GPUP_STATUS_INTERNAL;
+  }
+}
+template <typename F>
+void guarded_void(const char* what, F&& body) noexcept {
+  (void)guarded(what, [&] {
+    body();
+    return GPUP_STATUS_SUCCESS;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+//
+// Every KMD object begins with a tag naming its type. The host only hands back handles we gave
+// it (ddi.h), so this is a cheap guard against host bugs, not validation of guest input.
+
+enum class ObjectTag : uint32_t {
+  kNone = 0,
+  kAdapter = 0x41444150,     // 'ADAP'
+  kProcess = 0x50524F43,     // 'PROC'
+  kDevice = 0x44455649,      // 'DEVI'
+  kContext = 0x43545854,     // 'CTXT'
+  kAllocation = 0x414C4C4F,  // 'ALLO'
+};
+
+class KmdObject {
+ public:
+  explicit KmdObject(ObjectTag tag) : tag_(tag) {}
+  KmdObject(const KmdObject&) = delete;
+  KmdObject& operator=(const KmdObject&) = delete;
+  virtual ~KmdObject() { tag_ = ObjectTag::kNone; }
+  ObjectTag tag() const { return tag_; }
+
+ private:
+  ObjectTag tag_;
+};
+
+// The object behind a handle, or nullptr when the handle is NULL or names another type.
+template <typename T>
+T* from_handle(GPUPDDI_HANDLE h) {
+  if (h == nullptr) return nullptr;
+  auto* obj = static_cast<KmdObject*>(h);
+  return obj->tag() == T::kTag ? static_cast<T*>(obj) : nullptr;
+}
+template <typename T>
+GPUPDDI_HANDLE to_handle(T* obj) {
+  return static_cast<KmdObject*>(obj);
+}
+
+// True when an argument struct from the host is present and at least as large as ours.
+template <typename T>
+bool arg_ok(const T* args) {
+  return args != nullptr && args->struct_size >= sizeof(T);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+
+// Parses pfnStartAdapter's "key=value" lines. Blank lines and lines starting with '#' are
+// skipped; whitespace around keys and values is trimmed. A line without '=', an empty key, a key
+// not in known_keys or a repeated key is an INVALID_PARAMETER error naming it. NULL text is an
+// empty configuration.
+Result<std::map<std::string, std::string>> parse_config(const char* text,
+                                                        std::span<const std::string_view> known_keys);
+// Strict unsigned decimal (no sign, no spaces, no overflow).
+bool parse_u64(std::string_view s, uint64_t* out);
+
+// ---------------------------------------------------------------------------------------------
+// Programs (GPUP_OCL_PROGRAM_DESC)
+
+struct ProgramImage {
+  uint32_t format = 0;            // GPUP_OCL_PROGRAM_SOURCE or GPUP_OCL_PROGRAM_BINARY
+  std::string options;            // without a terminating NUL
+  std::vector<unsigned char> content;  // SOURCE: without a terminating NUL; never empty
+};
+
+// Validates a program allocation's private data completely (magic, version, reserved, format,
+// sizes summing exactly to size without overflow, the NUL rules of kmd_opencl.h) and copies it
+// out. Every failure is INVALID_PARAMETER with a message saying what was wrong.
+Result<ProgramImage> parse_program_desc(const void* data, uint32_t size);
+
+// Writes GPUP_OCL_BUILD_RESULT and as much of log as fits into out[0..capacity). Returns the
+// bytes written (0 when out is NULL or capacity is below the header size).
+uint32_t write_build_result(void* out, uint32_t capacity, int32_t build_error, std::string_view log);
+
+// ---------------------------------------------------------------------------------------------
+// Escapes and queries
+
+uint64_t fnv1a64(std::span<const unsigned char> bytes);
+
+// pfnEscape for the GPUP_OCL_ESCAPE_* codes, answering DEVICE_INFO with info.
+gpup_status handle_escape(const GPUPDDI_ARG_ESCAPE* args, const GPUPDDI_DEVICEINFO& info);
+
+// GPUPDDI_QAITYPE_UMDRIVERPRIVATE: checks the GPUP_OCL_PRIVATE_HEADER input and answers
+// GPUP_OCL_QUERY_UMD_INFO with info.
+gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info);
+
+// Copies a fixed-size answer into a query's output: INVALID_PARAMETER without an output buffer,
+// BUFFER_TOO_SMALL when it cannot hold a T; sets *pOutputDataWritten when given.
+template <typename T>
+gpup_status write_query_output(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const T& value) {
+  if (args->pOutputData == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+  if (args->OutputDataSize < sizeof(T)) return GPUP_STATUS_BUFFER_TOO_SMALL;
+  std::memcpy(args->pOutputData, &value, sizeof(T));
+  if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = sizeof(T);
+  return GPUP_STATUS_SUCCESS;
+}
+
+// The GPU MMU both gpup KMDs model: 48-bit VA, 4 levels of 512-entry (9 index bits) 4 KiB page
+// tables, 4 KiB leaf pages. Segment ids are 1-based indices into GPUPDDI_QUERYSEGMENTOUT.Segments
+// (the WDDM convention); page tables live in segment 1.
+inline constexpr uint32_t kMmuLevels = 4;
+GPUPDDI_GPUMMUCAPS standard_mmu_caps(bool cache_coherent);
+// GPUPDDI_QAITYPE_PAGETABLELEVELDESC: input must be exactly one uint32_t level < kMmuLevels.
+gpup_status answer_page_table_level(const GPUPDDI_ARG_QUERYADAPTERINFO* args);
+
+// ---------------------------------------------------------------------------------------------
+// Processes and VM data
+
+struct VmData {
+  GPUPDDI_GUID guid{};
+  std::string name;
+  uint64_t min_vram = 0, max_vram = 0, optimal_vram = 0;
+  uint32_t compute_weight = 0, max_compute_percent = 0;
+  bool secure = false;
+  uint32_t updates = 0;  // how many times pfnSetVirtualMachineData was called
+};
+
+class Process final : public KmdObject {
+ public:
+  static constexpr ObjectTag kTag = ObjectTag::kProcess;
+  Process() : KmdObject(kTag) {}
+
+  uint64_t id = 0;  // unique within the adapter, for logs and links
+  GPUPDDI_CREATEPROCESSFLAGS flags{};
+  GPUPDDI_SYSTEM_HANDLE host_cookie = nullptr;
+  uint32_t guest_pid = 0;
+  std::string name;
+  uint64_t worker_id = 0;           // VirtualMachineProcess: id of its worker process
+  std::unique_ptr<VmData> vm;       // VirtualMachineWorkerProcess: set by SetVirtualMachineData
+
+  bool is_worker() const { return flags.VirtualMachineWorkerProcess != 0; }
+  // May this process own devices? A VM's worker process does no device work itself (ddi.h).
+  bool may_create_devices() const { return !is_worker(); }
+};
+
+// The adapter's processes: pfnCreateProcess / pfnDestroyProcess / pfnSetVirtualMachineData.
+// Thread-safe. Owns the Process objects; a handle stays valid until destroy() or clear().
+class ProcessTable {
+ public:
+  gpup_status create(GPUPDDI_ARG_CREATEPROCESS* args);
+  void destroy(GPUPDDI_HANDLE h);
+  gpup_status set_vm_data(const GPUPDDI_ARG_SETVIRTUALMACHINEDATA* args);
+  // The live process behind h, or nullptr. The pointer stays valid until the host destroys the
+  // process, which it does only after destroying the process's devices.
+  Process* find(GPUPDDI_HANDLE h);
+  void clear();
+  size_t size();
+
+ private:
+  std::mutex mu_;
+  uint64_t next_id_ = 1;
+  std::map<const KmdObject*, std::unique_ptr<Process>> processes_;
+};
+
+}  // namespace gpup::kmd

@@ -1,0 +1,376 @@
+// kmd_opencl: contexts, submission, completion.
+#include <algorithm>
+
+#include "kmd/opencl/ocl_kmd.h"
+
+namespace gpup::kmd::ocl {
+
+namespace {
+
+constexpr size_t kMaxKernelName = 256;
+constexpr uint32_t kMaxCommands = 1u << 16;
+
+// One command, checked and resolved to OpenCL objects, ready to enqueue.
+struct PreparedArg {
+  uint32_t kind = 0;  // GPUPDDI_KERNEL_ARG_KIND
+  size_t size = 0;
+  std::vector<unsigned char> value;  // VALUE: the bytes, zero-padded to the device's max parameter size
+  cl_mem mem = nullptr;              // BUFFER
+};
+
+struct Prepared {
+  uint32_t type = 0;
+  // COPY / FILL
+  cl_mem src = nullptr, dst = nullptr;
+  uint64_t src_offset = 0, dst_offset = 0, size = 0;
+  uint32_t pattern_size = 0;
+  unsigned char pattern[GPUPDDI_MAX_FILL_PATTERN] = {};
+  // DISPATCH
+  std::shared_ptr<Kernel> kernel;
+  std::vector<PreparedArg> args;
+  cl_uint dims = 0;
+  size_t offset[3] = {}, global[3] = {}, local[3] = {};
+  bool has_local = false;
+};
+
+Error invalid(std::string why) { return Error(GPUP_STATUS_INVALID_PARAMETER, std::move(why)); }
+
+cl_int set_arg(cl_kernel k, cl_uint index, const PreparedArg& a) {
+  switch (a.kind) {
+    case GPUPDDI_ARG_VALUE:
+      return clSetKernelArg(k, index, a.size, a.value.data());
+    case GPUPDDI_ARG_BUFFER:
+      return clSetKernelArg(k, index, sizeof(cl_mem), &a.mem);
+    case GPUPDDI_ARG_LOCAL:
+      return clSetKernelArg(k, index, a.size, nullptr);
+    case GPUPDDI_ARG_NULL_BUFFER:
+      return clSetKernelArg(k, index, sizeof(cl_mem), nullptr);
+    default:
+      return CL_INVALID_ARG_VALUE;
+  }
+}
+
+const char* kind_name(Kernel::ArgKind k) {
+  switch (k) {
+    case Kernel::ArgKind::kBuffer: return "a __global/__constant pointer";
+    case Kernel::ArgKind::kLocal: return "a __local pointer";
+    case Kernel::ArgKind::kValue: return "a value";
+    case Kernel::ArgKind::kUnsupported: return "an image/sampler/pipe/queue/event (not supported)";
+    case Kernel::ArgKind::kUnknown: return "of unknown kind (no argument info)";
+  }
+  return "?";
+}
+
+class Preparer {
+ public:
+  Preparer(Device* device, const DeviceFacts& facts) : device_(device), facts_(facts) {}
+
+  Status prepare(const GPUPDDI_COMMAND& cmd, Prepared* out) {
+    out->type = cmd.Type;
+    switch (cmd.Type) {
+      case GPUPDDI_COMMAND_COPY: return prepare_copy(cmd.u.Copy, out);
+      case GPUPDDI_COMMAND_FILL: return prepare_fill(cmd.u.Fill, out);
+      case GPUPDDI_COMMAND_DISPATCH: return prepare_dispatch(cmd.u.Dispatch, out);
+      default: return invalid(fmt::format("unknown command type {}", cmd.Type));
+    }
+  }
+
+ private:
+  // The buffer allocation behind ref, with the range inside it.
+  Result<Allocation*> buffer(const GPUPDDI_BUFFER_REF& ref, const char* what) {
+    Allocation* a = device_->find_allocation(ref.hAllocation);
+    if (a == nullptr) return Error(GPUP_STATUS_INVALID_HANDLE, fmt::format("{}: not an allocation of this device", what));
+    if (!a->mem) return invalid(fmt::format("{}: a program allocation is not a buffer", what));
+    if (ref.Offset > a->size || ref.Size > a->size - ref.Offset) {
+      return Error(GPUP_STATUS_OUT_OF_RANGE,
+                   fmt::format("{}: [{}, +{}) outside the {}-byte allocation", what, ref.Offset, ref.Size, a->size));
+    }
+    if (ref.Size == 0) return invalid(fmt::format("{}: empty range", what));
+    return a;
+  }
+
+  Status prepare_copy(const GPUPDDI_COPY& c, Prepared* out) {
+    auto src = buffer(c.Src, "copy source");
+    if (!src) return src.error();
+    auto dst = buffer(c.Dst, "copy destination");
+    if (!dst) return dst.error();
+    if (c.Src.Size != c.Dst.Size) return invalid(fmt::format("copy of {} bytes into {}", c.Src.Size, c.Dst.Size));
+    if (*src == *dst && c.Src.Offset < c.Dst.Offset + c.Dst.Size && c.Dst.Offset < c.Src.Offset + c.Src.Size) {
+      return invalid("copy source and destination overlap");
+    }
+    out->src = (*src)->mem.get();
+    out->dst = (*dst)->mem.get();
+    out->src_offset = c.Src.Offset;
+    out->dst_offset = c.Dst.Offset;
+    out->size = c.Src.Size;
+    return {};
+  }
+
+  Status prepare_fill(const GPUPDDI_FILL& f, Prepared* out) {
+    const uint32_t ps = f.PatternSize;
+    if (ps == 0 || ps > GPUPDDI_MAX_FILL_PATTERN || (ps & (ps - 1)) != 0) {
+      return invalid(fmt::format("fill pattern size {} is not a power of two up to {}", ps, GPUPDDI_MAX_FILL_PATTERN));
+    }
+    auto dst = buffer(f.Dst, "fill destination");
+    if (!dst) return dst.error();
+    if (f.Dst.Offset % ps != 0 || f.Dst.Size % ps != 0) {
+      return invalid(fmt::format("fill offset {} / size {} not multiples of the pattern size {}", f.Dst.Offset,
+                                 f.Dst.Size, ps));
+    }
+    out->dst = (*dst)->mem.get();
+    out->dst_offset = f.Dst.Offset;
+    out->size = f.Dst.Size;
+    out->pattern_size = ps;
+    std::memcpy(out->pattern, f.Pattern, ps);
+    return {};
+  }
+
+  Status prepare_dispatch(const GPUPDDI_DISPATCH& d, Prepared* out) {
+    Allocation* prog = device_->find_allocation(d.hProgram);
+    if (prog == nullptr) return Error(GPUP_STATUS_INVALID_HANDLE, "dispatch: hProgram is not an allocation of this device");
+    if (!prog->program) return invalid("dispatch: hProgram is not a program allocation");
+    if (d.pKernelName == nullptr) return invalid("dispatch: no kernel name");
+    const size_t name_len = strnlen(d.pKernelName, kMaxKernelName);
+    if (name_len == 0 || name_len == kMaxKernelName) return invalid("dispatch: kernel name empty or too long");
+    const std::string name(d.pKernelName, name_len);
+    auto kernel = prog->program->kernel(name, facts_.device);
+    if (!kernel) return kernel.error();
+    Kernel& k = **kernel;
+
+    if (d.WorkDim < 1 || d.WorkDim > facts_.max_dims) {
+      return invalid(fmt::format("dispatch '{}': WorkDim {} outside 1..{}", name, d.WorkDim, facts_.max_dims));
+    }
+    bool any_local = false;
+    for (uint32_t i = 0; i < d.WorkDim; ++i) any_local |= d.LocalSize[i] != 0;
+    uint64_t group = 1;
+    for (uint32_t i = 0; i < d.WorkDim; ++i) {
+      if (d.GlobalSize[i] == 0 || d.GlobalOffset[i] > SIZE_MAX - d.GlobalSize[i]) {
+        return invalid(fmt::format("dispatch '{}': dimension {} offset {} size {} invalid", name, i, d.GlobalOffset[i],
+                                   d.GlobalSize[i]));
+      }
+      if (any_local) {
+        const uint64_t l = d.LocalSize[i];
+        if (l == 0 || l > facts_.max_work_item_sizes[i] || d.GlobalSize[i] % l != 0) {
+          return invalid(fmt::format("dispatch '{}': local size {} in dimension {} (global {}, device max {})", name,
+                                     l, i, d.GlobalSize[i], facts_.max_work_item_sizes[i]));
+        }
+        group *= l;  // each factor <= max work-item size, so no overflow in 3 dimensions
+      }
+      out->offset[i] = d.GlobalOffset[i];
+      out->global[i] = d.GlobalSize[i];
+      out->local[i] = d.LocalSize[i];
+    }
+    if (any_local && group > k.work_group_size) {
+      return invalid(fmt::format("dispatch '{}': work-group of {} items exceeds the kernel's {}", name, group,
+                                 k.work_group_size));
+    }
+    out->dims = d.WorkDim;
+    out->has_local = any_local;
+
+    if (d.ArgCount != k.kinds.size()) {
+      return invalid(fmt::format("dispatch '{}': {} arguments given, the kernel takes {}", name, d.ArgCount, k.kinds.size()));
+    }
+    if (d.ArgCount > 0 && d.pArgs == nullptr) return invalid("dispatch: no argument array");
+    uint64_t local_bytes = 0;
+    out->args.resize(d.ArgCount);
+    for (uint32_t i = 0; i < d.ArgCount; ++i) {
+      const GPUPDDI_KERNEL_ARG& a = d.pArgs[i];
+      PreparedArg& p = out->args[i];
+      p.kind = a.Kind;
+      const Kernel::ArgKind want = k.kinds[i];
+      if (want == Kernel::ArgKind::kUnsupported || want == Kernel::ArgKind::kUnknown) {
+        return Error(GPUP_STATUS_NOT_SUPPORTED,
+                     fmt::format("dispatch '{}': argument {} is {}", name, i, kind_name(want)));
+      }
+      const bool match = (a.Kind == GPUPDDI_ARG_VALUE && want == Kernel::ArgKind::kValue) ||
+                         ((a.Kind == GPUPDDI_ARG_BUFFER || a.Kind == GPUPDDI_ARG_NULL_BUFFER) &&
+                          want == Kernel::ArgKind::kBuffer) ||
+                         (a.Kind == GPUPDDI_ARG_LOCAL && want == Kernel::ArgKind::kLocal);
+      if (!match) {
+        return invalid(fmt::format("dispatch '{}': argument {} of kind {} given for {}", name, i, a.Kind, kind_name(want)));
+      }
+      switch (a.Kind) {
+        case GPUPDDI_ARG_VALUE:
+          if (a.pValue == nullptr || a.Size == 0 || a.Size > facts_.max_parameter_size) {
+            return invalid(fmt::format("dispatch '{}': value argument {} of {} bytes", name, i, a.Size));
+          }
+          p.size = a.Size;
+          // Padded with zeros: an implementation that reads the parameter's full type size
+          // (a 12-byte float3) must not read past the guest's bytes.
+          p.value.assign(std::max<size_t>(a.Size, facts_.max_parameter_size), 0);
+          std::memcpy(p.value.data(), a.pValue, a.Size);
+          break;
+        case GPUPDDI_ARG_BUFFER: {
+          auto alloc = buffer(a.Buffer, "buffer argument");
+          if (!alloc) return alloc.error();
+          if (a.Buffer.Offset % facts_.align_bytes != 0) {
+            return invalid(fmt::format("dispatch '{}': argument {} offset {} is not a multiple of the device's {}-byte "
+                                       "base address alignment",
+                                       name, i, a.Buffer.Offset, facts_.align_bytes));
+          }
+          auto mem = (*alloc)->range_mem(a.Buffer.Offset, a.Buffer.Size);
+          if (!mem) return mem.error();
+          p.mem = *mem;
+          break;
+        }
+        case GPUPDDI_ARG_LOCAL:
+          if (a.Size == 0) return invalid(fmt::format("dispatch '{}': local argument {} of 0 bytes", name, i));
+          local_bytes += a.Size;
+          p.size = a.Size;
+          break;
+        case GPUPDDI_ARG_NULL_BUFFER:
+          break;
+      }
+    }
+    if (local_bytes > facts_.info.LocalMemSize) {
+      return invalid(fmt::format("dispatch '{}': {} bytes of local memory, the device has {}", name, local_bytes,
+                                 facts_.info.LocalMemSize));
+    }
+    // Let OpenCL check the sizes now, so a bad one fails the submission before anything is queued.
+    // The arguments are set again, under the same lock, right before the kernel is enqueued.
+    std::lock_guard lock(k.set_mu);
+    for (cl_uint i = 0; i < out->args.size(); ++i) {
+      if (cl_int err = set_arg(k.kernel.get(), i, out->args[i]); err != CL_SUCCESS) {
+        const gpup_status s = status_from_cl(err);
+        return Error(s == GPUP_STATUS_NO_MEMORY ? s : GPUP_STATUS_INVALID_PARAMETER,
+                     fmt::format("dispatch '{}': argument {}: {} ({})", name, i, cl_error_name(err), err));
+      }
+    }
+    out->kernel = *kernel;
+    return {};
+  }
+
+  Device* device_;
+  const DeviceFacts& facts_;
+};
+
+cl_int enqueue(cl_command_queue q, const Prepared& p, cl_event* event) {
+  switch (p.type) {
+    case GPUPDDI_COMMAND_COPY:
+      return clEnqueueCopyBuffer(q, p.src, p.dst, p.src_offset, p.dst_offset, p.size, 0, nullptr, event);
+    case GPUPDDI_COMMAND_FILL:
+      return clEnqueueFillBuffer(q, p.dst, p.pattern, p.pattern_size, p.dst_offset, p.size, 0, nullptr, event);
+    case GPUPDDI_COMMAND_DISPATCH: {
+      Kernel& k = *p.kernel;
+      std::lock_guard lock(k.set_mu);
+      for (cl_uint i = 0; i < p.args.size(); ++i) {
+        if (cl_int err = set_arg(k.kernel.get(), i, p.args[i]); err != CL_SUCCESS) return err;
+      }
+      return clEnqueueNDRangeKernel(q, k.kernel.get(), p.dims, p.offset, p.global, p.has_local ? p.local : nullptr, 0,
+                                    nullptr, event);
+    }
+    default:
+      return CL_INVALID_VALUE;
+  }
+}
+
+}  // namespace
+
+Context::Context(Device* device, GPUPDDI_SYSTEM_HANDLE system_context, ClQueue queue)
+    : KmdObject(kTag), device_(device), system_context_(system_context), queue_(std::move(queue)) {
+  completion_thread_ = std::thread([this] { completion_loop(); });
+}
+
+Context::~Context() {
+  {
+    std::lock_guard lock(submit_mu_);
+    if (cl_int err = clFinish(queue_.get()); err != CL_SUCCESS) {
+      logf(GPUPDDI_LOG_ERROR, "DestroyContext: clFinish: {} ({})", cl_error_name(err), err);
+    }
+  }
+  {
+    std::lock_guard lock(pending_mu_);
+    stopping_ = true;
+  }
+  pending_cv_.notify_all();
+  completion_thread_.join();
+}
+
+gpup_status Context::submit(const GPUPDDI_ARG_SUBMITCOMMAND* args) {
+  if (!arg_ok(args)) return GPUP_STATUS_INVALID_PARAMETER;
+  if (args->CommandCount > kMaxCommands || (args->CommandCount > 0 && args->pCommands == nullptr)) {
+    return GPUP_STATUS_INVALID_PARAMETER;
+  }
+  std::lock_guard lock(submit_mu_);
+  // Phase 1: check and resolve everything; nothing is queued on failure.
+  std::vector<Prepared> prepared(args->CommandCount);
+  Preparer preparer(device_, device_->adapter->facts);
+  for (uint32_t i = 0; i < args->CommandCount; ++i) {
+    Status s = preparer.prepare(args->pCommands[i], &prepared[i]);
+    if (!s) {
+      logf(GPUPDDI_LOG_WARN, "SubmitCommand {}: command {}: {}", args->SubmissionId, i, s.error().message);
+      return s.status();
+    }
+  }
+  // Phase 2: queue.
+  PendingSubmission pending;
+  pending.id = args->SubmissionId;
+  for (size_t i = 0; i < prepared.size(); ++i) {
+    ClEvent event;
+    const cl_int err = enqueue(queue_.get(), prepared[i], event.out());
+    if (err != CL_SUCCESS) {
+      logf(GPUPDDI_LOG_WARN, "SubmitCommand {}: queuing command {}: {} ({})", args->SubmissionId, i,
+           cl_error_name(err), err);
+      if (pending.events.empty()) return status_from_cl(err);
+      // Earlier commands are queued and cannot be taken back: the submission fails as a whole
+      // once they have run.
+      pending.forced = GPUP_STATUS_DEVICE_ERROR;
+      break;
+    }
+    pending.events.push_back(std::move(event));
+  }
+  if (prepared.empty()) {
+    // An empty submission completes when everything queued before it has.
+    ClEvent marker;
+    if (cl_int err = clEnqueueMarkerWithWaitList(queue_.get(), 0, nullptr, marker.out()); err != CL_SUCCESS) {
+      logf(GPUPDDI_LOG_WARN, "SubmitCommand {}: marker: {} ({})", args->SubmissionId, cl_error_name(err), err);
+      return status_from_cl(err);
+    }
+    pending.events.push_back(std::move(marker));
+  }
+  clFlush(queue_.get());
+  {
+    std::lock_guard plock(pending_mu_);
+    pending_.push_back(std::move(pending));
+  }
+  pending_cv_.notify_one();
+  return GPUP_STATUS_SUCCESS;
+}
+
+void Context::completion_loop() {
+  for (;;) {
+    PendingSubmission p;
+    {
+      std::unique_lock lock(pending_mu_);
+      pending_cv_.wait(lock, [&] { return !pending_.empty() || stopping_; });
+      if (pending_.empty()) return;
+      p = std::move(pending_.front());
+      pending_.pop_front();
+    }
+    // Waits one event at a time: nothing here allocates, so nothing can throw on this thread.
+    gpup_status status = p.forced;
+    cl_int failure = CL_SUCCESS;
+    for (const ClEvent& e : p.events) {
+      cl_event ev = e.get();
+      cl_int err = clWaitForEvents(1, &ev);
+      cl_int exec = CL_COMPLETE;
+      if (err == CL_SUCCESS) {
+        err = clGetEventInfo(ev, CL_EVENT_COMMAND_EXECUTION_STATUS, sizeof(exec), &exec, nullptr);
+      }
+      if (err != CL_SUCCESS || exec < 0) {
+        status = GPUP_STATUS_DEVICE_ERROR;
+        if (failure == CL_SUCCESS) failure = err != CL_SUCCESS ? err : exec;
+      }
+    }
+    if (status != GPUP_STATUS_SUCCESS) {
+      try {
+        logf(GPUPDDI_LOG_WARN, "submission {} failed on the device ({} {})", p.id, cl_error_name(failure), failure);
+      } catch (...) {  // a log line is not worth the process
+      }
+    }
+    p.events.clear();
+    notify_complete(system_context_, p.id, status);
+  }
+}
+
+}  // namespace gpup::kmd::ocl

@@ -1,0 +1,198 @@
+// kmd_opencl internals: the KMD objects behind the DDI handles of libgpup_kmd_opencl.so.
+//
+// Object graph (ownership follows the arrows; handles given to the host are raw pointers to
+// these objects, tagged, see kmd_support.h):
+//
+//   Adapter ── cl_context (one per adapter), the chosen cl_device_id and its DeviceFacts
+//     ├── ProcessTable: Process objects (worker / VM / host processes, VM data)
+//     └── Device (per pfnCreateDevice; belongs to a Process)
+//           ├── private in-order cl_command_queue: Lock/Unlock maps, zero-fill of new buffers
+//           ├── Allocation: a cl_mem (plus cached sub-buffers), or a built Program
+//           └── Context: an in-order cl_command_queue and a completion thread
+//
+// Threads and locks
+//   The host never calls DDIs concurrently for one object, except pfnSubmitCommand, which may
+//   overlap with completion callbacks (ddi.h). Even so every container that more than one object
+//   reaches is locked: Adapter::mu (devices), Device::mu (its allocations and contexts),
+//   Device::queue_mu (its private queue), Allocation::sub_mu (sub-buffer cache), Program::mu (kernel cache),
+//   Kernel::set_mu (clSetKernelArg + clEnqueueNDRangeKernel on a cl_kernel shared by contexts),
+//   Context::submit_mu (one submission at a time). Lock order: submit_mu -> Program::mu |
+//   Kernel::set_mu | Allocation::sub_mu; no other nesting. No lock is held while calling the host.
+//
+//   Completions: each Context owns a thread that takes submissions in order, waits for their
+//   events (clWaitForEvents) and calls pfnNotifySubmissionComplete exactly once per submission.
+//   Completions never run on the thread of pfnSubmitCommand (an OpenCL event callback can fire
+//   synchronously inside clSetEventCallback when the event has already completed, which is why
+//   this KMD waits on its own thread instead), and are delivered in submission order.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kmd/opencl/cl_raii.h"
+#include "kmd/opencl/kmd_support.h"
+
+namespace gpup::kmd::ocl {
+
+// What the device is, read once at StartAdapter.
+struct DeviceFacts {
+  cl_platform_id platform = nullptr;
+  cl_device_id device = nullptr;
+  GPUPDDI_DEVICEINFO info{};
+  GPUP_OCL_UMD_INFO umd{};
+  uint64_t align_bytes = 1;           // CL_DEVICE_MEM_BASE_ADDR_ALIGN / 8
+  uint32_t max_dims = 3;
+  uint64_t max_work_item_sizes[3] = {1, 1, 1};
+  uint64_t max_parameter_size = 256;
+  bool unified_memory = false;        // CL_DEVICE_HOST_UNIFIED_MEMORY
+};
+
+class Device;
+class Context;
+
+// A kernel of a program, shared by every context that dispatches it.
+struct Kernel {
+  enum class ArgKind { kBuffer, kLocal, kValue, kUnsupported, kUnknown };
+  ClKernel kernel;
+  std::string name;
+  std::vector<ArgKind> kinds;   // one per CL_KERNEL_NUM_ARGS
+  uint64_t work_group_size = 0; // CL_KERNEL_WORK_GROUP_SIZE
+  std::mutex set_mu;            // held across clSetKernelArg... + clEnqueueNDRangeKernel
+};
+
+class Program {
+ public:
+  explicit Program(ClProgram program) : program_(std::move(program)) {}
+  // The kernel named name, created on first use and cached. NOT_FOUND when the program has no
+  // such kernel.
+  Result<std::shared_ptr<Kernel>> kernel(const std::string& name, cl_device_id device);
+
+ private:
+  ClProgram program_;
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<Kernel>> kernels_;
+};
+
+class Allocation final : public KmdObject {
+ public:
+  static constexpr ObjectTag kTag = ObjectTag::kAllocation;
+  Allocation() : KmdObject(kTag) {}
+
+  // The cl_mem for [offset, offset + size): the buffer itself when that is all of it, else a
+  // cached sub-buffer. The caller checked the range and alignment.
+  Result<cl_mem> range_mem(uint64_t offset, uint64_t size);
+
+  GPUPDDI_ALLOCATIONFLAGS flags{};
+  uint64_t size = 0;
+  void* system_memory = nullptr;      // CpuVisible: the host's backing store (USE_HOST_PTR)
+  ClMem mem;                          // buffers
+  std::unique_ptr<Program> program;   // Flags.Program
+
+ private:
+  static constexpr size_t kMaxSubBuffers = 256;
+  std::mutex sub_mu_;
+  std::map<std::pair<uint64_t, uint64_t>, ClMem> sub_buffers_;
+};
+
+// Pending work of one submission, in the completion thread's queue.
+struct PendingSubmission {
+  uint64_t id = 0;
+  std::vector<ClEvent> events;
+  gpup_status forced = GPUP_STATUS_SUCCESS;  // DEVICE_ERROR when queuing failed half way
+};
+
+class Context final : public KmdObject {
+ public:
+  static constexpr ObjectTag kTag = ObjectTag::kContext;
+  Context(Device* device, GPUPDDI_SYSTEM_HANDLE system_context, ClQueue queue);
+  // Waits for all queued work (clFinish), delivers every outstanding completion, joins the
+  // completion thread.
+  ~Context() override;
+
+  // pfnSubmitCommand: validates every command (allocations must belong to this context's
+  // device; at most 65536 commands; BUFFER_REF ranges non-empty), then queues them all. A
+  // failure before anything is queued is returned; if OpenCL refuses a command after earlier
+  // ones were queued, the submission is accepted and completes with DEVICE_ERROR. An empty
+  // submission completes after everything queued before it (a fence).
+  gpup_status submit(const GPUPDDI_ARG_SUBMITCOMMAND* args);
+  Device* device() const { return device_; }
+
+ private:
+  void completion_loop();
+
+  Device* const device_;
+  const GPUPDDI_SYSTEM_HANDLE system_context_;
+  ClQueue queue_;
+  std::mutex submit_mu_;
+
+  std::mutex pending_mu_;
+  std::condition_variable pending_cv_;
+  std::deque<PendingSubmission> pending_;
+  bool stopping_ = false;
+  std::thread completion_thread_;
+};
+
+class Adapter;
+
+class Device final : public KmdObject {
+ public:
+  static constexpr ObjectTag kTag = ObjectTag::kDevice;
+  Device(Adapter* adapter, Process* process, ClQueue queue)
+      : KmdObject(kTag), adapter(adapter), process(process), queue_(std::move(queue)) {}
+  ~Device() override;
+
+  gpup_status create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args);
+  void destroy_allocation(GPUPDDI_HANDLE h);
+  gpup_status lock(GPUPDDI_HANDLE h);
+  gpup_status unlock(GPUPDDI_HANDLE h);
+  gpup_status create_context(GPUPDDI_ARG_CREATECONTEXT* args);
+  // Removes the context from this device and destroys it (see ~Context).
+  void destroy_context(Context* context);
+  // The live allocation behind h that belongs to this device, or nullptr.
+  Allocation* find_allocation(GPUPDDI_HANDLE h);
+
+  Adapter* const adapter;
+  Process* const process;
+
+ private:
+  gpup_status create_program(GPUPDDI_ARG_CREATEALLOCATION* args, Allocation* alloc);
+
+  std::mutex mu_;        // allocations_, contexts_
+  std::mutex queue_mu_;  // queue_
+  ClQueue queue_;        // private: Lock/Unlock and zero-fill of new buffers
+  std::map<const KmdObject*, std::unique_ptr<Allocation>> allocations_;
+  std::map<const KmdObject*, std::unique_ptr<Context>> contexts_;  // destroyed before allocations_
+};
+
+class Adapter final : public KmdObject {
+ public:
+  static constexpr ObjectTag kTag = ObjectTag::kAdapter;
+  Adapter() : KmdObject(kTag) {}
+  ~Adapter() override;
+
+  // Picks the platform and device named by config and creates the cl_context.
+  static Result<std::unique_ptr<Adapter>> start(const char* config);
+
+  gpup_status query(const GPUPDDI_ARG_QUERYADAPTERINFO* args);
+  gpup_status create_device(GPUPDDI_ARG_CREATEDEVICE* args);
+  void destroy_device(Device* device);
+
+  DeviceFacts facts;
+  ClContext context;
+  ProcessTable processes;
+
+ private:
+  std::mutex mu_;
+  std::map<const KmdObject*, std::unique_ptr<Device>> devices_;  // destroyed first
+};
+
+// Maps an OpenCL error of an allocation or enqueue call to the gpup status the guest sees.
+gpup_status status_from_cl(cl_int err);
+
+}  // namespace gpup::kmd::ocl
