@@ -1,4 +1,5 @@
-# Fails unless every dynamic symbol defined by ${LIB} is a GpupKmt* function.
+# Fails unless every dynamic symbol defined by ${LIB} is a GpupKmt* function or one of the two
+# status helpers of gpup/status.h.
 execute_process(COMMAND nm -D --defined-only ${LIB} OUTPUT_VARIABLE out RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "nm failed on ${LIB}")
@@ -10,6 +11,9 @@ foreach(line IN LISTS lines)
     continue()
   endif()
   string(REGEX REPLACE "^.* " "" sym "${line}")
+  if(sym STREQUAL "gpup_status_name" OR sym STREQUAL "gpup_status_message")
+    continue()
+  endif()
   if(NOT sym MATCHES "^GpupKmt")
     message(FATAL_ERROR "${LIB} exports ${sym}")
   endif()

@@ -56,6 +56,19 @@ size_t write_chunk() { return proto::max_tail(proto::Op::WriteAllocation, false)
 
 // --- adapters (local) --------------------------------------------------------------------------
 
+// Handles are unique across object types within a process (the host issues them from one
+// table), so a handle found under another type is a wrong-type handle, not an unknown one.
+gpup_status Session::bad_handle_locked(const char* kind, GPUPKMT_HANDLE h) const {
+  const char* actual = devices_.count(h) ? "device"
+                       : contexts_.count(h) ? "context"
+                       : allocations_.count(h) ? "allocation"
+                       : syncs_.count(h) ? "synchronization object"
+                                         : nullptr;
+  if (actual && std::strcmp(actual, kind) != 0)
+    return fail(GPUP_STATUS_OBJECT_TYPE_MISMATCH, fmt::format("handle {:#x} is of type {}, expected {}", h, actual, kind));
+  return bad_handle(kind, h);
+}
+
 bool Session::adapter_luid_locked(GPUPKMT_HANDLE h, uint64_t* luid) const {
   if (h < kAdapterHandleBase) return false;
   const size_t i = h - kAdapterHandleBase;
@@ -185,7 +198,7 @@ gpup_status Session::create_device(GPUPKMT_CREATEDEVICE* a) {
 gpup_status Session::destroy_device(const GPUPKMT_DESTROYDEVICE* a) {
   {
     std::lock_guard lk(mu_);
-    if (!devices_.count(a->hDevice)) return bad_handle("device", a->hDevice);
+    if (!devices_.count(a->hDevice)) return bad_handle_locked("device", a->hDevice);
   }
   proto::DestroyDeviceRequest req{};
   req.device = a->hDevice;
@@ -226,7 +239,7 @@ gpup_status Session::create_context(GPUPKMT_CREATECONTEXT* a) {
     return st;
   {
     std::lock_guard lk(mu_);
-    if (!devices_.count(a->hDevice)) return bad_handle("device", a->hDevice);
+    if (!devices_.count(a->hDevice)) return bad_handle_locked("device", a->hDevice);
   }
   proto::CreateContextRequest req{};
   req.device = a->hDevice;
@@ -249,7 +262,7 @@ gpup_status Session::create_context(GPUPKMT_CREATECONTEXT* a) {
 gpup_status Session::destroy_context(const GPUPKMT_DESTROYCONTEXT* a) {
   {
     std::lock_guard lk(mu_);
-    if (!contexts_.count(a->hContext)) return bad_handle("context", a->hContext);
+    if (!contexts_.count(a->hContext)) return bad_handle_locked("context", a->hContext);
   }
   proto::DestroyContextRequest req{};
   req.context = a->hContext;
@@ -272,7 +285,7 @@ gpup_status Session::create_allocation(GPUPKMT_CREATEALLOCATION* a) {
   a->hAllocation = 0;
   {
     std::lock_guard lk(mu_);
-    if (!devices_.count(a->hDevice)) return bad_handle("device", a->hDevice);
+    if (!devices_.count(a->hDevice)) return bad_handle_locked("device", a->hDevice);
   }
   proto::CreateAllocationRequest req{};
   req.device = a->hDevice;
@@ -315,7 +328,7 @@ gpup_status Session::destroy_allocation(const GPUPKMT_DESTROYALLOCATION* a) {
   {
     std::lock_guard lk(mu_);
     auto it = allocations_.find(a->hAllocation);
-    if (it == allocations_.end() || it->second.device != a->hDevice) return bad_handle("allocation", a->hAllocation);
+    if (it == allocations_.end() || it->second.device != a->hDevice) return bad_handle_locked("allocation", a->hAllocation);
     ls = it->second.lock;
   }
   std::lock_guard al(ls->mu);  // held across the round trip: no Lock may slip in between
@@ -401,7 +414,7 @@ gpup_status Session::lock(GPUPKMT_LOCK* a) {
   {
     std::lock_guard lk(mu_);
     auto it = allocations_.find(a->hAllocation);
-    if (it == allocations_.end() || it->second.device != a->hDevice) return bad_handle("allocation", a->hAllocation);
+    if (it == allocations_.end() || it->second.device != a->hDevice) return bad_handle_locked("allocation", a->hAllocation);
     ls = it->second.lock;
   }
   std::lock_guard al(ls->mu);
@@ -446,7 +459,7 @@ gpup_status Session::unlock(const GPUPKMT_UNLOCK* a) {
   {
     std::lock_guard lk(mu_);
     auto it = allocations_.find(a->hAllocation);
-    if (it == allocations_.end() || it->second.device != a->hDevice) return bad_handle("allocation", a->hAllocation);
+    if (it == allocations_.end() || it->second.device != a->hDevice) return bad_handle_locked("allocation", a->hAllocation);
     ls = it->second.lock;
   }
   std::lock_guard al(ls->mu);
@@ -490,7 +503,7 @@ gpup_status Session::reserve_gpu_va(GPUPKMT_RESERVEGPUVA* a) {
 gpup_status Session::map_gpu_va(const GPUPKMT_MAPGPUVA* a) {
   {
     std::lock_guard lk(mu_);
-    if (!allocations_.count(a->hAllocation)) return bad_handle("allocation", a->hAllocation);
+    if (!allocations_.count(a->hAllocation)) return bad_handle_locked("allocation", a->hAllocation);
   }
   proto::MapGpuVaRequest req{};
   req.allocation = a->hAllocation;
@@ -518,7 +531,7 @@ gpup_status Session::submit_command(GPUPKMT_SUBMITCOMMAND* a) {
   {
     std::lock_guard lk(mu_);
     auto c = contexts_.find(a->hContext);
-    if (c == contexts_.end()) return bad_handle("context", a->hContext);
+    if (c == contexts_.end()) return bad_handle_locked("context", a->hContext);
     if (c->second.error < 0) return fail(c->second.error, c->second.error_text);  // faulted: nothing sent
   }
   const Bytes cmds = a->pCmdBuf->writer.bytes();
@@ -544,7 +557,7 @@ gpup_status Session::create_sync_object(GPUPKMT_CREATESYNCHRONIZATIONOBJECT* a) 
     return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("synchronization object type {} (only monitored fences)", a->Type));
   {
     std::lock_guard lk(mu_);
-    if (!devices_.count(a->hDevice)) return bad_handle("device", a->hDevice);
+    if (!devices_.count(a->hDevice)) return bad_handle_locked("device", a->hDevice);
   }
   proto::CreateSyncObjectRequest req{};
   req.device = a->hDevice;
@@ -583,7 +596,7 @@ gpup_status Session::create_sync_object(GPUPKMT_CREATESYNCHRONIZATIONOBJECT* a) 
 gpup_status Session::destroy_sync_object(const GPUPKMT_DESTROYSYNCHRONIZATIONOBJECT* a) {
   {
     std::lock_guard lk(mu_);
-    if (!syncs_.count(a->hSyncObject)) return bad_handle("synchronization object", a->hSyncObject);
+    if (!syncs_.count(a->hSyncObject)) return bad_handle_locked("synchronization object", a->hSyncObject);
   }
   proto::DestroySyncObjectRequest req{};
   req.sync_object = a->hSyncObject;
@@ -602,7 +615,7 @@ gpup_status Session::signal_from_cpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* 
   {
     std::lock_guard lk(mu_);
     auto s = syncs_.find(a->hSyncObject);
-    if (s == syncs_.end()) return bad_handle("synchronization object", a->hSyncObject);
+    if (s == syncs_.end()) return bad_handle_locked("synchronization object", a->hSyncObject);
     slot = s->second.slot;
   }
   proto::SignalFromCpuRequest req{};
@@ -617,9 +630,9 @@ gpup_status Session::signal_from_cpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* 
 gpup_status Session::signal_from_gpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* a) {
   {
     std::lock_guard lk(mu_);
-    if (!syncs_.count(a->hSyncObject)) return bad_handle("synchronization object", a->hSyncObject);
+    if (!syncs_.count(a->hSyncObject)) return bad_handle_locked("synchronization object", a->hSyncObject);
     auto c = contexts_.find(a->hContext);
-    if (c == contexts_.end()) return bad_handle("context", a->hContext);
+    if (c == contexts_.end()) return bad_handle_locked("context", a->hContext);
     if (c->second.error < 0) return fail(c->second.error, c->second.error_text);
   }
   proto::SignalFromGpuRequest req{};
@@ -632,9 +645,9 @@ gpup_status Session::signal_from_gpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* 
 gpup_status Session::wait_from_gpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a) {
   {
     std::lock_guard lk(mu_);
-    if (!syncs_.count(a->hSyncObject)) return bad_handle("synchronization object", a->hSyncObject);
+    if (!syncs_.count(a->hSyncObject)) return bad_handle_locked("synchronization object", a->hSyncObject);
     auto c = contexts_.find(a->hContext);
-    if (c == contexts_.end()) return bad_handle("context", a->hContext);
+    if (c == contexts_.end()) return bad_handle_locked("context", a->hContext);
     if (c->second.error < 0) return fail(c->second.error, c->second.error_text);
   }
   proto::WaitFromGpuRequest req{};
@@ -652,7 +665,7 @@ gpup_status Session::wait_from_cpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a
   {
     std::lock_guard lk(mu_);
     auto s = syncs_.find(a->hSyncObject);
-    if (s == syncs_.end()) return bad_handle("synchronization object", a->hSyncObject);
+    if (s == syncs_.end()) return bad_handle_locked("synchronization object", a->hSyncObject);
     slot = s->second.slot;
     device = s->second.device;
   }
@@ -730,7 +743,7 @@ gpup_status Session::escape(GPUPKMT_ESCAPE* a) {
     if (!adapter_luid_locked(a->hAdapter, &luid)) return bad_handle("adapter", a->hAdapter);
     if (a->hDevice != 0) {
       auto d = devices_.find(a->hDevice);
-      if (d == devices_.end()) return bad_handle("device", a->hDevice);
+      if (d == devices_.end()) return bad_handle_locked("device", a->hDevice);
       if (d->second.adapter_luid != luid)
         return fail(GPUP_STATUS_INVALID_PARAMETER,
                     fmt::format("device {:#x} belongs to another adapter than {:#x}", a->hDevice, a->hAdapter));
@@ -751,7 +764,7 @@ gpup_status Session::get_device_state(GPUPKMT_GETDEVICESTATE* a) {
   {
     std::lock_guard lk(mu_);
     auto d = devices_.find(a->hDevice);
-    if (d == devices_.end()) return bad_handle("device", a->hDevice);
+    if (d == devices_.end()) return bad_handle_locked("device", a->hDevice);
     const DeviceObj& dev = d->second;
     if (dev.error < 0) {  // a faulted context: RESET with its reason, no crossing
       a->State = GPUPKMT_DEVICESTATE_RESET;

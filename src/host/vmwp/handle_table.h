@@ -70,7 +70,7 @@ class HandleTable {
     Object* o = (*e)->obj.get();
     if (o->type != type)
       return Error(GPUP_STATUS_OBJECT_TYPE_MISMATCH,
-                   fmt::format("handle {:#x} is a {}, not a {}", handle, object_type_name(o->type), object_type_name(type)));
+                   fmt::format("handle {:#x} is of type {}, expected {}", handle, object_type_name(o->type), object_type_name(type)));
     return std::static_pointer_cast<T>((*e)->obj);
   }
 

@@ -204,7 +204,6 @@ int run(const std::string& vm, int control_fd) {
   for (auto& c : connections) c.channel->shutdown();
   for (auto& c : connections) c.thread.join();
   worker.stop();
-  listener->remove_socket_file();
   return 0;
 }
 

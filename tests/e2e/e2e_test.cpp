@@ -1,0 +1,295 @@
+// End-to-end tests: a real host (gpupd + one gpup-vmwp per VM, the OpenCL KMD on PoCL's CPU
+// device) started through the `gpup` CLI on private runtime/state directories, and guests that
+// are separate processes started with `gpup run`.
+#include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+// A child process with its stdout (and stderr) captured through a pipe, stdin a pipe too.
+class Child {
+ public:
+  Child(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env = {}) {
+    int out[2], in[2];
+    if (pipe2(out, O_CLOEXEC) != 0 || pipe2(in, O_CLOEXEC) != 0) std::abort();
+    pid_ = fork();
+    if (pid_ == 0) {
+      dup2(out[1], 1);
+      dup2(out[1], 2);
+      dup2(in[0], 0);
+      for (auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
+      std::vector<char*> args;
+      for (auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      execv(args[0], args.data());
+      _exit(127);
+    }
+    close(out[1]);
+    close(in[0]);
+    out_ = out[0];
+    in_ = in[1];
+  }
+  ~Child() {
+    if (pid_ > 0 && !reaped_) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+    if (out_ >= 0) close(out_);
+    if (in_ >= 0) close(in_);
+  }
+  pid_t pid() const { return pid_; }
+  void close_stdin() {
+    if (in_ >= 0) close(in_);
+    in_ = -1;
+  }
+  // Reads output until `needle` appears or the timeout passes; returns whether it appeared.
+  bool wait_for(const std::string& needle, std::chrono::milliseconds timeout) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (output_.find(needle) == std::string::npos) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0 || !read_some(static_cast<int>(left.count()))) return output_.find(needle) != std::string::npos;
+    }
+    return true;
+  }
+  // Waits for exit (killing it after the timeout); returns the exit code, 128+signal if killed.
+  int wait(std::chrono::milliseconds timeout = 120s) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    int status = 0;
+    for (;;) {
+      read_some(50);
+      pid_t r = waitpid(pid_, &status, WNOHANG);
+      if (r == pid_) break;
+      if (std::chrono::steady_clock::now() > deadline) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, &status, 0);
+        output_ += "\n[killed by the test: timeout]\n";
+        break;
+      }
+    }
+    reaped_ = true;
+    while (read_some(0)) {
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  }
+  const std::string& output() const { return output_; }
+
+ private:
+  bool read_some(int timeout_ms) {
+    pollfd p{out_, POLLIN, 0};
+    if (poll(&p, 1, timeout_ms) <= 0) return false;
+    char buf[4096];
+    ssize_t n = read(out_, buf, sizeof buf);
+    if (n <= 0) return false;
+    output_.append(buf, static_cast<size_t>(n));
+    return true;
+  }
+  pid_t pid_ = -1;
+  int out_ = -1, in_ = -1;
+  bool reaped_ = false;
+  std::string output_;
+};
+
+struct Run {
+  int code;
+  std::string out;
+};
+
+class Host {
+ public:
+  explicit Host(const std::string& config_toml) {
+    char tmpl[] = "/tmp/gpup-e2e-XXXXXX";
+    dir_ = mkdtemp(tmpl);
+    env_ = {{"GPUP_RUNTIME_DIR", dir_ + "/run"}, {"GPUP_STATE_DIR", dir_ + "/state"}, {"GPUP_LOG", "info"},
+            {"POCL_CACHE_DIR", std::string(GPUP_BUILD_DIR) + "/pocl-cache"}, {"GPUP_KMD_PATH", GPUP_KMD_DIR}};
+    config_ = dir_ + "/gpupd.toml";
+    std::ofstream(config_) << config_toml;
+  }
+  ~Host() {
+    gpup({"host", "stop"});
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  Run gpup(std::vector<std::string> args, std::chrono::milliseconds timeout = 120s) {
+    args.insert(args.begin(), GPUP_CLI);
+    Child c(args, env_);
+    int code = c.wait(timeout);
+    return {code, c.output()};
+  }
+  std::unique_ptr<Child> guest(const std::string& vm, std::vector<std::string> args,
+                               std::map<std::string, std::string> extra_env = {}) {
+    std::vector<std::string> argv = {GPUP_CLI, "run", "--vm", vm, "--", GPUP_GUEST};
+    argv.insert(argv.end(), args.begin(), args.end());
+    auto env = env_;
+    for (auto& [k, v] : extra_env) env[k] = v;
+    return std::make_unique<Child>(argv, env);
+  }
+  Run run_guest(const std::string& vm, std::vector<std::string> args, std::map<std::string, std::string> extra_env = {}) {
+    auto c = guest(vm, std::move(args), std::move(extra_env));
+    int code = c->wait();
+    return {code, c->output()};
+  }
+  // The VM's totals as its worker reports them (through QueryStatistics from a guest).
+  std::map<std::string, uint64_t> stats(const std::string& vm) {
+    auto r = run_guest(vm, {"stats"});
+    std::map<std::string, uint64_t> m;
+    auto pos = r.out.find("STATS ");
+    if (pos == std::string::npos) return m;
+    std::istringstream in(r.out.substr(pos + 6, r.out.find('\n', pos) - pos - 6));
+    std::string kv;
+    while (in >> kv) {
+      auto eq = kv.find('=');
+      if (eq != std::string::npos) m[kv.substr(0, eq)] = std::stoull(kv.substr(eq + 1));
+    }
+    return m;
+  }
+  const std::string& config() const { return config_; }
+
+ private:
+  std::string dir_, config_;
+  std::map<std::string, std::string> env_;
+};
+
+const char* kPoclConfig = R"TOML(
+[[adapter]]
+name = "pocl0"
+kmd = "opencl"
+)TOML";
+
+class E2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    host_ = new Host(kPoclConfig);
+    auto r = host_->gpup({"host", "start", "--config", host_->config()});
+    ASSERT_EQ(r.code, 0) << r.out;
+    r = host_->gpup({"vm", "add", "a", "--max-vram", "256MiB"});
+    ASSERT_EQ(r.code, 0) << r.out;
+    r = host_->gpup({"vm", "add", "b", "--max-vram", "512MiB"});
+    ASSERT_EQ(r.code, 0) << r.out;
+  }
+  static void TearDownTestSuite() {
+    delete host_;
+    host_ = nullptr;
+  }
+  void SetUp() override {
+    if (!host_) GTEST_SKIP() << "host did not start";
+  }
+  static void expect_host_alive() {
+    auto r = host_->gpup({"host", "status"});
+    EXPECT_EQ(r.code, 0) << r.out;
+  }
+  static Host* host_;
+};
+Host* E2E::host_ = nullptr;
+
+TEST_F(E2E, GuestProcessRunsRealWorkThroughThePartition) {
+  auto r = host_->run_guest("a", {"full"});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("RESULTS 12288 elements checked, 0 wrong"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("partition budget 256 MiB"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("PAGETABLELEVELDESC[0]"), std::string::npos) << r.out;
+}
+
+TEST_F(E2E, StreamTransportCarriesTheSameWork) {
+  auto r = host_->run_guest("b", {"full"}, {{"GPUP_TRANSPORT", "stream"}});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("0 wrong"), std::string::npos) << r.out;
+}
+
+TEST_F(E2E, MessageOfExactly128KiBPassesAndOneMoreByteIsRefused) {
+  auto r = host_->run_guest("a", {"limit"});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("refused before sending"), std::string::npos) << r.out;
+}
+
+TEST_F(E2E, BadHandlesGetClearErrorsAndEveryoneCarriesOn) {
+  auto b = host_->guest("b", {"full"});  // another partition working at the same time
+  auto r = host_->run_guest("a", {"bad-handles"});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("FORGED INVALID_HANDLE"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("WRONG-TYPE OBJECT_TYPE_MISMATCH"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("STALE INVALID_HANDLE"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("PAGE-FAULT GPU_PAGE_FAULT"), std::string::npos) << r.out;
+  EXPECT_EQ(b->wait(), 0) << b->output();
+  auto again = host_->run_guest("a", {"full"});
+  EXPECT_EQ(again.code, 0) << again.out;
+  expect_host_alive();
+}
+
+TEST_F(E2E, HostileGuestSpeakingRawProtocolIsRefusedAndLeavesNothing) {
+  auto base = host_->stats("a");
+  ASSERT_FALSE(base.empty());
+  auto b = host_->guest("b", {"full"});  // another partition works meanwhile
+  auto c = host_->gpup({"run", "--vm", "a", "--", GPUP_HOSTILE});
+  EXPECT_EQ(c.code, 0) << c.out;
+  EXPECT_NE(c.out.find("HOSTILE all refused, connection intact"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("FLOOD 4096 sync objects, then QUOTA_EXCEEDED"), std::string::npos) << c.out;
+  EXPECT_EQ(b->wait(), 0) << b->output();
+  auto after = host_->stats("a");
+  EXPECT_EQ(after["allocations"], base["allocations"]);
+  EXPECT_EQ(after["sync_objects"], base["sync_objects"]);
+  EXPECT_EQ(after["vram"], base["vram"]);
+  expect_host_alive();
+}
+
+TEST_F(E2E, AnotherProcesssHandlesAndGpuVaAreNotReachable) {
+  auto holder = host_->guest("a", {"hold"});
+  ASSERT_TRUE(holder->wait_for("READY", 60s)) << holder->output();
+  std::istringstream in(holder->output().substr(holder->output().find("READY") + 6));
+  std::string handle, va;
+  in >> handle >> va;
+  auto r = host_->run_guest("a", {"foreign", handle, va});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("FOREIGN-VA GPU_PAGE_FAULT"), std::string::npos) << r.out;
+  holder->close_stdin();
+  EXPECT_EQ(holder->wait(), 0) << holder->output();
+  EXPECT_NE(holder->output().find("INTACT 0 changed"), std::string::npos) << holder->output();
+}
+
+TEST_F(E2E, GuestKilledMidWorkLeavesNothingBehind) {
+  auto base = host_->stats("a");
+  ASSERT_FALSE(base.empty());
+  auto busy = host_->guest("a", {"busy"});
+  ASSERT_TRUE(busy->wait_for("BUSY", 60s)) << busy->output();
+  auto during = host_->stats("a");
+  EXPECT_GE(during["allocations"], base["allocations"] + 8);
+  EXPECT_GE(during["vram"], base["vram"] + (8u << 20));
+  // Kill the guest process itself (gpup run's child), not the launcher.
+  ASSERT_TRUE(busy->wait_for("\n", 5s));
+  pid_t guest_pid = std::stoi(busy->output().substr(busy->output().find("BUSY") + 5));
+  ASSERT_GT(guest_pid, 0);
+  ASSERT_EQ(kill(guest_pid, SIGKILL), 0);
+  busy->wait();
+  std::map<std::string, uint64_t> after;
+  for (int i = 0; i < 100; ++i) {
+    after = host_->stats("a");
+    if (after["allocations"] == base["allocations"] && after["vram"] == base["vram"] && after["devices"] == base["devices"]) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_EQ(after["allocations"], base["allocations"]);
+  EXPECT_EQ(after["devices"], base["devices"]);
+  EXPECT_EQ(after["contexts"], base["contexts"]);
+  EXPECT_EQ(after["sync_objects"], base["sync_objects"]);
+  EXPECT_EQ(after["vram"], base["vram"]);
+  EXPECT_EQ(after["processes"], base["processes"]);
+  expect_host_alive();
+}
+
+}  // namespace
