@@ -2,7 +2,9 @@
  *
  * It finds its partition's adapter, builds an OpenCL C kernel on the host, fills two vectors,
  * adds them on the device, checks every element, and reports its partition's memory use.
- * Run it in a partition:  gpup run --vm NAME -- build/bin/gpup-sample-vector-add [N]   */
+ * Run it in a partition:  gpup run --vm NAME -- build/bin/gpup-sample-vector-add [N [hold]]
+ * With "hold" it keeps its buffers until its standard input closes, so the host's view of the
+ * partition can be looked at while the memory is in use. */
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -142,6 +144,13 @@ int main(int argc, char** argv) {
   TRY(GpupKmtQueryStatistics(&st));
   printf("[%s] partition memory: this process uses %" PRIu64 " MiB of a %" PRIu64 " MiB budget; the VM holds %u allocations\n",
          vm, mem.CurrentUsage >> 20, mem.Budget >> 20, st.Allocations);
+
+  if (argc > 2 && strcmp(argv[2], "hold") == 0) {
+    printf("[%s] holding its buffers until stdin closes\n", vm);
+    fflush(stdout);
+    while (getchar() != EOF) {
+    }
+  }
 
   GpupKmtCmdBufDestroy(cb);
   GPUPKMT_DESTROYDEVICE dd = {cd.hDevice};

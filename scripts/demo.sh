@@ -29,14 +29,27 @@ say "Two partitions: alpha (max 256 MiB) and beta (max 512 MiB), one gpup-vmwp w
 "$GPUP" vm list
 
 say "The sample guest (build/bin/gpup-sample-vector-add) in each partition, at the same time"
-"$GPUP" run --vm alpha -- "$BIN/gpup-sample-vector-add" 4194304 > "$DEMO_DIR/alpha.out" 2>&1 &
+# Each guest keeps its buffers until its stdin (a fifo held open here) closes.
+mkfifo "$DEMO_DIR/alpha.in" "$DEMO_DIR/beta.in"
+"$GPUP" run --vm alpha -- "$BIN/gpup-sample-vector-add" 4194304 hold < "$DEMO_DIR/alpha.in" > "$DEMO_DIR/alpha.out" 2>&1 &
 a=$!
-"$GPUP" run --vm beta -- "$BIN/gpup-sample-vector-add" 16777216 > "$DEMO_DIR/beta.out" 2>&1 &
+"$GPUP" run --vm beta -- "$BIN/gpup-sample-vector-add" 16777216 hold < "$DEMO_DIR/beta.in" > "$DEMO_DIR/beta.out" 2>&1 &
 b=$!
+exec 5> "$DEMO_DIR/alpha.in" 6> "$DEMO_DIR/beta.in"
 rc=0
+for _ in $(seq 600); do
+  grep -q holding "$DEMO_DIR/alpha.out" && grep -q holding "$DEMO_DIR/beta.out" && break
+  kill -0 $a 2>/dev/null || break
+  kill -0 $b 2>/dev/null || break
+  sleep 0.1
+done
+cat "$DEMO_DIR/alpha.out" "$DEMO_DIR/beta.out"
+
+say "Partitions while both guests hold their memory"
+"$GPUP" vm list
+exec 5>&- 6>&-
 wait $a || rc=1
 wait $b || rc=1
-cat "$DEMO_DIR/alpha.out" "$DEMO_DIR/beta.out"
 
 say "A guest asking for more than its partition allows is refused (alpha has 256 MiB; 3 x 128 MiB buffers)"
 if "$GPUP" run --vm alpha -- "$BIN/gpup-sample-vector-add" 33554432 > "$DEMO_DIR/over.out" 2>&1; then

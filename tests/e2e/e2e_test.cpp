@@ -2,6 +2,7 @@
 // device) started through the `gpup` CLI on private runtime/state directories, and guests that
 // are separate processes started with `gpup run`.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>

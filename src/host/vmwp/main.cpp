@@ -183,7 +183,12 @@ int run(const std::string& vm, int control_fd) {
         break;
       }
       auto req = nlohmann::json::parse(line, nullptr, false);
-      if (req.is_discarded() || !req.is_object()) continue;
+      // gpupd numbers every request from 1; anything else is not a request to answer.
+      if (req.is_discarded() || !req.is_object() || !req.contains("id") || !req["id"].is_number_unsigned() ||
+          req["id"].get<uint64_t>() == 0) {
+        spdlog::warn("ignoring a malformed control line from gpupd");
+        continue;
+      }
       const std::string op = req.value("op", "");
       nlohmann::json rep = {{"reply", req.value("id", 0)}, {"ok", true}};
       if (op == "stats") {

@@ -1,0 +1,164 @@
+#include "host/gpupd/config.h"
+
+#include <algorithm>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <toml++/toml.h>
+
+#include "host/control/protocol.h"
+
+namespace gpup::gpupd {
+
+std::string AdapterConfig::config_text() const {
+  std::string out;
+  for (const auto& [k, v] : config) out += k + "=" + v + "\n";
+  return out;
+}
+
+Config default_config() {
+  Config c;
+  c.source = "<built-in default>";
+  c.adapters.push_back(AdapterConfig{"pocl0", "opencl", {}});
+  return c;
+}
+
+namespace {
+
+const char* node_type_name(const toml::node& n) {
+  switch (n.type()) {
+    case toml::node_type::table: return "table";
+    case toml::node_type::array: return "array";
+    case toml::node_type::string: return "string";
+    case toml::node_type::integer: return "integer";
+    case toml::node_type::floating_point: return "float";
+    case toml::node_type::boolean: return "boolean";
+    case toml::node_type::date: return "date";
+    case toml::node_type::time: return "time";
+    case toml::node_type::date_time: return "date-time";
+    default: return "value";
+  }
+}
+
+class Checker {
+ public:
+  explicit Checker(const std::string& source) : source_(source) {}
+
+  Error error(const std::string& key, const std::string& problem, const toml::node* at) const {
+    std::string where;
+    if (at && at->source().begin) where = fmt::format(" (line {})", at->source().begin.line);
+    return make_error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{}: {}: {}{}", source_, key, problem, where));
+  }
+
+ private:
+  const std::string& source_;
+};
+
+bool key_char_ok(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' ||
+         c == '.';
+}
+
+}  // namespace
+
+Result<Config> parse_config(std::string_view text, const std::string& source) {
+  toml::table root;
+  try {
+    root = toml::parse(text, source);
+  } catch (const toml::parse_error& e) {
+    return make_error(GPUP_STATUS_INVALID_PARAMETER,
+                      fmt::format("{}: line {}, column {}: {}", source, e.source().begin.line,
+                                  e.source().begin.column, e.description()));
+  }
+  Checker check(source);
+  Config cfg;
+  cfg.source = source;
+
+  for (const auto& [key, node] : root) {
+    if (key.str() != "adapter")
+      return check.error(std::string(key.str()), "unknown key (expected [[adapter]] tables)", &node);
+  }
+  const toml::node* adapters_node = root.get("adapter");
+  if (!adapters_node) return cfg;
+  const toml::array* adapters = adapters_node->as_array();
+  if (!adapters)
+    return check.error("adapter", fmt::format("expected an array of tables ([[adapter]]), got {}",
+                                              node_type_name(*adapters_node)),
+                       adapters_node);
+
+  std::set<std::string> names;
+  for (size_t i = 0; i < adapters->size(); ++i) {
+    const toml::node& an = *adapters->get(i);
+    std::string ctx = fmt::format("adapter[{}]", i);
+    const toml::table* t = an.as_table();
+    if (!t) return check.error(ctx, fmt::format("expected a table, got {}", node_type_name(an)), &an);
+    AdapterConfig ac;
+    for (const auto& [k, v] : *t) {
+      std::string key(k.str());
+      if (key != "name" && key != "kmd" && key != "config")
+        return check.error(ctx + "." + key, "unknown key (expected name, kmd, config)", &v);
+    }
+    for (const char* field : {"name", "kmd"}) {
+      const toml::node* n = t->get(field);
+      if (!n) return check.error(ctx + "." + field, "missing", &an);
+      const auto* s = n->as_string();
+      if (!s) return check.error(ctx + "." + field, fmt::format("expected a string, got {}", node_type_name(*n)), n);
+      (std::string_view(field) == "name" ? ac.name : ac.kmd) = s->get();
+    }
+    if (Status s = control::validate_name(ac.name, "adapter"); !s.ok())
+      return check.error(ctx + ".name", s.error().message, t->get("name"));
+    if (!names.insert(ac.name).second)
+      return check.error(ctx + ".name", fmt::format("adapter '{}' is defined twice", ac.name), t->get("name"));
+    if (ac.kmd.empty() || ac.kmd.size() > control::kMaxPathLength || ac.kmd.find('\0') != std::string::npos)
+      return check.error(ctx + ".kmd", "must be a plugin name or a path", t->get("kmd"));
+
+    if (const toml::node* cn = t->get("config")) {
+      const toml::table* ct = cn->as_table();
+      if (!ct) return check.error(ctx + ".config", fmt::format("expected a table, got {}", node_type_name(*cn)), cn);
+      // toml++ keeps keys sorted; the KMD gets them in the order the file has them.
+      std::vector<std::pair<const toml::key*, const toml::node*>> entries;
+      for (const auto& [k, v] : *ct) entries.emplace_back(&k, &v);
+      std::stable_sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) {
+        const auto& pa = a.second->source().begin;
+        const auto& pb = b.second->source().begin;
+        return pa.line != pb.line ? pa.line < pb.line : pa.column < pb.column;
+      });
+      size_t total = 0;
+      for (const auto& [kp, vp] : entries) {
+        const toml::node& v = *vp;
+        std::string key(kp->str());
+        std::string path = ctx + ".config." + key;
+        bool key_ok = !key.empty() && key.size() <= 128;
+        for (char c : key) key_ok = key_ok && key_char_ok(c);
+        if (!key_ok) return check.error(path, "key must be 1-128 characters of A-Z a-z 0-9 _ - .", &v);
+        std::string value;
+        if (const auto* s = v.as_string()) value = s->get();
+        else if (const auto* n = v.as_integer()) value = std::to_string(n->get());
+        else if (const auto* b = v.as_boolean()) value = b->get() ? "true" : "false";
+        else
+          return check.error(path, fmt::format("expected a string, integer or boolean, got {}", node_type_name(v)), &v);
+        if (value.find_first_of(std::string_view("\n\r\0", 3)) != std::string::npos)
+          return check.error(path, "value must not contain line breaks or NUL", &v);
+        total += key.size() + value.size() + 2;
+        if (total > control::kMaxKmdConfigLength)
+          return check.error(ctx + ".config", fmt::format("longer than {} bytes", control::kMaxKmdConfigLength), cn);
+        ac.config.emplace_back(std::move(key), std::move(value));
+      }
+    }
+    cfg.adapters.push_back(std::move(ac));
+  }
+  return cfg;
+}
+
+Result<Config> load_config(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return make_error(GPUP_STATUS_NOT_FOUND, fmt::format("{}: cannot open the configuration file", path));
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  if (in.bad()) return make_error(GPUP_STATUS_INTERNAL, fmt::format("{}: read error", path));
+  return parse_config(ss.str(), path);
+}
+
+}  // namespace gpup::gpupd

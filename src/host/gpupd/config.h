@@ -1,0 +1,44 @@
+// gpupd's configuration file (TOML).
+//
+//   # One table per adapter gpupd should manage, in the order adapters are reported.
+//   [[adapter]]
+//   name = "pocl0"        # required: the operator's name for it (1-64 of [A-Za-z0-9_.-], unique)
+//   kmd = "opencl"        # required: KMD plugin name ("opencl" -> libgpup_kmd_opencl.so) or a path
+//   [adapter.config]      # optional: handed to the KMD's pfnStartAdapter as "key=value" lines;
+//   platform = "Portable Computing Language"   # values are strings, integers or booleans
+//   device = "0"
+//
+// No other keys are accepted anywhere, so a typo is an error rather than a silently ignored
+// setting. Without a file gpupd uses the built-in default: one adapter "pocl0", kmd "opencl",
+// empty config. Errors name the file, the key and the problem, e.g.
+//   "/etc/gpup/gpupd.toml: adapter[1].kmd: expected a string, got integer (line 7)".
+#pragma once
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "common/result.h"
+
+namespace gpup::gpupd {
+
+struct AdapterConfig {
+  std::string name;
+  std::string kmd;
+  std::vector<std::pair<std::string, std::string>> config;  // in file order
+
+  // "key=value\n" per entry, as pfnStartAdapter takes it.
+  std::string config_text() const;
+};
+
+struct Config {
+  std::string source;  // the file it came from, or "<built-in default>"
+  std::vector<AdapterConfig> adapters;
+};
+
+Config default_config();
+// Parses TOML text; source names it in error messages.
+Result<Config> parse_config(std::string_view toml_text, const std::string& source);
+Result<Config> load_config(const std::string& path);
+
+}  // namespace gpup::gpupd

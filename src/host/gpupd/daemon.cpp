@@ -1,0 +1,725 @@
+#include "host/gpupd/daemon.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/file.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "common/units.h"
+#include "host/gpupd/admission.h"
+
+namespace gpup::gpupd {
+
+using control::json;
+
+static Error sys_error(const std::string& what) {
+  return make_error(GPUP_STATUS_INTERNAL, fmt::format("{}: {}", what, std::strerror(errno)));
+}
+
+static Error refuse(std::string msg) { return make_error(GPUP_STATUS_INVALID_PARAMETER, std::move(msg)); }
+
+void block_daemon_signals() {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+// mkdir -p: missing components are created with mode; existing ones are left as they are.
+static Status mkdirs(const std::string& dir, mode_t mode) {
+  for (size_t pos = 1; pos <= dir.size(); ++pos) {
+    if (pos != dir.size() && dir[pos] != '/') continue;
+    std::string part = dir.substr(0, pos);
+    if (::mkdir(part.c_str(), mode) != 0 && errno != EEXIST)
+      return make_error(GPUP_STATUS_ACCESS_DENIED, fmt::format("cannot create directory {}: {}", part, std::strerror(errno)));
+  }
+  struct stat st {};
+  if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    return make_error(GPUP_STATUS_ACCESS_DENIED, fmt::format("{} is not a directory", dir));
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// PidFile
+
+Result<PidFile> PidFile::acquire(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  if (!fd) return sys_error("cannot open pid file " + path);
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno != EWOULDBLOCK) return sys_error("cannot lock pid file " + path);
+    char buf[32] = {};
+    ssize_t n = ::pread(fd.get(), buf, sizeof buf - 1, 0);
+    std::string pid = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("?");
+    while (!pid.empty() && (pid.back() == '\n' || pid.back() == ' ')) pid.pop_back();
+    auto slash = path.rfind('/');
+    return make_error(GPUP_STATUS_ALREADY_EXISTS,
+                      fmt::format("another gpupd (pid {}) is running on runtime dir {}", control::printable(pid, 20),
+                                  slash == std::string::npos ? std::string(".") : path.substr(0, slash)));
+  }
+  std::string text = fmt::format("{}\n", ::getpid());
+  if (::ftruncate(fd.get(), 0) != 0 || ::pwrite(fd.get(), text.data(), text.size(), 0) != ssize_t(text.size()))
+    return sys_error("cannot write pid file " + path);
+  PidFile p;
+  p.path_ = path;
+  p.fd_ = std::move(fd);
+  return p;
+}
+
+PidFile::~PidFile() {
+  // Unlinked while still locked, so no second gpupd can take over a file about to vanish.
+  if (fd_) ::unlink(path_.c_str());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Start-up and shutdown
+
+Daemon::Daemon(DaemonOptions opts) : opts_(std::move(opts)), started_(std::chrono::steady_clock::now()) {}
+
+Daemon::~Daemon() {
+  // Workers first (they are killed if still alive), then the adapters (pfnStopAdapter).
+  vms_.clear();
+  for (auto& [id, c] : clients_) {
+    loop_.unwatch(c.fd.get());
+    loop_.cancel_timer(c.deadline);
+  }
+  clients_.clear();
+  if (listen_fd_) {
+    loop_.unwatch(listen_fd_.get());
+    listen_fd_.reset();
+    ::unlink(socket_path_.c_str());
+  }
+  adapters_.clear();
+}
+
+Result<std::unique_ptr<Daemon>> Daemon::create(DaemonOptions opts) {
+  block_daemon_signals();
+  std::unique_ptr<Daemon> d(new Daemon(std::move(opts)));
+  if (Status s = d->init(); !s.ok()) return s.error();
+  return d;
+}
+
+Status Daemon::init() {
+  if (Status s = loop_.ok(); !s.ok()) return s;
+  if (Status s = mkdirs(opts_.runtime_dir, 0755); !s.ok()) return s;
+  if (Status s = mkdirs(opts_.state_dir, 0755); !s.ok()) return s;
+  if (Status s = mkdirs(fmt::format("{}/{}", opts_.runtime_dir, control::kVmsDirName), 0755); !s.ok()) return s;
+
+  auto pid = PidFile::acquire(control::pid_file_path(opts_.runtime_dir));
+  if (!pid) return pid.error();
+  pidfile_ = std::move(*pid);
+
+  socket_path_ = control::socket_path(opts_.runtime_dir);
+  if (socket_path_.size() > control::kUnixPathMax)
+    return refuse(fmt::format("socket path {} is longer than the {}-byte unix socket limit; use a shorter "
+                              "--runtime-dir",
+                              socket_path_, control::kUnixPathMax));
+
+  state_path_ = fmt::format("{}/{}", opts_.state_dir, control::kStateFileName);
+  auto state = load_state(state_path_);
+  if (!state) return state.error();
+  luids_ = state->luids;
+  spdlog::info("state {}: {} partition(s)", state_path_, state->partitions.size());
+
+  // Adapters, each with a LUID that stays the same across restarts.
+  bool new_luids = false;
+  for (const auto& ac : opts_.config.adapters) {
+    auto it = luids_.find(ac.name);
+    if (it == luids_.end()) {
+      it = luids_.emplace(ac.name, derive_luid(ac.name, luids_)).first;
+      new_luids = true;
+    }
+    Adapter a = open_adapter(ac, it->second);
+    if (a.info.state == AdapterState::kReady)
+      spdlog::info("adapter {}: {} on {} ({}), {} of memory, luid {:#x}{}", a.info.name, a.info.driver_name,
+                   a.info.device_name, a.info.device_vendor, format_size(a.info.total_vram), a.info.luid,
+                   a.info.paravirtualization ? "" : ", not partitionable (no ParavirtualizationSupported)");
+    else
+      spdlog::error("adapter {}: failed: {}", a.info.name, a.info.error);
+    adapters_.push_back(std::move(a));
+  }
+  for (auto& vm : state->partitions) {
+    std::string name = vm.name;
+    vms_.emplace(name, Vm{std::move(vm), nullptr, false});
+  }
+  if (new_luids)
+    if (Status s = persist(specs()); !s.ok()) return s;
+
+  // Operator socket. Any socket file left here is stale: the pid-file lock proves no gpupd runs.
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, socket_path_.c_str(), socket_path_.size() + 1);
+  ::unlink(socket_path_.c_str());
+  listen_fd_ = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!listen_fd_) return sys_error("socket");
+  mode_t old_mask = ::umask(0117);  // the socket file is created 0660, never wider
+  int rc = ::bind(listen_fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+  int bind_errno = errno;
+  ::umask(old_mask);
+  if (rc != 0) {
+    errno = bind_errno;
+    return sys_error("cannot bind " + socket_path_);
+  }
+  if (::listen(listen_fd_.get(), 64) != 0) return sys_error("listen");
+  if (Status s = loop_.watch(listen_fd_.get(), EPOLLIN, [this](uint32_t) { on_accept(); }); !s.ok()) return s;
+
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  signal_fd_ = UniqueFd(::signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK));
+  if (!signal_fd_) return sys_error("signalfd");
+  if (Status s = loop_.watch(signal_fd_.get(), EPOLLIN, [this](uint32_t) { on_signal(); }); !s.ok()) return s;
+
+  for (auto& [name, vm] : vms_) start_worker(vm);
+  spdlog::info("gpupd {} listening on {} ({} adapter(s), {} vm(s))", kVersion, socket_path_, adapters_.size(),
+               vms_.size());
+  return {};
+}
+
+int Daemon::run() {
+  loop_.run();
+  finish_shutdown();
+  return 0;
+}
+
+void Daemon::on_signal() {
+  signalfd_siginfo si;
+  while (::read(signal_fd_.get(), &si, sizeof si) == sizeof si) {
+    if (si.ssi_signo == SIGHUP) {
+      spdlog::info("SIGHUP ignored (configuration is read at start only)");
+      continue;
+    }
+    if (shutting_down_) {
+      spdlog::warn("{} again: killing the workers now", ::sigabbrev_np(static_cast<int>(si.ssi_signo)));
+      for (auto& [name, vm] : vms_) vm.worker.reset();
+      loop_.stop();
+      return;
+    }
+    begin_shutdown(fmt::format("SIG{}", ::sigabbrev_np(static_cast<int>(si.ssi_signo))));
+  }
+}
+
+void Daemon::begin_shutdown(const std::string& why) {
+  if (shutting_down_) return;
+  shutting_down_ = true;
+  spdlog::info("shutting down ({}): stopping {} worker(s)", why, vms_.size());
+  // New connections get "not running" from now on.
+  loop_.unwatch(listen_fd_.get());
+  listen_fd_.reset();
+  ::unlink(socket_path_.c_str());
+
+  workers_stopping_ = 0;
+  for (auto& [name, vm] : vms_) {
+    if (!vm.worker) continue;
+    ++workers_stopping_;
+    vm.worker->stop([this] {
+      if (--workers_stopping_ == 0) loop_.stop();
+    });
+  }
+  if (workers_stopping_ == 0) {
+    loop_.stop();
+    return;
+  }
+  // Worker::stop escalates to SIGKILL itself; this only guards against a process that even
+  // SIGKILL does not end (stuck in the kernel).
+  shutdown_timer_ = loop_.add_timer(opts_.worker.stop_timeout + std::chrono::seconds(5), [this] {
+    spdlog::error("workers did not exit in time; leaving");
+    loop_.stop();
+  });
+}
+
+void Daemon::finish_shutdown() {
+  loop_.cancel_timer(shutdown_timer_);
+  // Best effort: answers still queued for clients (e.g. the reply to "shutdown").
+  for (auto& [id, c] : clients_)
+    if (!c.out.empty()) (void)control::flush_some(c.fd.get(), c.out);
+  for (auto& [name, vm] : vms_) {
+    vm.worker.reset();
+    ::rmdir(control::vm_dir(opts_.runtime_dir, name).c_str());
+  }
+  if (listen_fd_) {
+    loop_.unwatch(listen_fd_.get());
+    listen_fd_.reset();
+    ::unlink(socket_path_.c_str());
+  }
+  spdlog::info("gpupd stopped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Partitions and workers
+
+const AdapterInfo* Daemon::find_adapter(const std::string& name) const {
+  for (const auto& a : adapters_)
+    if (a.info.name == name) return &a.info;
+  return nullptr;
+}
+
+std::vector<control::VmSpec> Daemon::specs() const {
+  std::vector<control::VmSpec> out;
+  for (const auto& [name, vm] : vms_) out.push_back(vm.spec);
+  return out;
+}
+
+Status Daemon::persist(const std::vector<control::VmSpec>& specs) {
+  PersistentState s{luids_, specs};
+  Status st = save_state(state_path_, s);
+  if (!st.ok()) spdlog::error("{}", st.error().message);
+  return st;
+}
+
+Result<control::ConfigureMessage> Daemon::configure_message(const std::string& name) {
+  auto it = vms_.find(name);
+  if (it == vms_.end()) return refuse(fmt::format("vm {} no longer exists", name));
+  const auto& spec = it->second.spec;
+  const AdapterInfo* a = find_adapter(spec.adapter);
+  if (!a) return refuse(fmt::format("adapter {} is not in the configuration ({})", spec.adapter, opts_.config.source));
+  if (a->state != AdapterState::kReady) return refuse(a->not_partitionable_reason());
+  if (!a->paravirtualization) return refuse(a->not_partitionable_reason());
+  if (a->kmd_path.empty() || a->kmd_path.front() != '/')
+    return refuse(fmt::format("adapter {}: KMD path '{}' is not absolute", a->name, a->kmd_path));
+
+  std::string dir = control::vm_dir(opts_.runtime_dir, name);
+  if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) return sys_error("cannot create " + dir);
+  std::string endpoint = control::vm_endpoint(opts_.runtime_dir, name);
+  ::unlink(endpoint.c_str());  // a stale endpoint from an earlier worker of this VM
+
+  control::ConfigureMessage m;
+  m.vm = spec;
+  m.adapter = control::AdapterSpec{a->name, a->luid, a->kmd_path, a->config_text};
+  m.endpoint = endpoint;
+  m.log_level = std::string(spdlog::level::to_string_view(spdlog::get_level()).data(),
+                            spdlog::level::to_string_view(spdlog::get_level()).size());
+  return m;
+}
+
+void Daemon::start_worker(Vm& vm) {
+  if (!vm.worker) {
+    std::string name = vm.spec.name;
+    vm.worker = std::make_unique<Worker>(loop_, opts_.worker, name, [this, name] { return configure_message(name); });
+  }
+  vm.worker->start();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator socket
+
+void Daemon::on_accept() {
+  for (;;) {
+    UniqueFd fd(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
+    if (!fd) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) spdlog::error("accept: {}", std::strerror(errno));
+      return;
+    }
+    if (clients_.size() >= opts_.max_clients) {
+      std::string msg = control::encode_line(json{{"ok", false}, {"error", "gpupd is busy: too many connections"}});
+      (void)control::flush_some(fd.get(), msg);
+      continue;
+    }
+    uint64_t id = next_client_++;
+    Client& c = clients_[id];
+    c.fd = std::move(fd);
+    if (Status s = loop_.watch(c.fd.get(), EPOLLIN, [this, id](uint32_t ev) { on_client(id, ev); }); !s.ok()) {
+      spdlog::error("{}", s.error().message);
+      clients_.erase(id);
+      continue;
+    }
+    arm_client_deadline(id);
+  }
+}
+
+void Daemon::arm_client_deadline(uint64_t id) {
+  auto it = clients_.find(id);
+  if (it == clients_.end()) return;
+  loop_.cancel_timer(it->second.deadline);
+  it->second.deadline = loop_.add_timer(opts_.client_timeout, [this, id] {
+    auto c = clients_.find(id);
+    if (c == clients_.end()) return;
+    c->second.deadline = 0;
+    spdlog::debug("client {}: idle for {} ms; closed", id, opts_.client_timeout.count());
+    close_client(id);
+  });
+}
+
+void Daemon::close_client(uint64_t id) {
+  auto it = clients_.find(id);
+  if (it == clients_.end()) return;
+  loop_.unwatch(it->second.fd.get());
+  loop_.cancel_timer(it->second.deadline);
+  clients_.erase(it);
+}
+
+void Daemon::on_client(uint64_t id, uint32_t events) {
+  auto it = clients_.find(id);
+  if (it == clients_.end()) return;
+  Client& c = it->second;
+  if (events & EPOLLOUT) {
+    auto done = control::flush_some(c.fd.get(), c.out);
+    if (!done) return close_client(id);
+    if (!*done) return;
+    if (c.eof) return close_client(id);
+    loop_.set_events(c.fd.get(), EPOLLIN);
+    return next_request(id);
+  }
+  if (c.busy) {
+    // Only a hang-up or an error can be reported while a request is in progress (no events are
+    // asked for). The reply has nowhere to go: drop the client; the request still completes.
+    if (events & (EPOLLHUP | EPOLLERR)) close_client(id);
+    return;
+  }
+  if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
+  std::string err;
+  auto outcome = control::read_lines(c.fd.get(), c.in, &err, control::kMaxRequestLine + 1);
+  if (outcome == control::ReadOutcome::kError) {
+    spdlog::warn("client {}: {}; closing", id, err);
+    // Answer what can be answered, then drop the connection.
+    c.out += control::encode_line(json{{"ok", false}, {"error", "bad request: " + err}});
+    (void)control::flush_some(c.fd.get(), c.out);
+    return close_client(id);
+  }
+  if (outcome == control::ReadOutcome::kEof) c.eof = true;
+  next_request(id);
+}
+
+void Daemon::next_request(uint64_t id) {
+  auto it = clients_.find(id);
+  if (it == clients_.end()) return;
+  Client& c = it->second;
+  if (c.busy) return;
+  auto line = c.in.pop();
+  if (!line) {
+    if (c.eof) return close_client(id);
+    return;
+  }
+  c.busy = true;
+  loop_.cancel_timer(c.deadline);
+  c.deadline = 0;
+  loop_.set_events(c.fd.get(), 0);  // one request at a time; the rest waits in the kernel
+  auto req = control::parse_object_line(*line);
+  if (!req) return send_reply(id, refuse("bad request: " + req.error().message));
+  dispatch(*req, replier(id));
+}
+
+Daemon::Reply Daemon::replier(uint64_t id) {
+  return [this, id](Result<json> r) { send_reply(id, std::move(r)); };
+}
+
+void Daemon::send_reply(uint64_t id, Result<json> r) {
+  auto it = clients_.find(id);
+  if (it == clients_.end()) return;  // the client went away meanwhile
+  Client& c = it->second;
+  json reply = r.ok() ? json{{"ok", true}, {"result", std::move(r.value())}} : json{{"ok", false}, {"error", r.error().message}};
+  c.out += control::encode_line(reply);
+  c.busy = false;
+  arm_client_deadline(id);  // bounds both the write and the wait for a next request
+  auto done = control::flush_some(c.fd.get(), c.out);
+  if (!done) return close_client(id);
+  if (!*done) {
+    loop_.set_events(c.fd.get(), EPOLLOUT);
+    return;
+  }
+  if (c.eof && !c.in.has_line()) return close_client(id);
+  loop_.set_events(c.fd.get(), EPOLLIN);
+  if (c.in.has_line()) loop_.post([this, id] { next_request(id); });
+}
+
+// Operator requests. Each is {"op":...} plus:
+//   status                         -> {pid, version, uptime_s, adapters, vms, runtime_dir, state_dir, config}
+//   adapters                       -> [adapter, ...]                     (adapters_json)
+//   vm.add    {"vm":{name, adapter?, min_vram?, max_vram?, optimal_vram?, compute_weight?,
+//                    max_compute?, secure?}}  (sizes: bytes or "256MiB") -> vm, once its worker settled
+//   vm.list                        -> [vm, ...]                          (vm_json)
+//   vm.show   {"name", "stats"?:bool=true}  -> vm + "stats" (or "stats_error")
+//   vm.set    {"name", "vm":{min_vram?, max_vram?, optimal_vram?, compute_weight?, max_compute?}}
+//                                  -> vm, after the worker applied it (pfnSetVirtualMachineData)
+//   vm.remove {"name"}             -> {"removed": name}, after its worker stopped
+//   vm.start  {"name"}             -> vm (restarts a failed or stopped worker)
+//   shutdown                       -> {"pid"}; gpupd then stops its workers and exits 0
+// A new op needs: an entry here, its handler validating every field (ObjectReader::only), a CLI
+// command and a test.
+void Daemon::dispatch(const json& req, Reply reply) {
+  control::ObjectReader r(req, "request");
+  auto op = r.str("op", 64);
+  if (!op) return reply(refuse(r.error()));
+  if (shutting_down_ && *op != "status") return reply(refuse("gpupd is shutting down"));
+
+  auto simple = [&](std::initializer_list<std::string_view> fields) {
+    r.only(fields);
+    if (!r.ok()) reply(refuse(r.error()));
+    return r.ok();
+  };
+  if (*op == "status") {
+    if (simple({"op"})) reply(status_json());
+  } else if (*op == "adapters") {
+    if (simple({"op"})) reply(adapters_json());
+  } else if (*op == "vm.list") {
+    if (simple({"op"})) {
+      json list = json::array();
+      for (const auto& [name, vm] : vms_) list.push_back(vm_json(vm));
+      reply(list);
+    }
+  } else if (*op == "vm.add") {
+    op_vm_add(req, std::move(reply));
+  } else if (*op == "vm.show") {
+    op_vm_show(req, std::move(reply));
+  } else if (*op == "vm.set") {
+    op_vm_set(req, std::move(reply));
+  } else if (*op == "vm.remove") {
+    op_vm_remove(req, std::move(reply));
+  } else if (*op == "vm.start") {
+    op_vm_start(req, std::move(reply));
+  } else if (*op == "shutdown") {
+    if (simple({"op"})) {
+      reply(json{{"pid", ::getpid()}});
+      loop_.post([this] { begin_shutdown("shutdown request"); });
+    }
+  } else {
+    spdlog::warn("unknown op '{}' refused", control::printable(*op, 64));
+    reply(refuse(fmt::format("unknown op '{}'", control::printable(*op, 64))));
+  }
+}
+
+json Daemon::status_json() const {
+  auto up = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - started_).count();
+  size_t running = 0;
+  for (const auto& [name, vm] : vms_)
+    if (vm.worker && vm.worker->state() == WorkerState::kRunning) ++running;
+  return json{{"pid", ::getpid()},
+              {"version", kVersion},
+              {"uptime_s", up},
+              {"adapters", adapters_.size()},
+              {"vms", vms_.size()},
+              {"vms_running", running},
+              {"runtime_dir", opts_.runtime_dir},
+              {"state_dir", opts_.state_dir},
+              {"config", opts_.config.source},
+              {"shutting_down", shutting_down_}};
+}
+
+json Daemon::adapters_json() const {
+  auto all = specs();
+  json list = json::array();
+  for (const auto& ad : adapters_) {
+    const AdapterInfo& a = ad.info;
+    uint64_t reserved = reserved_vram(all, a.name);
+    size_t count = 0;
+    for (const auto& vm : all) count += vm.adapter == a.name;
+    json j{{"name", a.name},
+           {"luid", a.luid},
+           {"kmd", a.kmd},
+           {"kmd_path", a.kmd_path},
+           {"driver", a.driver_name},
+           {"device", json{{"name", a.device_name},
+                           {"vendor", a.device_vendor},
+                           {"version", a.device_version},
+                           {"platform", a.platform},
+                           {"compute_units", a.compute_units}}},
+           {"state", to_string(a.state)},
+           {"partitionable", a.partitionable()},
+           {"secure_capable", a.secure_capable},
+           {"live_migration", a.live_migration},
+           {"total_vram", a.total_vram},
+           {"reserved_vram", reserved},
+           {"available_vram", a.total_vram > reserved ? a.total_vram - reserved : 0},
+           {"partitions", count}};
+    if (a.state == AdapterState::kFailed) j["error"] = a.error;
+    if (!a.partitionable()) j["reason"] = a.not_partitionable_reason();
+    list.push_back(std::move(j));
+  }
+  return list;
+}
+
+json Daemon::vm_json(const Vm& vm) const {
+  json j = control::to_json(vm.spec);
+  j["endpoint"] = control::vm_endpoint(opts_.runtime_dir, vm.spec.name);
+  if (vm.worker) {
+    j.update(vm.worker->describe());
+  } else {
+    j["state"] = to_string(WorkerState::kStopped);
+    j["restarts"] = 0;
+  }
+  if (const AdapterInfo* a = find_adapter(vm.spec.adapter)) j["adapter_luid"] = a->luid;
+  return j;
+}
+
+void Daemon::op_vm_add(const json& req, Reply reply) {
+  control::ObjectReader r(req, "request");
+  r.only({"op", "vm"});
+  const json* vmj = r.object("vm");
+  if (!r.ok()) return reply(refuse(r.error()));
+  auto request = parse_vm_request(*vmj, /*for_add=*/true);
+  if (!request) return reply(request.error());
+  std::string endpoint = control::vm_endpoint(opts_.runtime_dir, request->name);
+  if (endpoint.size() > control::kUnixPathMax)
+    return reply(refuse(fmt::format("vm {}: its endpoint {} would be longer than the {}-byte unix socket limit; "
+                                    "use a shorter name or runtime dir",
+                                    request->name, endpoint, control::kUnixPathMax)));
+  std::vector<const AdapterInfo*> adapters;
+  for (const auto& a : adapters_) adapters.push_back(&a.info);
+  auto all = specs();
+  auto spec = admit_new_vm(*request, adapters, all, control::new_guid());
+  if (!spec) {
+    spdlog::info("vm.add {} refused: {}", request->name, spec.error().message);
+    return reply(spec.error());
+  }
+  all.push_back(*spec);
+  if (Status s = persist(all); !s.ok()) return reply(s.error());
+  std::string name = spec->name;
+  Vm& vm = vms_.emplace(name, Vm{std::move(*spec), nullptr, false}).first->second;
+  spdlog::info("vm {} added on adapter {}: min {}, max {}, optimal {}, weight {}, max compute {}%{}", name,
+               vm.spec.adapter, format_size(vm.spec.min_vram), format_size(vm.spec.max_vram),
+               format_size(vm.spec.optimal_vram), vm.spec.compute_weight, vm.spec.max_compute,
+               vm.spec.secure ? ", secure" : "");
+  start_worker(vm);
+  vm.worker->when_settled([this, name, reply = std::move(reply)] {
+    auto it = vms_.find(name);
+    if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", name)));
+    reply(vm_json(it->second));
+  });
+}
+
+void Daemon::op_vm_show(const json& req, Reply reply) {
+  control::ObjectReader r(req, "request");
+  r.only({"op", "name", "stats"});
+  auto name = r.str("name", 256);
+  auto want_stats = r.opt_boolean("stats");
+  if (!r.ok()) return reply(refuse(r.error()));
+  auto it = vms_.find(*name);
+  if (it == vms_.end()) return reply(refuse(fmt::format("no vm named '{}'", control::printable(*name, 64))));
+  json j = vm_json(it->second);
+  Worker* w = it->second.worker.get();
+  if (!want_stats.value_or(true)) return reply(j);
+  if (!w || w->state() != WorkerState::kRunning) {
+    j["stats_error"] = fmt::format("worker is {}", w ? to_string(w->state()) : "stopped");
+    return reply(j);
+  }
+  w->request("stats", json::object(), [this, j = std::move(j), reply = std::move(reply),
+                                        vm = *name](Result<json> r) mutable {
+    if (!r.ok()) {
+      j["stats_error"] = r.error().message;
+      return reply(j);
+    }
+    auto it = r->find("stats");
+    auto stats = it == r->end() ? Result<json>(refuse("reply has no stats")) : control::sanitize_worker_stats(*it);
+    if (!stats) {
+      spdlog::warn("vm {}: worker sent bad stats: {}", vm, stats.error().message);
+      j["stats_error"] = "worker sent bad stats: " + stats.error().message;
+    } else {
+      j["stats"] = std::move(*stats);
+    }
+    reply(j);
+  });
+}
+
+void Daemon::op_vm_set(const json& req, Reply reply) {
+  control::ObjectReader r(req, "request");
+  r.only({"op", "name", "vm"});
+  auto name = r.str("name", 256);
+  const json* vmj = r.object("vm");
+  if (!r.ok()) return reply(refuse(r.error()));
+  auto it = vms_.find(*name);
+  if (it == vms_.end()) return reply(refuse(fmt::format("no vm named '{}'", control::printable(*name, 64))));
+  Vm& vm = it->second;
+  if (vm.busy) return reply(refuse(fmt::format("vm {}: another change is in progress", vm.spec.name)));
+  auto change = parse_vm_request(*vmj, /*for_add=*/false);
+  if (!change) return reply(change.error());
+  auto next = admit_vm_change(vm.spec, *change, find_adapter(vm.spec.adapter), specs());
+  if (!next) return reply(next.error());
+  if (*next == vm.spec) return reply(vm_json(vm));
+
+  control::VmSpec previous = vm.spec;
+  vm.spec = *next;
+  if (Status s = persist(specs()); !s.ok()) {
+    vm.spec = previous;
+    return reply(s.error());
+  }
+  spdlog::info("vm {} changed: min {}, max {}, optimal {}, weight {}, max compute {}%", vm.spec.name,
+               format_size(vm.spec.min_vram), format_size(vm.spec.max_vram), format_size(vm.spec.optimal_vram),
+               vm.spec.compute_weight, vm.spec.max_compute);
+  if (!vm.worker || vm.worker->state() != WorkerState::kRunning) return reply(vm_json(vm));  // applied at next start
+
+  vm.busy = true;
+  std::string vname = vm.spec.name;
+  vm.worker->request("update", json{{"vm", control::to_json(vm.spec)}},
+                     [this, vname, previous, applied = vm.spec, reply = std::move(reply)](Result<json> r) {
+                       auto it = vms_.find(vname);
+                       if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", vname)));
+                       Vm& vm = it->second;
+                       vm.busy = false;
+                       if (r.ok()) return reply(vm_json(vm));
+                       // The worker (its KMD) refused: go back to what it still runs with.
+                       spdlog::warn("vm {}: worker refused the new settings: {}", vname, r.error().message);
+                       if (vm.spec == applied) {
+                         vm.spec = previous;
+                         (void)persist(specs());
+                       }
+                       reply(refuse(fmt::format("vm {}: the worker did not apply the new settings: {}; the previous "
+                                                "settings stay",
+                                                vname, r.error().message)));
+                     });
+}
+
+void Daemon::op_vm_remove(const json& req, Reply reply) {
+  control::ObjectReader r(req, "request");
+  r.only({"op", "name"});
+  auto name = r.str("name", 256);
+  if (!r.ok()) return reply(refuse(r.error()));
+  auto it = vms_.find(*name);
+  if (it == vms_.end()) return reply(refuse(fmt::format("no vm named '{}'", control::printable(*name, 64))));
+  Vm& vm = it->second;
+  if (vm.busy) return reply(refuse(fmt::format("vm {}: another change is in progress", vm.spec.name)));
+  vm.busy = true;
+  std::string vname = *name;
+  auto finish = [this, vname, reply = std::move(reply)] {
+    auto it = vms_.find(vname);
+    if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", vname)));
+    std::vector<control::VmSpec> rest;
+    for (const auto& [n, v] : vms_)
+      if (n != vname) rest.push_back(v.spec);
+    if (Status s = persist(rest); !s.ok()) {
+      it->second.busy = false;
+      return reply(s.error());
+    }
+    vms_.erase(it);
+    std::string dir = control::vm_dir(opts_.runtime_dir, vname);
+    ::unlink(control::vm_endpoint(opts_.runtime_dir, vname).c_str());
+    ::rmdir(dir.c_str());
+    spdlog::info("vm {} removed", vname);
+    reply(json{{"removed", vname}});
+  };
+  if (vm.worker) vm.worker->stop(std::move(finish));
+  else loop_.post(std::move(finish));
+}
+
+void Daemon::op_vm_start(const json& req, Reply reply) {
+  control::ObjectReader r(req, "request");
+  r.only({"op", "name"});
+  auto name = r.str("name", 256);
+  if (!r.ok()) return reply(refuse(r.error()));
+  auto it = vms_.find(*name);
+  if (it == vms_.end()) return reply(refuse(fmt::format("no vm named '{}'", control::printable(*name, 64))));
+  if (it->second.busy) return reply(refuse(fmt::format("vm {}: another change is in progress", *name)));
+  start_worker(it->second);
+  std::string vname = *name;
+  it->second.worker->when_settled([this, vname, reply = std::move(reply)] {
+    auto it = vms_.find(vname);
+    if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", vname)));
+    reply(vm_json(it->second));
+  });
+}
+
+}  // namespace gpup::gpupd

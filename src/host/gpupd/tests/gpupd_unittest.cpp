@@ -1,0 +1,546 @@
+// Unit tests of gpupd's pieces: configuration, persistent state, admission, and the worker
+// supervisor driven against fake_vmwp.
+#include <dirent.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <functional>
+
+#include <gtest/gtest.h>
+
+#include "common/units.h"
+#include "host/gpupd/admission.h"
+#include "host/gpupd/config.h"
+#include "host/gpupd/event_loop.h"
+#include "host/gpupd/state.h"
+#include "host/gpupd/worker.h"
+
+namespace gpup::gpupd {
+namespace {
+
+using control::json;
+using control::VmSpec;
+using namespace std::chrono_literals;
+
+constexpr uint64_t GiB = 1ull << 30, MiB = 1ull << 20;
+
+class TempDir {
+ public:
+  TempDir() {
+    char tmpl[] = "/tmp/gpupd-ut-XXXXXX";
+    path_ = ::mkdtemp(tmpl);
+  }
+  ~TempDir() { std::system(("rm -rf '" + path_ + "'").c_str()); }
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> out;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (dirent* e = ::readdir(d))
+      if (std::string(e->d_name) != "." && std::string(e->d_name) != "..") out.push_back(e->d_name);
+    ::closedir(d);
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config
+
+TEST(GpupdConfig, ParsesAdaptersAndKmdConfig) {
+  auto c = parse_config(R"(
+[[adapter]]
+name = "pocl0"
+kmd = "opencl"
+[adapter.config]
+platform = "Portable Computing Language"
+device = 0
+fast = true
+
+[[adapter]]
+name = "mock1"
+kmd = "/opt/gpup/libgpup_kmd_mock.so"
+)",
+                        "/etc/gpup/gpupd.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  ASSERT_EQ(c->adapters.size(), 2u);
+  EXPECT_EQ(c->adapters[0].name, "pocl0");
+  EXPECT_EQ(c->adapters[0].kmd, "opencl");
+  EXPECT_EQ(c->adapters[0].config_text(), "platform=Portable Computing Language\ndevice=0\nfast=true\n");
+  EXPECT_EQ(c->adapters[1].kmd, "/opt/gpup/libgpup_kmd_mock.so");
+  EXPECT_EQ(c->adapters[1].config_text(), "");
+}
+
+TEST(GpupdConfig, DefaultIsOnePoclAdapter) {
+  Config c = default_config();
+  ASSERT_EQ(c.adapters.size(), 1u);
+  EXPECT_EQ(c.adapters[0].name, "pocl0");
+  EXPECT_EQ(c.adapters[0].kmd, "opencl");
+  EXPECT_TRUE(c.adapters[0].config.empty());
+  auto empty = parse_config("", "empty.toml");
+  ASSERT_TRUE(empty.ok());
+  EXPECT_TRUE(empty->adapters.empty());
+}
+
+TEST(GpupdConfig, UnknownKeyIsNamedWithFileAndLine) {
+  auto c = parse_config("[[adapter]]\nname = \"a\"\nkmd = \"mock\"\nkmdd = \"x\"\n", "/etc/gpup/gpupd.toml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().message,
+            "/etc/gpup/gpupd.toml: adapter[0].kmdd: unknown key (expected name, kmd, config) (line 4)");
+  auto top = parse_config("adapters = []\n", "g.toml");
+  ASSERT_FALSE(top.ok());
+  EXPECT_EQ(top.error().message, "g.toml: adapters: unknown key (expected [[adapter]] tables) (line 1)");
+}
+
+TEST(GpupdConfig, BadTypeIsNamed) {
+  auto c = parse_config("[[adapter]]\nname = \"a\"\nkmd = 3\n", "g.toml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().message, "g.toml: adapter[0].kmd: expected a string, got integer (line 3)");
+  auto v = parse_config("[[adapter]]\nname = \"a\"\nkmd = \"m\"\n[adapter.config]\nlist = [1, 2]\n", "g.toml");
+  ASSERT_FALSE(v.ok());
+  EXPECT_EQ(v.error().message, "g.toml: adapter[0].config.list: expected a string, integer or boolean, got array (line 5)");
+  auto t = parse_config("adapter = 5\n", "g.toml");
+  ASSERT_FALSE(t.ok());
+  EXPECT_NE(t.error().message.find("g.toml: adapter: expected an array of tables"), std::string::npos);
+}
+
+TEST(GpupdConfig, MissingDuplicateAndInvalidValuesAreRefused) {
+  auto missing = parse_config("[[adapter]]\nname = \"a\"\n", "g.toml");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_NE(missing.error().message.find("g.toml: adapter[0].kmd: missing"), std::string::npos);
+  auto dup = parse_config("[[adapter]]\nname = \"a\"\nkmd = \"m\"\n[[adapter]]\nname = \"a\"\nkmd = \"m\"\n", "g.toml");
+  ASSERT_FALSE(dup.ok());
+  EXPECT_EQ(dup.error().message, "g.toml: adapter[1].name: adapter 'a' is defined twice (line 5)");
+  auto name = parse_config("[[adapter]]\nname = \"a b\"\nkmd = \"m\"\n", "g.toml");
+  ASSERT_FALSE(name.ok());
+  EXPECT_NE(name.error().message.find("g.toml: adapter[0].name: adapter name 'a b' is invalid"), std::string::npos);
+  auto nl = parse_config("[[adapter]]\nname = \"a\"\nkmd = \"m\"\n[adapter.config]\nx = \"1\\n2\"\n", "g.toml");
+  ASSERT_FALSE(nl.ok());
+  EXPECT_NE(nl.error().message.find("adapter[0].config.x: value must not contain line breaks"), std::string::npos);
+}
+
+TEST(GpupdConfig, SyntaxErrorNamesFileAndPosition) {
+  auto c = parse_config("[[adapter]\nname = \"a\"\n", "g.toml");
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().message.rfind("g.toml: line 1, column", 0), 0u) << c.error().message;
+}
+
+TEST(GpupdConfig, ExampleFileParses) {
+  auto c = load_config(GPUPD_EXAMPLE_CONFIG);
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  ASSERT_GE(c->adapters.size(), 1u);
+  EXPECT_EQ(c->adapters[0].name, "pocl0");
+  auto missing = load_config("/nonexistent/gpupd.toml");
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.error().message, "/nonexistent/gpupd.toml: cannot open the configuration file");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Persistent state
+
+VmSpec spec(const std::string& name, const std::string& adapter, uint64_t min, uint64_t max) {
+  return VmSpec{name, control::new_guid(), adapter, min, max, max, 100, 100, false};
+}
+
+TEST(GpupdState, RoundTripsThroughTheFile) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  PersistentState s;
+  s.luids = {{"pocl0", 0x1234}, {"mock1", 0x5678}};
+  s.partitions = {spec("a", "pocl0", 0, GiB), spec("b", "mock1", MiB, 2 * MiB)};
+  s.partitions[1].secure = true;
+  s.partitions[1].compute_weight = 300;
+  s.partitions[1].max_compute = 50;
+  ASSERT_TRUE(save_state(path, s).ok());
+  auto back = load_state(path);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(*back, s);
+}
+
+TEST(GpupdState, MissingFileIsEmptyState) {
+  TempDir dir;
+  auto s = load_state(dir.file("partitions.json"));
+  ASSERT_TRUE(s.ok());
+  EXPECT_TRUE(s->partitions.empty());
+  EXPECT_TRUE(s->luids.empty());
+}
+
+TEST(GpupdState, AtomicWriteReplacesAndLeavesNoTemporaries) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  ASSERT_TRUE(write_file_atomic(path, "first\n").ok());
+  ASSERT_TRUE(write_file_atomic(path, "second\n").ok());
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "second\n");
+  EXPECT_EQ(list_dir(dir.path()), std::vector<std::string>{"partitions.json"});
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0640u);
+}
+
+TEST(GpupdState, FailedWriteKeepsTheOldFile) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  ASSERT_TRUE(write_file_atomic(path, "old\n").ok());
+  // A directory where the file should go makes rename fail after the temporary was written.
+  std::string blocked = dir.file("sub");
+  ASSERT_EQ(::mkdir(blocked.c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir((blocked + "/x").c_str(), 0755), 0);
+  Status s = write_file_atomic(blocked, "new\n");
+  EXPECT_FALSE(s.ok());
+  EXPECT_EQ(list_dir(dir.path()).size(), 2u) << "no temporary file left behind";
+  std::ifstream in(path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(text, "old\n");
+}
+
+TEST(GpupdState, CorruptFileIsRefusedNamingIt) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  ASSERT_TRUE(write_file_atomic(path, "{\"version\":1,\"partitions\":[").ok());
+  auto s = load_state(path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_NE(s.error().message.find("state file " + path + " is corrupt"), std::string::npos) << s.error().message;
+  EXPECT_NE(s.error().message.find("will not start"), std::string::npos);
+}
+
+TEST(GpupdState, InvalidContentIsRefusedNamingIt) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  json j = to_json(PersistentState{{}, {spec("a", "pocl0", 0, GiB)}});
+  j["partitions"][0]["min_vram"] = "lots";
+  ASSERT_TRUE(write_file_atomic(path, j.dump()).ok());
+  auto s = load_state(path);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().message, "state file " + path +
+                                   " is invalid: partitions[0].min_vram: expected a non-negative integer, got string; "
+                                   "gpupd will not start until it is repaired or moved away");
+
+  j = to_json(PersistentState{{}, {spec("a", "pocl0", 0, GiB), spec("a", "pocl0", 0, GiB)}});
+  ASSERT_TRUE(write_file_atomic(path, j.dump()).ok());
+  EXPECT_FALSE(load_state(path).ok());
+  j = to_json(PersistentState{});
+  j["version"] = 7;
+  ASSERT_TRUE(write_file_atomic(path, j.dump()).ok());
+  EXPECT_FALSE(load_state(path).ok());
+}
+
+TEST(GpupdState, LuidsAreStableAndDistinct) {
+  std::map<std::string, uint64_t> none;
+  uint64_t a = derive_luid("pocl0", none);
+  EXPECT_EQ(a, derive_luid("pocl0", none));
+  EXPECT_NE(a, 0u);
+  EXPECT_LT(a, 1ull << 63);
+  EXPECT_NE(a, derive_luid("pocl1", none));
+  std::map<std::string, uint64_t> taken{{"other", a}};
+  EXPECT_NE(derive_luid("pocl0", taken), a);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission
+
+AdapterInfo adapter(const std::string& name, uint64_t total, bool pv = true, bool secure = true) {
+  AdapterInfo a;
+  a.name = name;
+  a.state = AdapterState::kReady;
+  a.driver_name = "kmd_test";
+  a.total_vram = total;
+  a.paravirtualization = pv;
+  a.secure_capable = secure;
+  return a;
+}
+
+Result<VmSpec> add(const json& req, const std::vector<AdapterInfo>& adapters, const std::vector<VmSpec>& existing) {
+  auto r = parse_vm_request(req, true);
+  if (!r) return r.error();
+  std::vector<const AdapterInfo*> ptrs;
+  for (const auto& a : adapters) ptrs.push_back(&a);
+  return admit_new_vm(*r, ptrs, existing, control::new_guid());
+}
+
+TEST(GpupdAdmission, DefaultsTakeTheWholeAdapter) {
+  auto vm = add(json{{"name", "v1"}}, {adapter("pocl0", 4 * GiB)}, {});
+  ASSERT_TRUE(vm.ok()) << vm.error().message;
+  EXPECT_EQ(vm->adapter, "pocl0");
+  EXPECT_EQ(vm->min_vram, 0u);
+  EXPECT_EQ(vm->max_vram, 4 * GiB);
+  EXPECT_EQ(vm->optimal_vram, 4 * GiB);
+  EXPECT_EQ(vm->compute_weight, 100u);
+  EXPECT_EQ(vm->max_compute, 100u);
+  EXPECT_FALSE(vm->secure);
+  EXPECT_TRUE(control::parse_guid(vm->guid));
+}
+
+TEST(GpupdAdmission, SizesAcceptUnits) {
+  auto vm = add(json{{"name", "v1"}, {"min_vram", "256MiB"}, {"max_vram", "1.5 GiB"}, {"optimal_vram", 512 * MiB}},
+                {adapter("pocl0", 4 * GiB)}, {});
+  ASSERT_TRUE(vm.ok()) << vm.error().message;
+  EXPECT_EQ(vm->min_vram, 256 * MiB);
+  EXPECT_EQ(vm->max_vram, 3 * GiB / 2);
+  EXPECT_EQ(vm->optimal_vram, 512 * MiB);
+  auto bad = add(json{{"name", "v1"}, {"max_vram", "12 parsecs"}}, {adapter("pocl0", 4 * GiB)}, {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.error().message, "max_vram: '12 parsecs' is not a size (use bytes or a unit: 512MiB, 1.5GiB)");
+  auto neg = add(json{{"name", "v1"}, {"min_vram", -5}}, {adapter("pocl0", 4 * GiB)}, {});
+  ASSERT_FALSE(neg.ok());
+  EXPECT_EQ(neg.error().message, "min_vram: expected a size, got negative integer");
+}
+
+TEST(GpupdAdmission, NamesAreChecked) {
+  std::vector<AdapterInfo> a{adapter("pocl0", GiB)};
+  EXPECT_TRUE(add(json{{"name", "ok-name_1.x"}}, a, {}).ok());
+  for (const std::string& bad : std::vector<std::string>{"", "a b", "../x", ".", "..", "-rf", std::string(65, 'v'), "ü"}) {
+    auto r = add(json{{"name", bad}}, a, {});
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_NE(r.error().message.find("is invalid"), std::string::npos) << r.error().message;
+  }
+  auto wrongtype = add(json{{"name", 5}}, a, {});
+  ASSERT_FALSE(wrongtype.ok());
+  EXPECT_EQ(wrongtype.error().message, "vm.name: expected a string, got integer");
+  auto unknown = add(json{{"name", "v"}, {"max_vrma", 5}}, a, {});
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_EQ(unknown.error().message, "vm.max_vrma: unknown field");
+}
+
+TEST(GpupdAdmission, MaxBelowMinAndOptimalOutsideAreRefused) {
+  std::vector<AdapterInfo> a{adapter("pocl0", 4 * GiB)};
+  auto r = add(json{{"name", "v"}, {"min_vram", "256MiB"}, {"max_vram", "128MiB"}}, a, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message, "max 128 MiB is less than min 256 MiB");
+  r = add(json{{"name", "v"}, {"min_vram", "256MiB"}, {"max_vram", "1GiB"}, {"optimal_vram", "128MiB"}}, a, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message, "optimal 128 MiB must lie between min 256 MiB and max 1 GiB");
+  r = add(json{{"name", "v"}, {"max_vram", "8GiB"}}, a, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message, "max 8 GiB exceeds adapter pocl0's 4 GiB");
+  r = add(json{{"name", "v"}, {"max_vram", 0}}, a, {});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message, "max 0 B: a partition needs some memory");
+}
+
+TEST(GpupdAdmission, MinMustFitWhatIsLeft) {
+  // 3.8 GiB adapter with 2.5 GiB already reserved by two partitions.
+  uint64_t total = 3 * GiB + 819 * MiB;  // 3.8 GiB as format_size prints it
+  std::vector<AdapterInfo> a{adapter("pocl0", total), adapter("other", 8 * GiB)};
+  std::vector<VmSpec> existing{spec("a", "pocl0", 2 * GiB, 3 * GiB), spec("b", "pocl0", GiB / 2, GiB),
+                               spec("c", "other", 4 * GiB, 8 * GiB)};
+  auto r = add(json{{"name", "v"}, {"adapter", "pocl0"}, {"min_vram", "2GiB"}, {"max_vram", "3GiB"}}, a, existing);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message,
+            "min 2 GiB does not fit: adapter pocl0 has 3.8 GiB, 2.5 GiB already reserved by other partitions");
+  EXPECT_EQ(reserved_vram(existing, "pocl0"), 5 * GiB / 2);
+  // What is left (1.3 GiB) does fit, exactly.
+  auto fits = add(json{{"name", "v"}, {"adapter", "pocl0"}, {"min_vram", total - 5 * GiB / 2}}, a, existing);
+  ASSERT_TRUE(fits.ok()) << fits.error().message;
+  auto over = add(json{{"name", "v"}, {"adapter", "pocl0"}, {"min_vram", total - 5 * GiB / 2 + 1}}, a, existing);
+  EXPECT_FALSE(over.ok());
+}
+
+TEST(GpupdAdmission, AdapterChoiceAndRefusals) {
+  std::vector<AdapterInfo> a{adapter("nopv", 4 * GiB, false), adapter("pocl0", 4 * GiB, true, false)};
+  auto picked = add(json{{"name", "v"}}, a, {});
+  ASSERT_TRUE(picked.ok());
+  EXPECT_EQ(picked->adapter, "pocl0") << "the first partitionable adapter";
+  auto nopv = add(json{{"name", "v"}, {"adapter", "nopv"}}, a, {});
+  ASSERT_FALSE(nopv.ok());
+  EXPECT_EQ(nopv.error().message,
+            "adapter nopv: KMD kmd_test does not declare ParavirtualizationSupported; it cannot be partitioned");
+  auto unknown = add(json{{"name", "v"}, {"adapter", "gpu9"}}, a, {});
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_EQ(unknown.error().message, "unknown adapter 'gpu9' (configured: nopv, pocl0)");
+  auto secure = add(json{{"name", "v"}, {"adapter", "pocl0"}, {"secure", true}}, a, {});
+  ASSERT_FALSE(secure.ok());
+  EXPECT_EQ(secure.error().message,
+            "adapter pocl0: KMD kmd_test does not declare IoMmuSecureModeSupported; a secure partition cannot run on it");
+  auto dup = add(json{{"name", "v"}}, a, {spec("v", "pocl0", 0, GiB)});
+  ASSERT_FALSE(dup.ok());
+  EXPECT_EQ(dup.error().message, "vm v already exists");
+  AdapterInfo failed = adapter("broken", 0);
+  failed.state = AdapterState::kFailed;
+  failed.error = "KMD lacks pfnSubmitCommand";
+  auto f = add(json{{"name", "v"}}, {failed}, {});
+  ASSERT_FALSE(f.ok());
+  EXPECT_EQ(f.error().message, "adapter broken failed: KMD lacks pfnSubmitCommand");
+  auto compute = add(json{{"name", "v"}, {"max_compute", 150}}, a, {});
+  ASSERT_FALSE(compute.ok());
+  EXPECT_EQ(compute.error().message, "vm.max_compute: 150 is outside 1..100");
+  auto weight = add(json{{"name", "v"}, {"compute_weight", 0}}, a, {});
+  ASSERT_FALSE(weight.ok());
+  EXPECT_EQ(weight.error().message, "vm.compute_weight: 0 is outside 1..10000");
+}
+
+TEST(GpupdAdmission, ChangesAreCheckedAgainstTheOthers) {
+  AdapterInfo a = adapter("pocl0", 4 * GiB);
+  std::vector<VmSpec> all{spec("a", "pocl0", GiB, 2 * GiB), spec("b", "pocl0", 2 * GiB, 4 * GiB)};
+  auto change = [&](const json& j) {
+    auto r = parse_vm_request(j, false);
+    if (!r) return Result<VmSpec>(r.error());
+    return admit_vm_change(all[0], *r, &a, all);
+  };
+  auto ok = change(json{{"max_vram", "1GiB"}});
+  ASSERT_TRUE(ok.ok()) << ok.error().message;
+  EXPECT_EQ(ok->max_vram, GiB);
+  EXPECT_EQ(ok->optimal_vram, GiB) << "optimal was at max and follows it";
+  auto grow = change(json{{"min_vram", "3GiB"}, {"max_vram", "3GiB"}});
+  ASSERT_FALSE(grow.ok());
+  EXPECT_EQ(grow.error().message, "min 3 GiB does not fit: adapter pocl0 has 4 GiB, 2 GiB already reserved by other partitions");
+  auto renamed = parse_vm_request(json{{"name", "x"}}, false);
+  ASSERT_FALSE(renamed.ok());
+  EXPECT_EQ(renamed.error().message, "vm.name: unknown field");
+  auto secure = change(json{{"secure", true}});
+  ASSERT_FALSE(secure.ok());
+  EXPECT_NE(secure.error().message.find("secure cannot be changed"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker supervision against fake_vmwp
+
+class GpupdWorker : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    opts_.vmwp_path = FAKE_VMWP_PATH;
+    opts_.ready_timeout = 5000ms;
+    opts_.request_timeout = 2000ms;
+    opts_.stop_timeout = 2000ms;
+    opts_.backoff_min = 50ms;
+    opts_.backoff_max = 200ms;
+    opts_.max_start_failures = 3;
+  }
+
+  Worker::ConfigureFn configure(const std::string& vm, uint64_t max = GiB) {
+    return [this, vm, max]() -> Result<control::ConfigureMessage> {
+      control::ConfigureMessage m;
+      m.vm = VmSpec{vm, control::new_guid(), "mock0", 0, max, max, 100, 100, false};
+      m.adapter = control::AdapterSpec{"mock0", 42, "/nonexistent/libgpup_kmd_mock.so", "a=b\n"};
+      ::mkdir((dir_.path() + "/" + vm).c_str(), 0755);
+      m.endpoint = dir_.path() + "/" + vm + "/vrd.sock";
+      m.log_level = "info";
+      spec_ = m.vm;
+      return m;
+    };
+  }
+
+  // Runs the loop until pred holds or the timeout passes.
+  bool run_until(const std::function<bool()>& pred, std::chrono::milliseconds timeout = 5000ms) {
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    while (!pred()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      loop_.add_timer(10ms, [this] { loop_.stop(); });
+      loop_.run();
+    }
+    return true;
+  }
+
+  Result<json> request(Worker& w, const std::string& op, json args = json::object()) {
+    std::optional<Result<json>> got;
+    w.request(op, std::move(args), [&](Result<json> r) { got = std::move(r); });
+    EXPECT_TRUE(run_until([&] { return got.has_value(); }));
+    return got ? *got : Result<json>(make_error(GPUP_STATUS_TIMEOUT, "no answer"));
+  }
+
+  TempDir dir_;
+  EventLoop loop_;
+  WorkerOptions opts_;
+  VmSpec spec_;
+};
+
+TEST_F(GpupdWorker, StartsAnswersStatsAndStops) {
+  Worker w(loop_, opts_, "v1", configure("v1", 256 * MiB));
+  w.start();
+  EXPECT_EQ(w.state(), WorkerState::kStarting);
+  bool settled = false;
+  w.when_settled([&] { settled = true; });
+  ASSERT_TRUE(run_until([&] { return settled; }));
+  ASSERT_EQ(w.state(), WorkerState::kRunning) << w.last_error();
+  EXPECT_GT(w.pid(), 0);
+
+  auto stats = request(w, "stats");
+  ASSERT_TRUE(stats.ok()) << stats.error().message;
+  auto clean = control::sanitize_worker_stats((*stats)["stats"]);
+  ASSERT_TRUE(clean.ok()) << clean.error().message;
+  EXPECT_EQ((*clean)["vram_max"], 256 * MiB);
+
+  VmSpec next = spec_;
+  next.max_vram = next.optimal_vram = 128 * MiB;
+  ASSERT_TRUE(request(w, "update", json{{"vm", control::to_json(next)}}).ok());
+  auto after = request(w, "stats");
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ((*after)["stats"]["vram_max"], 128 * MiB);
+
+  bool stopped = false;
+  w.stop([&] { stopped = true; });
+  ASSERT_TRUE(run_until([&] { return stopped; }));
+  EXPECT_EQ(w.state(), WorkerState::kStopped);
+  EXPECT_EQ(w.pid(), -1);
+  EXPECT_EQ(w.restarts(), 0u);
+}
+
+TEST_F(GpupdWorker, KilledWorkerIsRestarted) {
+  Worker w(loop_, opts_, "v1", configure("v1"));
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRunning; }));
+  pid_t first = w.pid();
+  ASSERT_EQ(::kill(first, SIGKILL), 0);
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRestarting; }));
+  EXPECT_NE(w.describe()["last_error"].get<std::string>().find("killed by signal 9 (KILL)"), std::string::npos);
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRunning; }));
+  EXPECT_NE(w.pid(), first);
+  EXPECT_EQ(w.restarts(), 1u);
+}
+
+TEST_F(GpupdWorker, ConfigurationErrorFailsWithoutRestart) {
+  Worker w(loop_, opts_, "fail1", configure("fail1"));
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kFailed; }));
+  EXPECT_EQ(w.last_error(), "fake worker refuses vm fail1");
+  EXPECT_EQ(w.restarts(), 0u);
+  EXPECT_EQ(w.pid(), -1);
+}
+
+TEST_F(GpupdWorker, CrashingBeforeReadyGivesUpAfterBoundedRetries) {
+  Worker w(loop_, opts_, "crash1", configure("crash1"));
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kFailed; }));
+  EXPECT_EQ(w.restarts(), 2u) << "3 attempts in all";
+  EXPECT_NE(w.last_error().find("failed to start 3 times in a row"), std::string::npos) << w.last_error();
+  EXPECT_NE(w.last_error().find("exited with status 3"), std::string::npos) << w.last_error();
+}
+
+TEST_F(GpupdWorker, OverlongLineGetsTheWorkerKilledAndRestarted) {
+  Worker w(loop_, opts_, "junk1", configure("junk1"));
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRunning; }));
+  pid_t first = w.pid();
+  auto stats = request(w, "stats");
+  ASSERT_FALSE(stats.ok());
+  EXPECT_NE(stats.error().message.find("limit"), std::string::npos) << stats.error().message;
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRunning && w.pid() != first; }));
+  EXPECT_EQ(w.restarts(), 1u);
+}
+
+TEST_F(GpupdWorker, MissingProgramFailsCleanly) {
+  opts_.vmwp_path = "/nonexistent/gpup-vmwp";
+  Worker w(loop_, opts_, "v1", configure("v1"));
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kFailed; }));
+  EXPECT_NE(w.last_error().find("cannot execute /nonexistent/gpup-vmwp"), std::string::npos) << w.last_error();
+}
+
+TEST_F(GpupdWorker, RequestsToAStoppedWorkerFail) {
+  Worker w(loop_, opts_, "v1", configure("v1"));
+  auto r = request(w, "stats");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().message, "vm v1: worker is stopped");
+}
+
+}  // namespace
+}  // namespace gpup::gpupd

@@ -1,0 +1,489 @@
+#include "host/gpupd/worker.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/syscall.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+extern char** environ;
+
+namespace gpup::gpupd {
+
+using control::json;
+using namespace std::chrono_literals;
+
+// pidfd system calls directly: glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
+static int sys_pidfd_open(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0u)); }
+static int sys_pidfd_send_signal(int pidfd, int sig) {
+  return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0u));
+}
+
+// The fd number the worker finds its control socket on (--control-fd).
+static constexpr int kWorkerControlFd = 3;
+// After the worker closed its control channel, how long it may take to exit.
+static constexpr auto kExitGrace = 2000ms;
+
+const char* to_string(WorkerState s) {
+  switch (s) {
+    case WorkerState::kStopped: return "stopped";
+    case WorkerState::kStarting: return "starting";
+    case WorkerState::kRunning: return "running";
+    case WorkerState::kRestarting: return "restarting";
+    case WorkerState::kStopping: return "stopping";
+    case WorkerState::kFailed: return "failed";
+  }
+  return "?";
+}
+
+std::string describe_wait_status(int status) {
+  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    const char* abbrev = ::sigabbrev_np(WTERMSIG(status));
+    return fmt::format("killed by signal {} ({}){}", WTERMSIG(status), abbrev ? abbrev : "?",
+                       WCOREDUMP(status) ? ", core dumped" : "");
+  }
+  return fmt::format("wait status {:#x}", status);
+}
+
+Worker::Worker(EventLoop& loop, const WorkerOptions& opts, std::string vm, ConfigureFn configure)
+    : loop_(loop), opts_(opts), vm_(std::move(vm)), configure_(std::move(configure)), backoff_(opts.backoff_min) {}
+
+Worker::~Worker() {
+  loop_.cancel_timer(ready_timer_);
+  loop_.cancel_timer(kill_timer_);
+  loop_.cancel_timer(restart_timer_);
+  for (auto& [id, p] : pending_) loop_.cancel_timer(p.timer);
+  if (control_) loop_.unwatch(control_.get());
+  if (pidfd_) loop_.unwatch(pidfd_.get());
+  if (pid_ > 0) {
+    signal(SIGKILL);
+    int status = 0;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+    spdlog::info("vm {}: worker pid {} killed: {}", vm_, pid_, describe_wait_status(status));
+  }
+}
+
+void Worker::set_state(WorkerState s) {
+  if (state_ == s) return;
+  WorkerState old = state_;
+  state_ = s;
+  if (old == WorkerState::kStarting && s != WorkerState::kStarting) {
+    for (auto& cb : settled_waiters_) loop_.post(std::move(cb));
+    settled_waiters_.clear();
+  }
+}
+
+void Worker::when_settled(std::function<void()> cb) {
+  if (state_ == WorkerState::kStarting) settled_waiters_.push_back(std::move(cb));
+  else loop_.post(std::move(cb));
+}
+
+void Worker::deliver(ReplyFn cb, Result<json> r) {
+  loop_.post([cb = std::move(cb), r = std::move(r)]() mutable { cb(std::move(r)); });
+}
+
+json Worker::describe() const {
+  json j{{"state", to_string(state_)}, {"restarts", restarts_}};
+  if (pid_ > 0) j["pid"] = pid_;
+  if (!last_error_.empty()) j["last_error"] = last_error_;
+  if (!last_exit_.empty()) j["last_exit"] = last_exit_;
+  return j;
+}
+
+void Worker::start() {
+  switch (state_) {
+    case WorkerState::kStopped:
+    case WorkerState::kFailed:
+      start_failures_ = 0;
+      backoff_ = opts_.backoff_min;
+      last_error_.clear();
+      spawn();
+      break;
+    case WorkerState::kRestarting:
+      loop_.cancel_timer(restart_timer_);
+      restart_timer_ = 0;
+      spawn();
+      break;
+    default:
+      break;  // already starting, running or stopping
+  }
+}
+
+void Worker::spawn() {
+  ready_seen_ = false;
+  config_error_ = false;
+  stop_requested_ = false;
+  kill_reason_.clear();
+  reader_ = control::LineReader(control::kMaxWorkerLine);
+  out_.clear();
+
+  auto cfg = configure_();
+  if (!cfg) {
+    last_error_ = cfg.error().message;
+    spdlog::error("vm {}: cannot start its worker: {}", vm_, last_error_);
+    set_state(WorkerState::kFailed);
+    return;
+  }
+  endpoint_ = cfg->endpoint;
+
+  int sv[2];
+  if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    return start_failed(fmt::format("socketpair: {}", std::strerror(errno)));
+  UniqueFd ours(sv[0]), theirs(sv[1]);
+  if (theirs.get() == kWorkerControlFd) {
+    // dup2 onto itself would not clear close-on-exec; move it out of the way first.
+    theirs = UniqueFd(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, kWorkerControlFd + 1));
+    if (!theirs) return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
+  }
+  int fl = ::fcntl(ours.get(), F_GETFL);
+  if (fl < 0 || ::fcntl(ours.get(), F_SETFL, fl | O_NONBLOCK) != 0)
+    return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
+
+  // The child gets: fd 0 = /dev/null, 1 and 2 = gpupd's, 3 = its control socket, nothing else
+  // (gpupd's fds are close-on-exec, and closefrom covers any a plugin left inheritable); default
+  // signal dispositions, an empty signal mask and its own process group, so a terminal's ^C
+  // reaches gpupd, which stops workers in order.
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t attr;
+  ::posix_spawn_file_actions_init(&fa);
+  ::posix_spawnattr_init(&attr);
+  ::posix_spawn_file_actions_adddup2(&fa, theirs.get(), kWorkerControlFd);
+  ::posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  ::posix_spawn_file_actions_addclosefrom_np(&fa, kWorkerControlFd + 1);
+  sigset_t empty, defaults;
+  sigemptyset(&empty);
+  sigemptyset(&defaults);
+  for (int s : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGQUIT, SIGCHLD, SIGUSR1, SIGUSR2}) sigaddset(&defaults, s);
+  ::posix_spawnattr_setsigmask(&attr, &empty);
+  ::posix_spawnattr_setsigdefault(&attr, &defaults);
+  ::posix_spawnattr_setpgroup(&attr, 0);
+  ::posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+
+  std::string fd_arg = std::to_string(kWorkerControlFd);
+  std::vector<char*> argv = {const_cast<char*>(opts_.vmwp_path.c_str()), const_cast<char*>("--vm"),
+                             const_cast<char*>(vm_.c_str()), const_cast<char*>("--control-fd"), fd_arg.data(),
+                             nullptr};
+  pid_t pid = -1;
+  int rc = ::posix_spawn(&pid, opts_.vmwp_path.c_str(), &fa, &attr, argv.data(), environ);
+  ::posix_spawn_file_actions_destroy(&fa);
+  ::posix_spawnattr_destroy(&attr);
+  if (rc != 0) return start_failed(fmt::format("cannot execute {}: {}", opts_.vmwp_path, std::strerror(rc)));
+  theirs.reset();
+
+  UniqueFd pidfd(sys_pidfd_open(pid));
+  if (!pidfd) {
+    int err = errno;
+    ::kill(pid, SIGKILL);  // still our unreaped child: the pid cannot have been reused
+    while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+    }
+    return start_failed(fmt::format("pidfd_open: {}", std::strerror(err)));
+  }
+  pid_ = pid;
+  pidfd_ = std::move(pidfd);
+  control_ = std::move(ours);
+  set_state(WorkerState::kStarting);
+  spdlog::info("vm {}: worker started, pid {}", vm_, pid_);
+
+  Status w1 = loop_.watch(pidfd_.get(), EPOLLIN, [this](uint32_t) { on_exit(); });
+  Status w2 = loop_.watch(control_.get(), EPOLLIN, [this](uint32_t ev) { on_control(ev); });
+  if (!w1.ok() || !w2.ok()) {
+    spdlog::error("vm {}: {}", vm_, (!w1.ok() ? w1 : w2).error().message);
+    signal(SIGKILL);
+    // Without a pidfd watch the exit would go unnoticed: reap synchronously (SIGKILL is prompt).
+    int status = 0;
+    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
+    }
+    loop_.unwatch(pidfd_.get());
+    loop_.unwatch(control_.get());
+    pidfd_.reset();
+    control_.reset();
+    pid_ = -1;
+    return start_failed("cannot watch the worker's fds");
+  }
+  ready_timer_ = loop_.add_timer(opts_.ready_timeout, [this] {
+    ready_timer_ = 0;
+    violation(fmt::format("did not report ready within {} ms", opts_.ready_timeout.count()));
+  });
+  send(to_json(*cfg));
+}
+
+void Worker::start_failed(const std::string& why) {
+  last_error_ = why;
+  spdlog::error("vm {}: worker start failed: {}", vm_, why);
+  ++start_failures_;
+  if (start_failures_ >= opts_.max_start_failures) {
+    last_error_ = fmt::format("worker failed to start {} times in a row; last: {}", start_failures_, why);
+    set_state(WorkerState::kFailed);
+    return;
+  }
+  set_state(WorkerState::kRestarting);
+  restart_timer_ = loop_.add_timer(backoff_, [this] {
+    restart_timer_ = 0;
+    ++restarts_;
+    spawn();
+  });
+  backoff_ = std::min(backoff_ * 2, opts_.backoff_max);
+}
+
+void Worker::signal(int sig) {
+  if (pidfd_ && sys_pidfd_send_signal(pidfd_.get(), sig) != 0 && errno != ESRCH)
+    spdlog::error("vm {}: pidfd_send_signal({}): {}", vm_, sig, std::strerror(errno));
+}
+
+void Worker::send(const json& msg) {
+  if (!control_) return;
+  out_ += control::encode_line(msg);
+  if (out_.size() > 4 * control::kMaxToWorkerLine) return violation("does not read its control channel");
+  auto done = control::flush_some(control_.get(), out_);
+  if (!done) return close_control("control channel write failed: " + done.error().message);
+  loop_.set_events(control_.get(), *done ? EPOLLIN : EPOLLIN | EPOLLOUT);
+}
+
+void Worker::close_control(const std::string& why) {
+  if (!control_) return;
+  loop_.unwatch(control_.get());
+  control_.reset();
+  fail_pending(fmt::format("vm {}: worker {}", vm_, why));
+  // The process should follow; if it lingers, it is killed.
+  if (pid_ > 0 && !kill_timer_)
+    kill_timer_ = loop_.add_timer(kExitGrace, [this] {
+      kill_timer_ = 0;
+      spdlog::warn("vm {}: worker pid {} closed its control channel but did not exit; killing it", vm_, pid_);
+      signal(SIGKILL);
+    });
+}
+
+void Worker::violation(const std::string& why) {
+  std::string msg = fmt::format("worker pid {} {}", pid_, why);
+  spdlog::error("vm {}: {}; killing it", vm_, msg);
+  if (kill_reason_.empty()) kill_reason_ = msg;
+  signal(SIGKILL);
+  close_control(why);
+}
+
+void Worker::fail_pending(const std::string& why) {
+  auto pending = std::move(pending_);
+  pending_.clear();
+  for (auto& [id, p] : pending) {
+    loop_.cancel_timer(p.timer);
+    deliver(std::move(p.cb), make_error(GPUP_STATUS_CONNECTION_LOST, why));
+  }
+}
+
+void Worker::request(const std::string& op, json args, ReplyFn cb) {
+  if (state_ != WorkerState::kRunning || !control_)
+    return deliver(std::move(cb), make_error(GPUP_STATUS_BUSY, fmt::format("vm {}: worker is {}", vm_, to_string(state_))));
+  if (pending_.size() >= opts_.max_pending)
+    return deliver(std::move(cb),
+                   make_error(GPUP_STATUS_BUSY, fmt::format("vm {}: {} requests already waiting for the worker", vm_,
+                                                            pending_.size())));
+  uint64_t id = next_id_++;
+  args["op"] = op;
+  args["id"] = id;
+  Pending p{op, std::move(cb), 0};
+  p.timer = loop_.add_timer(opts_.request_timeout, [this, id] {
+    auto it = pending_.find(id);
+    if (it == pending_.end()) return;
+    Pending late = std::move(it->second);
+    pending_.erase(it);
+    spdlog::warn("vm {}: worker did not answer '{}' (id {}) within {} ms", vm_, late.op, id,
+                 opts_.request_timeout.count());
+    deliver(std::move(late.cb),
+            make_error(GPUP_STATUS_TIMEOUT, fmt::format("vm {}: worker did not answer '{}' within {} ms", vm_, late.op,
+                                                        opts_.request_timeout.count())));
+  });
+  pending_.emplace(id, std::move(p));
+  send(args);
+}
+
+void Worker::on_control(uint32_t events) {
+  if (events & EPOLLOUT) {
+    auto done = control::flush_some(control_.get(), out_);
+    if (!done) return close_control("control channel write failed: " + done.error().message);
+    if (*done) loop_.set_events(control_.get(), EPOLLIN);
+  }
+  if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR))) return;
+  std::string err;
+  auto outcome = control::read_lines(control_.get(), reader_, &err);
+  while (control_) {
+    auto line = reader_.pop();
+    if (!line) break;
+    handle_line(*line);
+  }
+  if (!control_) return;  // a line was a violation
+  if (outcome == control::ReadOutcome::kError) return violation("broke the control framing: " + err);
+  if (outcome == control::ReadOutcome::kEof) {
+    if (reader_.partial_size()) spdlog::warn("vm {}: worker's last line was unterminated; dropped", vm_);
+    close_control("closed its control channel");
+  }
+}
+
+void Worker::handle_line(const std::string& line) {
+  auto msg = control::parse_object_line(line);
+  if (!msg) return violation("sent a malformed line: " + msg.error().message);
+  control::ObjectReader r(*msg, "");
+
+  if (r.has("event")) {
+    auto event = r.str("event", 64);
+    if (!event) return violation("sent a bad event: " + r.error());
+    if (state_ == WorkerState::kStarting && *event == "ready") {
+      auto endpoint = r.str("endpoint", control::kMaxPathLength);
+      if (!endpoint) return violation("sent a bad ready event: " + r.error());
+      if (*endpoint != endpoint_)
+        return violation(fmt::format("reported endpoint '{}', not '{}'", control::printable(*endpoint), endpoint_));
+      loop_.cancel_timer(ready_timer_);
+      ready_timer_ = 0;
+      ready_seen_ = true;
+      ready_at_ = EventLoop::Clock::now();
+      last_error_.clear();
+      spdlog::info("vm {}: worker pid {} ready at {}", vm_, pid_, endpoint_);
+      set_state(WorkerState::kRunning);
+      return;
+    }
+    if (state_ == WorkerState::kStarting && *event == "error") {
+      auto message = r.str("message", control::kMaxMessageLength);
+      if (!message) return violation("sent a bad error event: " + r.error());
+      config_error_ = true;
+      last_error_ = control::printable(*message, control::kMaxMessageLength);
+      spdlog::error("vm {}: worker refused its configuration: {}", vm_, last_error_);
+      loop_.cancel_timer(ready_timer_);
+      ready_timer_ = 0;
+      return close_control("reported an error");
+    }
+    if (state_ == WorkerState::kStarting)
+      return violation(fmt::format("sent event '{}' before ready", control::printable(*event, 64)));
+    spdlog::debug("vm {}: worker event '{}' ignored", vm_, control::printable(*event, 64));
+    return;
+  }
+
+  if (r.has("reply")) {
+    auto id = r.u64("reply");
+    auto ok = r.boolean("ok");
+    if (!r.ok()) return violation("sent a bad reply: " + r.error());
+    auto it = pending_.find(*id);
+    if (it == pending_.end()) {
+      if (*id == 0 || *id >= next_id_) return violation(fmt::format("replied to request {}, which was never sent", *id));
+      spdlog::debug("vm {}: late reply to request {} ignored", vm_, *id);
+      return;
+    }
+    Pending p = std::move(it->second);
+    pending_.erase(it);
+    loop_.cancel_timer(p.timer);
+    if (*ok) return deliver(std::move(p.cb), std::move(*msg));
+    auto error = r.opt_str("error", control::kMaxMessageLength);
+    std::string text = error ? control::printable(*error, control::kMaxMessageLength) : std::string("no reason given");
+    return deliver(std::move(p.cb), make_error(GPUP_STATUS_INVALID_PARAMETER, text));
+  }
+  violation("sent a line that is neither an event nor a reply");
+}
+
+void Worker::on_exit() {
+  int status = 0;
+  pid_t r;
+  while ((r = ::waitpid(pid_, &status, WNOHANG)) < 0 && errno == EINTR) {
+  }
+  if (r == 0) return;  // spurious wake-up; the pidfd stays readable until the child is reaped
+  std::string desc = r < 0 ? fmt::format("could not be reaped: {}", std::strerror(errno)) : describe_wait_status(status);
+  pid_t old_pid = pid_;
+
+  loop_.unwatch(pidfd_.get());
+  pidfd_.reset();
+  pid_ = -1;
+  if (control_) {
+    loop_.unwatch(control_.get());
+    control_.reset();
+  }
+  loop_.cancel_timer(ready_timer_);
+  loop_.cancel_timer(kill_timer_);
+  ready_timer_ = kill_timer_ = 0;
+  fail_pending(fmt::format("vm {}: worker {}", vm_, desc));
+
+  if (stop_requested_) {
+    spdlog::info("vm {}: worker pid {} stopped ({})", vm_, old_pid, desc);
+    set_state(WorkerState::kStopped);
+    for (auto& cb : stop_waiters_) loop_.post(std::move(cb));
+    stop_waiters_.clear();
+    return;
+  }
+  last_exit_ = desc;
+  if (config_error_) {
+    spdlog::error("vm {}: worker pid {} {}; vm failed: {}", vm_, old_pid, desc, last_error_);
+    set_state(WorkerState::kFailed);
+    return;
+  }
+  spdlog::warn("vm {}: worker pid {} {} unexpectedly", vm_, old_pid, desc);
+  if (ready_seen_) {
+    if (EventLoop::Clock::now() - ready_at_ >= opts_.stable_after) {
+      start_failures_ = 0;
+      backoff_ = opts_.backoff_min;
+    }
+    // A protocol violation already said why the worker was killed.
+    last_error_ = kill_reason_.empty() ? fmt::format("worker pid {} {}", old_pid, desc)
+                                       : fmt::format("{} ({})", kill_reason_, desc);
+    set_state(WorkerState::kRestarting);
+    restart_timer_ = loop_.add_timer(backoff_, [this] {
+      restart_timer_ = 0;
+      ++restarts_;
+      spawn();
+    });
+    backoff_ = std::min(backoff_ * 2, opts_.backoff_max);
+    return;
+  }
+  start_failed(kill_reason_.empty() ? fmt::format("worker pid {} {} before it was ready", old_pid, desc)
+                                    : fmt::format("{} ({})", kill_reason_, desc));
+}
+
+void Worker::stop(std::function<void()> done) {
+  stop_requested_ = true;
+  switch (state_) {
+    case WorkerState::kStopped:
+    case WorkerState::kFailed:
+      loop_.post(std::move(done));
+      return;
+    case WorkerState::kRestarting:
+      loop_.cancel_timer(restart_timer_);
+      restart_timer_ = 0;
+      set_state(WorkerState::kStopped);
+      loop_.post(std::move(done));
+      return;
+    case WorkerState::kStopping:
+      stop_waiters_.push_back(std::move(done));
+      return;
+    case WorkerState::kStarting:
+    case WorkerState::kRunning:
+      break;
+  }
+  stop_waiters_.push_back(std::move(done));
+  bool was_running = state_ == WorkerState::kRunning && control_;
+  set_state(WorkerState::kStopping);
+  if (was_running) {
+    // Only the exit matters; the reply is for the log.
+    uint64_t id = next_id_++;
+    Pending p{"shutdown", [vm = vm_](Result<json> r) {
+                if (!r.ok()) spdlog::debug("vm {}: shutdown request: {}", vm, r.error().message);
+              },
+              0};
+    pending_.emplace(id, std::move(p));
+    send(json{{"op", "shutdown"}, {"id", id}});
+  } else {
+    signal(SIGTERM);
+  }
+  loop_.cancel_timer(kill_timer_);
+  kill_timer_ = loop_.add_timer(opts_.stop_timeout, [this] {
+    kill_timer_ = 0;
+    spdlog::warn("vm {}: worker pid {} did not stop within {} ms; killing it", vm_, pid_, opts_.stop_timeout.count());
+    signal(SIGKILL);
+  });
+}
+
+}  // namespace gpup::gpupd

@@ -1,0 +1,135 @@
+// Supervision of one VM's worker process (gpup-vmwp), from gpupd's event loop.
+//
+// The worker runs guest work through the KMD, so gpupd treats it as semi-trusted: every line it
+// sends is length-capped, parsed and type-checked; every request has a deadline; nothing waits on
+// it synchronously. Protocol: see control/protocol.h.
+//
+// States:
+//   starting    spawned, configure sent, waiting for {"event":"ready"} (ready_timeout)
+//   running     ready; requests may be sent
+//   restarting  exited unexpectedly; respawned after a backoff (backoff_min doubling to backoff_max,
+//               back to backoff_min once a worker stayed up for stable_after)
+//   stopping    asked to stop: shutdown request (or SIGTERM before ready), SIGKILL at stop_timeout
+//   stopped     not running, on purpose
+//   failed      gave up: the worker reported {"event":"error"} for its configuration, or it failed to
+//               become ready max_start_failures times in a row; start() tries again
+// A worker that breaks the protocol (overlong or malformed line, unknown event before ready, reply
+// to an id never issued, not draining its input) is killed with SIGKILL and handled as an exit.
+// Signals go through a pidfd, so a recycled pid is never signalled.
+#pragma once
+#include <sys/types.h>
+
+#include <chrono>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/fd.h"
+#include "common/result.h"
+#include "host/control/json_lines.h"
+#include "host/control/protocol.h"
+#include "host/gpupd/event_loop.h"
+
+namespace gpup::gpupd {
+
+struct WorkerOptions {
+  std::string vmwp_path;
+  std::chrono::milliseconds ready_timeout{20000};
+  std::chrono::milliseconds request_timeout{5000};
+  std::chrono::milliseconds stop_timeout{5000};
+  std::chrono::milliseconds backoff_min{100};
+  std::chrono::milliseconds backoff_max{5000};
+  std::chrono::milliseconds stable_after{10000};
+  unsigned max_start_failures = 5;
+  size_t max_pending = 64;
+};
+
+enum class WorkerState { kStopped, kStarting, kRunning, kRestarting, kStopping, kFailed };
+const char* to_string(WorkerState s);
+
+// "exited with status 3", "killed by signal 9 (KILL)"
+std::string describe_wait_status(int status);
+
+class Worker {
+ public:
+  // Builds the configure message for each (re)start, so a restart picks up current settings. An
+  // error (e.g. the adapter failed) puts the worker in state failed without spawning anything.
+  using ConfigureFn = std::function<Result<control::ConfigureMessage>()>;
+  using ReplyFn = std::function<void(Result<control::json>)>;
+
+  Worker(EventLoop& loop, const WorkerOptions& opts, std::string vm, ConfigureFn configure);
+  ~Worker();  // SIGKILLs and reaps a live process
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // From stopped or failed: clears the failure count and spawns. From restarting: spawns now.
+  void start();
+  // Stops the worker; done runs (from the loop) once no process is left.
+  void stop(std::function<void()> done);
+  // Sends {"op":op,"id":N,...args}; cb gets the whole reply object on {"ok":true}, an error with
+  // the worker's message on {"ok":false}, TIMEOUT after request_timeout, or an error when the
+  // worker is not running or exits first. cb always runs from the loop, never inside this call.
+  void request(const std::string& op, control::json args, ReplyFn cb);
+  // cb runs (from the loop) once the worker is no longer starting.
+  void when_settled(std::function<void()> cb);
+
+  WorkerState state() const { return state_; }
+  pid_t pid() const { return pid_; }
+  unsigned restarts() const { return restarts_; }
+  const std::string& last_error() const { return last_error_; }
+  // {"state":..,"pid":..,"restarts":..,"last_error":..,"last_exit":..} (absent fields omitted)
+  control::json describe() const;
+
+ private:
+  void spawn();
+  void on_control(uint32_t events);
+  void on_exit();
+  void handle_line(const std::string& line);
+  void violation(const std::string& why);
+  void send(const control::json& msg);
+  void signal(int sig);
+  void close_control(const std::string& why);
+  void fail_pending(const std::string& why);
+  void start_failed(const std::string& why);
+  void set_state(WorkerState s);
+  void deliver(ReplyFn cb, Result<control::json> r);
+
+  struct Pending {
+    std::string op;
+    ReplyFn cb;
+    EventLoop::TimerId timer = 0;
+  };
+
+  EventLoop& loop_;
+  WorkerOptions opts_;
+  std::string vm_;
+  ConfigureFn configure_;
+
+  WorkerState state_ = WorkerState::kStopped;
+  pid_t pid_ = -1;
+  UniqueFd pidfd_;
+  UniqueFd control_;
+  control::LineReader reader_{control::kMaxWorkerLine};
+  std::string out_;
+  std::string endpoint_;
+  bool ready_seen_ = false;
+  bool config_error_ = false;
+  bool stop_requested_ = false;
+  EventLoop::Clock::time_point ready_at_{};
+
+  EventLoop::TimerId ready_timer_ = 0, kill_timer_ = 0, restart_timer_ = 0;
+  std::map<uint64_t, Pending> pending_;
+  uint64_t next_id_ = 1;
+
+  unsigned restarts_ = 0;
+  unsigned start_failures_ = 0;
+  std::chrono::milliseconds backoff_;
+  std::string last_error_;
+  std::string last_exit_;
+  std::string kill_reason_;  // why gpupd killed the current process, if it did
+  std::vector<std::function<void()>> settled_waiters_;
+  std::vector<std::function<void()>> stop_waiters_;
+};
+
+}  // namespace gpup::gpupd
