@@ -154,11 +154,26 @@ Status CommandWriter::dispatch(u32 program, std::string_view kernel, u32 work_di
                                const u64 global_size[3], const u64 local_size[3], std::span<const Arg> args) {
   if (kernel.empty() || kernel.size() > kMaxKernelNameLength)
     return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel name of {} bytes (1..{} allowed)", kernel.size(), kMaxKernelNameLength));
+  if (work_dim < 1 || work_dim > 3)
+    return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("work dimension {} (1..3)", work_dim));
   if (args.size() > kMaxKernelArgs)
     return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{} kernel arguments (at most {})", args.size(), kMaxKernelArgs));
-  for (const Arg& a : args)
-    if (a.kind == GPUPDDI_ARG_VALUE && (a.size > kMaxKernelArgValueSize || (a.size && !a.value)))
-      return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument value of {} bytes (at most {})", a.size, kMaxKernelArgValueSize));
+  for (size_t i = 0; i < args.size(); ++i) {
+    const Arg& a = args[i];
+    switch (a.kind) {
+      case GPUPDDI_ARG_VALUE:
+        if (a.size == 0 || a.size > kMaxKernelArgValueSize || !a.value)
+          return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument {}: VALUE of {} bytes at {} (1..{} bytes)", i,
+                                                                  a.size, a.value, kMaxKernelArgValueSize));
+        break;
+      case GPUPDDI_ARG_BUFFER:
+      case GPUPDDI_ARG_LOCAL:
+      case GPUPDDI_ARG_NULL_BUFFER:
+        break;
+      default:
+        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument {}: unknown kind {}", i, a.kind));
+    }
+  }
   size_t s = begin(CommandOp::Dispatch, sizeof(DispatchCommand));
   DispatchCommand c{};
   c.program = program;

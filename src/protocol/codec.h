@@ -109,7 +109,8 @@ class CommandWriter {
   void copy(u64 src_va, u64 dst_va, u64 size);
   // pattern_size 1..128; the pattern is copied.
   void fill(u64 dst_va, u64 size, const void* pattern, u32 pattern_size);
-  // Refuses (INVALID_PARAMETER) names or args over the limits above.
+  // Refuses (INVALID_PARAMETER) a work dimension outside 1..3, names or args over the limits above,
+  // an unknown argument kind, and a VALUE argument without bytes. The host checks all of it again.
   Status dispatch(u32 program, std::string_view kernel, u32 work_dim, const u64 global_offset[3],
                   const u64 global_size[3], const u64 local_size[3], std::span<const Arg> args);
   void signal(u32 sync_object, u64 value);

@@ -70,31 +70,16 @@ GPUPKMT_EXPORT gpup_status GpupKmtCmdDispatch(GPUPKMT_CMDBUF* pCmdBuf, const GPU
     if (!pCmdBuf || !pDispatch) return fail(GPUP_STATUS_INVALID_PARAMETER, "pCmdBuf or pDispatch is NULL");
     const GPUPKMT_DISPATCH& d = *pDispatch;
     if (!d.pKernelName) return fail(GPUP_STATUS_INVALID_PARAMETER, "pKernelName is NULL");
-    if (d.WorkDim < 1 || d.WorkDim > 3)
-      return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("work dimension {} (1..3)", d.WorkDim));
-    if (d.ArgCount > proto::kMaxKernelArgs)
+    if (d.ArgCount > proto::kMaxKernelArgs)  // bounds the conversion below; the writer says why
       return fail(GPUP_STATUS_INVALID_PARAMETER,
                   fmt::format("{} kernel arguments (at most {})", d.ArgCount, proto::kMaxKernelArgs));
     if (d.ArgCount != 0 && !d.pArgs) return fail(GPUP_STATUS_INVALID_PARAMETER, "pArgs is NULL");
     // Bounded scan: a name longer than the limit is refused by dispatch() below.
     const size_t name_len = strnlen(d.pKernelName, proto::kMaxKernelNameLength + 1);
-
+    // The writer checks the work dimension and every argument.
     std::vector<proto::CommandWriter::Arg> args(d.ArgCount);
     for (uint32_t i = 0; i < d.ArgCount; ++i) {
       const GPUPKMT_KERNEL_ARG& in = d.pArgs[i];
-      switch (in.Kind) {
-        case GPUPDDI_ARG_VALUE:
-          if (in.Size == 0 || !in.pValue)
-            return fail(GPUP_STATUS_INVALID_PARAMETER,
-                        fmt::format("kernel argument {}: VALUE of {} bytes at {}", i, in.Size, in.pValue));
-          break;
-        case GPUPDDI_ARG_BUFFER:
-        case GPUPDDI_ARG_LOCAL:
-        case GPUPDDI_ARG_NULL_BUFFER:
-          break;
-        default:
-          return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument {}: unknown kind {}", i, in.Kind));
-      }
       args[i].kind = in.Kind;
       args[i].size = in.Size;
       args[i].va = in.VirtualAddress;

@@ -46,7 +46,8 @@ bool add_overflows(uint64_t a, uint64_t b) { return a + b < a; }
 }  // namespace
 
 struct Device : Object {
-  Device() : Object(ObjectType::Device) {}
+  static constexpr ObjectType kType = ObjectType::Device;
+  Device() : Object(kType) {}
   GPUPDDI_HANDLE kmd = nullptr;
   std::set<std::shared_ptr<Context>> contexts;
   std::set<std::shared_ptr<Allocation>> allocations;
@@ -58,7 +59,8 @@ struct Device : Object {
 // Freed when the last reference goes: the handle table, a VA mapping, or a submission in flight.
 // Its destructor returns the device memory, so memory in use by the device is never reused early.
 struct Allocation : Object {
-  Allocation() : Object(ObjectType::Allocation) {}
+  static constexpr ObjectType kType = ObjectType::Allocation;
+  Allocation() : Object(kType) {}
   ~Allocation() override {
     if (kmd && ddi) ddi->Memory.pfnDestroyAllocation(device_kmd, kmd);
     if (backing) munmap(backing, backing_size);
@@ -83,7 +85,8 @@ struct Allocation : Object {
 };
 
 struct SyncObject : Object {
-  SyncObject() : Object(ObjectType::SyncObject) {}
+  static constexpr ObjectType kType = ObjectType::SyncObject;
+  SyncObject() : Object(kType) {}
   Device* device = nullptr;
   GuestProcess* process = nullptr;
   uint64_t value = 0;
@@ -110,7 +113,8 @@ struct Batch {
 };
 
 struct Context : Object {
-  Context() : Object(ObjectType::Context) {}
+  static constexpr ObjectType kType = ObjectType::Context;
+  Context() : Object(kType) {}
   struct Cookie {
     Worker* worker;
     uint64_t id;
@@ -349,6 +353,18 @@ Status GuestProcess::on_hello(const Message& m) {
   return {};
 }
 
+// The four Destroy* requests: look the handle up as its type, destroy it with its children, and
+// answer with an empty reply (every Destroy*Reply is a single pad word).
+template <typename T>
+Result<GuestProcess::Reply> GuestProcess::destroy_object(uint32_t handle, void (GuestProcess::*destroy)(const std::shared_ptr<T>&)) {
+  static_assert(sizeof(DestroyDeviceReply) == sizeof(u32) && sizeof(DestroyContextReply) == sizeof(u32) &&
+                sizeof(DestroyAllocationReply) == sizeof(u32) && sizeof(DestroySyncObjectReply) == sizeof(u32));
+  auto obj = handles_.get<T>(handle, T::kType);
+  if (!obj.ok()) return obj.error();
+  (this->*destroy)(*obj);
+  return reply(u32{0});
+}
+
 Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
   const auto& ddi = w_.driver_->ddi();
   switch (m.op()) {
@@ -432,13 +448,8 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       return reply(CreateDeviceReply{*h, w_.state_counter_});
     }
 
-    case Op::DestroyDevice: {
-      auto req = m.as<DestroyDeviceRequest>();
-      auto dev = handles_.get<Device>(req.device, ObjectType::Device);
-      if (!dev.ok()) return dev.error();
-      destroy_device_locked(*dev);
-      return reply(DestroyDeviceReply{});
-    }
+    case Op::DestroyDevice:
+      return destroy_object<Device>(m.as<DestroyDeviceRequest>().device, &GuestProcess::destroy_device_locked);
 
     case Op::CreateContext: {
       auto req = m.as<CreateContextRequest>();
@@ -474,13 +485,8 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       return reply(CreateContextReply{*h, 0});
     }
 
-    case Op::DestroyContext: {
-      auto req = m.as<DestroyContextRequest>();
-      auto ctx = handles_.get<Context>(req.context, ObjectType::Context);
-      if (!ctx.ok()) return ctx.error();
-      destroy_context_locked(*ctx);
-      return reply(DestroyContextReply{});
-    }
+    case Op::DestroyContext:
+      return destroy_object<Context>(m.as<DestroyContextRequest>().context, &GuestProcess::destroy_context_locked);
 
     case Op::CreateAllocation: {
       auto req = m.as<CreateAllocationRequest>();
@@ -553,13 +559,8 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       return reply(rep, std::move(out));
     }
 
-    case Op::DestroyAllocation: {
-      auto req = m.as<DestroyAllocationRequest>();
-      auto alloc = handles_.get<Allocation>(req.allocation, ObjectType::Allocation);
-      if (!alloc.ok()) return alloc.error();
-      destroy_allocation_locked(*alloc);
-      return reply(DestroyAllocationReply{});
-    }
+    case Op::DestroyAllocation:
+      return destroy_object<Allocation>(m.as<DestroyAllocationRequest>().allocation, &GuestProcess::destroy_allocation_locked);
 
     case Op::Lock:
     case Op::Unlock: {
@@ -661,13 +662,8 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       return reply(CreateSyncObjectReply{*h, s->slot});
     }
 
-    case Op::DestroySyncObject: {
-      auto req = m.as<DestroySyncObjectRequest>();
-      auto s = handles_.get<SyncObject>(req.sync_object, ObjectType::SyncObject);
-      if (!s.ok()) return s.error();
-      destroy_sync_locked(*s);
-      return reply(DestroySyncObjectReply{});
-    }
+    case Op::DestroySyncObject:
+      return destroy_object<SyncObject>(m.as<DestroySyncObjectRequest>().sync_object, &GuestProcess::destroy_sync_locked);
 
     case Op::SignalFromCpu: {
       auto req = m.as<SignalFromCpuRequest>();

@@ -128,6 +128,8 @@ class GuestProcess {
   Result<Reply> on_sync(const proto::Message& m);
   void on_async(const proto::Message& m);
   Status on_hello(const proto::Message& m);
+  template <typename T>
+  Result<Reply> destroy_object(uint32_t handle, void (GuestProcess::*destroy)(const std::shared_ptr<T>&));
   void send_reply(const proto::Message& m, const Reply& r);
 
   Status check_adapter(uint64_t luid) const;

@@ -295,7 +295,7 @@ class Device final : public KmdObject {
   static constexpr ObjectTag kTag = ObjectTag::kDevice;
   Device(Adapter* adapter, Process* process) : KmdObject(kTag), adapter(adapter), process(process) {}
   ~Device() override {
-    std::map<const KmdObject*, std::unique_ptr<Context>> contexts;
+    OwnedObjects<Context> contexts;
     {
       std::lock_guard lock(mu_);
       contexts.swap(contexts_);
@@ -315,24 +315,13 @@ class Device final : public KmdObject {
     }
     release(it);
   }
-  Allocation* find_allocation(GPUPDDI_HANDLE h) {
-    std::lock_guard lock(mu_);
-    auto it = allocations_.find(static_cast<const KmdObject*>(h));
-    return it == allocations_.end() ? nullptr : it->second.get();
-  }
+  Allocation* find_allocation(GPUPDDI_HANDLE h) { return find_owned(mu_, allocations_, static_cast<const KmdObject*>(h)); }
+  // The backing store is the memory, so Lock and Unlock only check their arguments.
+  gpup_status lock(GPUPDDI_HANDLE h) { return check_lockable(h); }
+  gpup_status unlock(GPUPDDI_HANDLE h) { return check_lockable(h); }
   gpup_status create_context(GPUPDDI_ARG_CREATECONTEXT* args);
   void destroy_context(Context* c) {
-    std::unique_ptr<Context> dead;
-    {
-      std::lock_guard lock(mu_);
-      auto it = contexts_.find(c);
-      if (it == contexts_.end()) {
-        log_message(GPUPDDI_LOG_ERROR, "DestroyContext: unknown context");
-        return;
-      }
-      dead = std::move(it->second);
-      contexts_.erase(it);
-    }
+    take(mu_, contexts_, c, "DestroyContext: unknown context");  // destroyed outside mu_
   }
   void reset_all(gpup_status status) {
     std::lock_guard lock(mu_);
@@ -343,12 +332,17 @@ class Device final : public KmdObject {
   Process* const process;
 
  private:
-  using AllocMap = std::map<const KmdObject*, std::unique_ptr<Allocation>>;
+  using AllocMap = OwnedObjects<Allocation>;
   void release(AllocMap::iterator it);
+  gpup_status check_lockable(GPUPDDI_HANDLE h) {
+    Allocation* a = find_allocation(h);
+    if (a == nullptr) return GPUP_STATUS_INVALID_HANDLE;
+    return a->flags.CpuVisible ? GPUP_STATUS_SUCCESS : GPUP_STATUS_INVALID_PARAMETER;
+  }
 
   std::mutex mu_;
   AllocMap allocations_;
-  std::map<const KmdObject*, std::unique_ptr<Context>> contexts_;
+  OwnedObjects<Context> contexts_;
 };
 
 class Adapter final : public KmdObject {
@@ -356,7 +350,7 @@ class Adapter final : public KmdObject {
   static constexpr ObjectTag kTag = ObjectTag::kAdapter;
   Adapter() : KmdObject(kTag) {}
   ~Adapter() override {
-    std::map<const KmdObject*, std::unique_ptr<Device>> devices;
+    OwnedObjects<Device> devices;
     {
       std::lock_guard lock(mu_);
       devices.swap(devices_);
@@ -365,34 +359,22 @@ class Adapter final : public KmdObject {
     processes.clear();
   }
 
+  static Result<std::unique_ptr<Adapter>> start(const char* config);
+
   gpup_status query(const GPUPDDI_ARG_QUERYADAPTERINFO* args);
+  const GPUPDDI_DEVICEINFO& device_info() const { return info; }
   gpup_status create_device(GPUPDDI_ARG_CREATEDEVICE* args) {
     if (!arg_ok(args) || args->Flags != 0) return GPUP_STATUS_INVALID_PARAMETER;
     Process* process = processes.find(args->hKmdProcess);
     if (process == nullptr) return GPUP_STATUS_INVALID_HANDLE;
     if (!process->may_create_devices()) return GPUP_STATUS_INVALID_PARAMETER;
-    auto device = std::make_unique<Device>(this, process);
-    Device* raw = device.get();
-    {
-      std::lock_guard lock(mu_);
-      devices_.emplace(raw, std::move(device));
-    }
-    args->hDevice = to_handle(raw);
+    args->hDevice = adopt(mu_, devices_, std::make_unique<Device>(this, process));
     return GPUP_STATUS_SUCCESS;
   }
   void destroy_device(Device* d) {
-    std::unique_ptr<Device> dead;
-    {
-      std::lock_guard lock(mu_);
-      auto it = devices_.find(d);
-      if (it == devices_.end()) {
-        log_message(GPUPDDI_LOG_ERROR, "DestroyDevice: unknown device");
-        return;
-      }
-      dead = std::move(it->second);
-      devices_.erase(it);
-    }
+    take(mu_, devices_, d, "DestroyDevice: unknown device");  // destroyed outside mu_
   }
+  static constexpr bool kCanResetEngine = true;
   gpup_status reset_engine(const GPUPDDI_ARG_RESETENGINE* args) {
     if (!arg_ok(args) || args->NodeOrdinal != 0) return GPUP_STATUS_INVALID_PARAMETER;
     if (args->hContext != nullptr) {
@@ -415,7 +397,7 @@ class Adapter final : public KmdObject {
 
  private:
   std::mutex mu_;
-  std::map<const KmdObject*, std::unique_ptr<Device>> devices_;
+  OwnedObjects<Device> devices_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -438,16 +420,8 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
       caps.MaxAllocationSize = info.MaxAllocSize;
       return write_query_output(args, caps);
     }
-    case GPUPDDI_QAITYPE_QUERYSEGMENT: {
-      GPUPDDI_QUERYSEGMENTOUT out{};
-      out.NbSegment = 2;
-      out.Segments[0].Size = info.GlobalMemSize;
-      out.Segments[1].BaseAddress = info.GlobalMemSize;
-      out.Segments[1].Size = info.GlobalMemSize;
-      out.Segments[1].CpuVisible = 1;
-      out.Segments[1].Aperture = 1;
-      return write_query_output(args, out);
-    }
+    case GPUPDDI_QAITYPE_QUERYSEGMENT:
+      return write_query_output(args, standard_segments(info.GlobalMemSize));
     case GPUPDDI_QAITYPE_DEVICEINFO:
       return write_query_output(args, info);
     case GPUPDDI_QAITYPE_GPUMMUCAPS:
@@ -462,7 +436,7 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
   }
 }
 
-Result<std::unique_ptr<Adapter>> start_adapter(const char* config) {
+Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
   static constexpr std::array<std::string_view, 2> kKeys = {"memory", "name"};
   auto cfg = parse_config(config, kKeys);
   if (!cfg) return cfg.error();
@@ -566,12 +540,7 @@ gpup_status Device::create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args) {
     }
     alloc->size = args->Size;
   }
-  Allocation* raw = alloc.get();
-  {
-    std::lock_guard lock(mu_);
-    allocations_.emplace(raw, std::move(alloc));
-  }
-  args->hAllocation = to_handle(raw);
+  args->hAllocation = adopt(mu_, allocations_, std::move(alloc));
   return GPUP_STATUS_SUCCESS;
 }
 
@@ -581,13 +550,7 @@ gpup_status Device::create_context(GPUPDDI_ARG_CREATECONTEXT* args) {
       args->PrivateDriverDataSize != 0) {
     return GPUP_STATUS_INVALID_PARAMETER;
   }
-  auto context = std::make_unique<Context>(this, args->hSystemContext);
-  Context* raw = context.get();
-  {
-    std::lock_guard lock(mu_);
-    contexts_.emplace(raw, std::move(context));
-  }
-  args->hContext = to_handle(raw);
+  args->hContext = adopt(mu_, contexts_, std::make_unique<Context>(this, args->hSystemContext));
   return GPUP_STATUS_SUCCESS;
 }
 
@@ -790,153 +753,15 @@ void Context::run() {
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// DDI entry points
-
-gpup_status StartAdapter(GPUPDDI_ARG_STARTADAPTER* args) {
-  return guarded("StartAdapter", [&]() -> gpup_status {
-    if (!arg_ok(args)) return GPUP_STATUS_INVALID_PARAMETER;
-    auto adapter = start_adapter(args->pConfig);
-    if (!adapter) {
-      logf(GPUPDDI_LOG_ERROR, "StartAdapter: {}", adapter.error().message);
-      return adapter.error().status;
-    }
-    args->hAdapter = to_handle(adapter->release());
-    return GPUP_STATUS_SUCCESS;
-  });
-}
-
-void StopAdapter(GPUPDDI_HANDLE h) {
-  guarded_void("StopAdapter", [&] { delete from_handle<Adapter>(h); });
-}
-
-gpup_status QueryAdapterInfo(GPUPDDI_HANDLE h, const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
-  return guarded("QueryAdapterInfo", [&]() -> gpup_status {
-    Adapter* a = from_handle<Adapter>(h);
-    return a ? a->query(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-gpup_status SetVirtualMachineData(GPUPDDI_HANDLE h, const GPUPDDI_ARG_SETVIRTUALMACHINEDATA* args) {
-  return guarded("SetVirtualMachineData", [&]() -> gpup_status {
-    Adapter* a = from_handle<Adapter>(h);
-    return a ? a->processes.set_vm_data(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-gpup_status Escape(GPUPDDI_HANDLE h, const GPUPDDI_ARG_ESCAPE* args) {
-  return guarded("Escape", [&]() -> gpup_status {
-    Adapter* a = from_handle<Adapter>(h);
-    return a ? handle_escape(args, a->info) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-gpup_status ResetEngine(GPUPDDI_HANDLE h, const GPUPDDI_ARG_RESETENGINE* args) {
-  return guarded("ResetEngine", [&]() -> gpup_status {
-    Adapter* a = from_handle<Adapter>(h);
-    return a ? a->reset_engine(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-gpup_status CreateProcess(GPUPDDI_HANDLE h, GPUPDDI_ARG_CREATEPROCESS* args) {
-  return guarded("CreateProcess", [&]() -> gpup_status {
-    Adapter* a = from_handle<Adapter>(h);
-    return a ? a->processes.create(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-void DestroyProcess(GPUPDDI_HANDLE h, GPUPDDI_HANDLE hProcess) {
-  guarded_void("DestroyProcess", [&] {
-    if (Adapter* a = from_handle<Adapter>(h)) a->processes.destroy(hProcess);
-  });
-}
-
-gpup_status CreateDevice(GPUPDDI_HANDLE h, GPUPDDI_ARG_CREATEDEVICE* args) {
-  return guarded("CreateDevice", [&]() -> gpup_status {
-    Adapter* a = from_handle<Adapter>(h);
-    return a ? a->create_device(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-void DestroyDevice(GPUPDDI_HANDLE hDevice) {
-  guarded_void("DestroyDevice", [&] {
-    if (Device* d = from_handle<Device>(hDevice)) d->adapter->destroy_device(d);
-  });
-}
-
-gpup_status CreateAllocation(GPUPDDI_HANDLE hDevice, GPUPDDI_ARG_CREATEALLOCATION* args) {
-  return guarded("CreateAllocation", [&]() -> gpup_status {
-    Device* d = from_handle<Device>(hDevice);
-    return d ? d->create_allocation(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-void DestroyAllocation(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
-  guarded_void("DestroyAllocation", [&] {
-    if (Device* d = from_handle<Device>(hDevice)) d->destroy_allocation(hAllocation);
-  });
-}
-
-// The backing store is the memory, so Lock and Unlock only check their arguments.
-gpup_status LockOrUnlock(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
-  Device* d = from_handle<Device>(hDevice);
-  if (d == nullptr) return GPUP_STATUS_INVALID_HANDLE;
-  Allocation* a = d->find_allocation(hAllocation);
-  if (a == nullptr) return GPUP_STATUS_INVALID_HANDLE;
-  return a->flags.CpuVisible ? GPUP_STATUS_SUCCESS : GPUP_STATUS_INVALID_PARAMETER;
-}
-gpup_status Lock(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
-  return guarded("Lock", [&]() -> gpup_status { return LockOrUnlock(hDevice, hAllocation); });
-}
-gpup_status Unlock(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
-  return guarded("Unlock", [&]() -> gpup_status { return LockOrUnlock(hDevice, hAllocation); });
-}
-
-gpup_status CreateContext(GPUPDDI_HANDLE hDevice, GPUPDDI_ARG_CREATECONTEXT* args) {
-  return guarded("CreateContext", [&]() -> gpup_status {
-    Device* d = from_handle<Device>(hDevice);
-    return d ? d->create_context(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
-void DestroyContext(GPUPDDI_HANDLE hContext) {
-  guarded_void("DestroyContext", [&] {
-    if (Context* c = from_handle<Context>(hContext)) c->device()->destroy_context(c);
-  });
-}
-
-gpup_status SubmitCommand(GPUPDDI_HANDLE hContext, const GPUPDDI_ARG_SUBMITCOMMAND* args) {
-  return guarded("SubmitCommand", [&]() -> gpup_status {
-    Context* c = from_handle<Context>(hContext);
-    return c ? c->submit(args) : GPUP_STATUS_INVALID_HANDLE;
-  });
-}
-
 }  // namespace
 }  // namespace gpup::kmd::mock
 
 extern "C" __attribute__((visibility("default"))) gpup_status GpupKmdDriverEntry(const GPUPDDI_CALLBACKS* pCallbacks,
                                                                                  GPUPDDI_DRIVER_FUNCS* pFuncs) {
   using namespace gpup::kmd::mock;
-  const gpup_status s = gpup::kmd::driver_entry_prologue(pCallbacks, pFuncs, GPUP_MOCK_DRIVER_NAME);
+  const gpup_status s = gpup::kmd::driver_entry<Adapter, Device, Context>(pCallbacks, pFuncs, GPUP_MOCK_DRIVER_NAME);
   if (s != GPUP_STATUS_SUCCESS) return s;
   pFuncs->DdiVersion = (static_cast<uint32_t>(GPUP_MOCK_REPORTED_MAJOR) << 16) | GPUPDDI_VERSION_MINOR;
-  pFuncs->Adapter.pfnStartAdapter = StartAdapter;
-  pFuncs->Adapter.pfnStopAdapter = StopAdapter;
-  pFuncs->Adapter.pfnQueryAdapterInfo = QueryAdapterInfo;
-  pFuncs->Adapter.pfnSetVirtualMachineData = SetVirtualMachineData;
-  pFuncs->Adapter.pfnEscape = Escape;
-  pFuncs->Adapter.pfnResetEngine = ResetEngine;
-  pFuncs->Process.pfnCreateProcess = CreateProcess;
-  pFuncs->Process.pfnDestroyProcess = DestroyProcess;
-  pFuncs->Device.pfnCreateDevice = CreateDevice;
-  pFuncs->Device.pfnDestroyDevice = DestroyDevice;
-  pFuncs->Memory.pfnCreateAllocation = CreateAllocation;
-  pFuncs->Memory.pfnDestroyAllocation = DestroyAllocation;
-  pFuncs->Memory.pfnLock = Lock;
-  pFuncs->Memory.pfnUnlock = Unlock;
-  pFuncs->Context.pfnCreateContext = GPUP_MOCK_OMIT_CREATE_CONTEXT ? nullptr : CreateContext;
-  pFuncs->Context.pfnDestroyContext = DestroyContext;
-  pFuncs->Context.pfnSubmitCommand = SubmitCommand;
+  if constexpr (GPUP_MOCK_OMIT_CREATE_CONTEXT) pFuncs->Context.pfnCreateContext = nullptr;
   return GPUP_STATUS_SUCCESS;
 }

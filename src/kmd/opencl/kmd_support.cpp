@@ -323,6 +323,18 @@ GPUPDDI_GPUMMUCAPS standard_mmu_caps(bool cache_coherent) {
   return caps;
 }
 
+GPUPDDI_QUERYSEGMENTOUT standard_segments(uint64_t global_mem_size) {
+  GPUPDDI_QUERYSEGMENTOUT out{};
+  out.NbSegment = 2;
+  out.Segments[0].BaseAddress = 0;  // segment 1: device memory
+  out.Segments[0].Size = global_mem_size;
+  out.Segments[1].BaseAddress = global_mem_size;  // segment 2: system memory the device sees
+  out.Segments[1].Size = global_mem_size;
+  out.Segments[1].CpuVisible = 1;
+  out.Segments[1].Aperture = 1;
+  return out;
+}
+
 gpup_status answer_page_table_level(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
   if (args->pInputData == nullptr || args->InputDataSize != sizeof(uint32_t)) return GPUP_STATUS_INVALID_PARAMETER;
   uint32_t level;
@@ -391,9 +403,7 @@ gpup_status ProcessTable::create(GPUPDDI_ARG_CREATEPROCESS* args) {
        : f.SystemProcess             ? "system"
                                      : "host",
        process->worker_id ? fmt::format(", worker {}", process->worker_id) : std::string());
-  Process* raw = process.get();
-  processes_.emplace(raw, std::move(process));
-  args->hKmdProcess = to_handle(raw);
+  args->hKmdProcess = adopt_locked(processes_, std::move(process));
   return GPUP_STATUS_SUCCESS;
 }
 
@@ -401,13 +411,8 @@ void ProcessTable::destroy(GPUPDDI_HANDLE h) {
   std::unique_ptr<Process> dead;
   {
     std::lock_guard lock(mu_);
-    auto it = processes_.find(static_cast<const KmdObject*>(h));
-    if (it == processes_.end()) {
-      log_message(GPUPDDI_LOG_ERROR, "DestroyProcess: unknown process handle");
-      return;
-    }
-    dead = std::move(it->second);
-    processes_.erase(it);
+    dead = take_locked(processes_, static_cast<const KmdObject*>(h), "DestroyProcess: unknown process handle");
+    if (dead == nullptr) return;
     if (dead->is_worker()) {
       for (auto& [key, p] : processes_) {
         if (p->worker_id == dead->id) {
@@ -462,13 +467,11 @@ gpup_status ProcessTable::set_vm_data(const GPUPDDI_ARG_SETVIRTUALMACHINEDATA* a
 }
 
 Process* ProcessTable::find(GPUPDDI_HANDLE h) {
-  std::lock_guard lock(mu_);
-  auto it = processes_.find(static_cast<const KmdObject*>(h));
-  return it == processes_.end() ? nullptr : it->second.get();
+  return find_owned(mu_, processes_, static_cast<const KmdObject*>(h));
 }
 
 void ProcessTable::clear() {
-  std::map<const KmdObject*, std::unique_ptr<Process>> dead;
+  OwnedObjects<Process> dead;
   std::lock_guard lock(mu_);
   dead.swap(processes_);
 }

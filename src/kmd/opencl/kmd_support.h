@@ -1,8 +1,9 @@
 // Pieces every gpup KMD plugin needs and that must behave identically in all of them: the driver
 // entry handshake, logging through the host's callbacks, "key=value" configuration, the
 // GPUP_OCL_* private-data contract (include/gpup/kmd_opencl.h: program descriptors, build
-// results, escapes, UMD-private queries), the process / VM-data object model of the DDI, and the
-// standard GPU MMU description both KMDs report.
+// results, escapes, UMD-private queries), the process / VM-data object model of the DDI, the
+// bookkeeping of owned objects behind handles, the standard GPU MMU description both KMDs report,
+// and the DDI entry points themselves (DdiEntryPoints, a template over each KMD's object types).
 //
 // Built as the static library gpup_kmd_support (PIC, hidden visibility) and linked into
 // libgpup_kmd_opencl.so and the libgpup_kmd_mock*.so variants. Nothing here is exported.
@@ -132,6 +133,53 @@ GPUPDDI_HANDLE to_handle(T* obj) {
   return static_cast<KmdObject*>(obj);
 }
 
+// The objects a KMD object owns (an adapter's devices, a device's allocations and contexts, the
+// processes), keyed by the KmdObject they are handed out as.
+template <typename T>
+using OwnedObjects = std::map<const KmdObject*, std::unique_ptr<T>>;
+
+// Adds obj to objects (the caller holds the lock guarding them) and returns its handle.
+template <typename T>
+GPUPDDI_HANDLE adopt_locked(OwnedObjects<T>& objects, std::unique_ptr<T> obj) {
+  T* raw = obj.get();
+  objects.emplace(raw, std::move(obj));
+  return to_handle(raw);
+}
+// Same, taking mu for the insertion.
+template <typename T>
+GPUPDDI_HANDLE adopt(std::mutex& mu, OwnedObjects<T>& objects, std::unique_ptr<T> obj) {
+  std::lock_guard lock(mu);
+  return adopt_locked(objects, std::move(obj));
+}
+
+// The object keyed by key, or nullptr; takes mu for the lookup.
+template <typename T>
+T* find_owned(std::mutex& mu, OwnedObjects<T>& objects, const KmdObject* key) {
+  std::lock_guard lock(mu);
+  auto it = objects.find(key);
+  return it == objects.end() ? nullptr : it->second.get();
+}
+
+// Removes the object keyed by key from objects (the caller holds the lock guarding them) and
+// hands it back; when there is none, logs unknown_message as an error and returns nullptr.
+template <typename T>
+std::unique_ptr<T> take_locked(OwnedObjects<T>& objects, const KmdObject* key, const char* unknown_message) {
+  auto it = objects.find(key);
+  if (it == objects.end()) {
+    log_message(GPUPDDI_LOG_ERROR, unknown_message);
+    return nullptr;
+  }
+  std::unique_ptr<T> taken = std::move(it->second);
+  objects.erase(it);
+  return taken;
+}
+// Same, taking mu for the removal only: the object comes back, and so is destroyed, outside mu.
+template <typename T>
+std::unique_ptr<T> take(std::mutex& mu, OwnedObjects<T>& objects, const KmdObject* key, const char* unknown_message) {
+  std::lock_guard lock(mu);
+  return take_locked(objects, key, unknown_message);
+}
+
 // True when an argument struct from the host is present and at least as large as ours.
 template <typename T>
 bool arg_ok(const T* args) {
@@ -196,6 +244,9 @@ gpup_status write_query_output(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const T
 // (the WDDM convention); page tables live in segment 1.
 inline constexpr uint32_t kMmuLevels = 4;
 GPUPDDI_GPUMMUCAPS standard_mmu_caps(bool cache_coherent);
+// GPUPDDI_QAITYPE_QUERYSEGMENT: segment 1 is device memory at 0, segment 2 the CPU-visible
+// aperture of system memory the device sees, placed after it; both global_mem_size bytes.
+GPUPDDI_QUERYSEGMENTOUT standard_segments(uint64_t global_mem_size);
 // GPUPDDI_QAITYPE_PAGETABLELEVELDESC: input must be exactly one uint32_t level < kMmuLevels.
 gpup_status answer_page_table_level(const GPUPDDI_ARG_QUERYADAPTERINFO* args);
 
@@ -245,7 +296,177 @@ class ProcessTable {
  private:
   std::mutex mu_;
   uint64_t next_id_ = 1;
-  std::map<const KmdObject*, std::unique_ptr<Process>> processes_;
+  OwnedObjects<Process> processes_;
 };
+
+// ---------------------------------------------------------------------------------------------
+// DDI entry points
+
+// The DDI entry points of a gpup KMD, written once for all of them. Each recovers its object from
+// the handle (INVALID_HANDLE when the handle names no object of that type; the void ones then do
+// nothing), runs under guarded() with the DDI's name and calls the member of the same meaning:
+//   Adapter: static start(config) -> Result<std::unique_ptr<Adapter>>, query, device_info(),
+//            processes (a ProcessTable), create_device, destroy_device(Device*),
+//            kCanResetEngine and, when true, reset_engine
+//   Device:  adapter, create_allocation, destroy_allocation, lock, unlock, create_context,
+//            destroy_context(Context*)
+//   Context: device(), submit
+template <typename Adapter, typename Device, typename Context>
+class DdiEntryPoints {
+ public:
+  // Fills every function pointer of *pFuncs (pfnResetEngine is NULL unless
+  // Adapter::kCanResetEngine). Call after driver_entry_prologue succeeded.
+  static void fill(GPUPDDI_DRIVER_FUNCS* pFuncs) {
+    pFuncs->Adapter.pfnStartAdapter = StartAdapter;
+    pFuncs->Adapter.pfnStopAdapter = StopAdapter;
+    pFuncs->Adapter.pfnQueryAdapterInfo = QueryAdapterInfo;
+    pFuncs->Adapter.pfnSetVirtualMachineData = SetVirtualMachineData;
+    pFuncs->Adapter.pfnEscape = Escape;
+    if constexpr (Adapter::kCanResetEngine) {
+      pFuncs->Adapter.pfnResetEngine = ResetEngine;
+    } else {
+      pFuncs->Adapter.pfnResetEngine = nullptr;
+    }
+    pFuncs->Process.pfnCreateProcess = CreateProcess;
+    pFuncs->Process.pfnDestroyProcess = DestroyProcess;
+    pFuncs->Device.pfnCreateDevice = CreateDevice;
+    pFuncs->Device.pfnDestroyDevice = DestroyDevice;
+    pFuncs->Memory.pfnCreateAllocation = CreateAllocation;
+    pFuncs->Memory.pfnDestroyAllocation = DestroyAllocation;
+    pFuncs->Memory.pfnLock = Lock;
+    pFuncs->Memory.pfnUnlock = Unlock;
+    pFuncs->Context.pfnCreateContext = CreateContext;
+    pFuncs->Context.pfnDestroyContext = DestroyContext;
+    pFuncs->Context.pfnSubmitCommand = SubmitCommand;
+  }
+
+ private:
+  static gpup_status StartAdapter(GPUPDDI_ARG_STARTADAPTER* args) {
+    return guarded("StartAdapter", [&]() -> gpup_status {
+      if (!arg_ok(args)) return GPUP_STATUS_INVALID_PARAMETER;
+      auto adapter = Adapter::start(args->pConfig);
+      if (!adapter) {
+        logf(GPUPDDI_LOG_ERROR, "StartAdapter: {}", adapter.error().message);
+        return adapter.error().status;
+      }
+      args->hAdapter = to_handle(adapter->release());
+      return GPUP_STATUS_SUCCESS;
+    });
+  }
+
+  static void StopAdapter(GPUPDDI_HANDLE hAdapter) {
+    guarded_void("StopAdapter", [&] { delete from_handle<Adapter>(hAdapter); });
+  }
+
+  static gpup_status QueryAdapterInfo(GPUPDDI_HANDLE hAdapter, const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
+    return guarded("QueryAdapterInfo", [&]() -> gpup_status {
+      Adapter* a = from_handle<Adapter>(hAdapter);
+      return a ? a->query(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static gpup_status SetVirtualMachineData(GPUPDDI_HANDLE hAdapter, const GPUPDDI_ARG_SETVIRTUALMACHINEDATA* args) {
+    return guarded("SetVirtualMachineData", [&]() -> gpup_status {
+      Adapter* a = from_handle<Adapter>(hAdapter);
+      return a ? a->processes.set_vm_data(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static gpup_status Escape(GPUPDDI_HANDLE hAdapter, const GPUPDDI_ARG_ESCAPE* args) {
+    return guarded("Escape", [&]() -> gpup_status {
+      Adapter* a = from_handle<Adapter>(hAdapter);
+      return a ? handle_escape(args, a->device_info()) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static gpup_status ResetEngine(GPUPDDI_HANDLE hAdapter, const GPUPDDI_ARG_RESETENGINE* args) {
+    return guarded("ResetEngine", [&]() -> gpup_status {
+      Adapter* a = from_handle<Adapter>(hAdapter);
+      return a ? a->reset_engine(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static gpup_status CreateProcess(GPUPDDI_HANDLE hAdapter, GPUPDDI_ARG_CREATEPROCESS* args) {
+    return guarded("CreateProcess", [&]() -> gpup_status {
+      Adapter* a = from_handle<Adapter>(hAdapter);
+      return a ? a->processes.create(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static void DestroyProcess(GPUPDDI_HANDLE hAdapter, GPUPDDI_HANDLE hKmdProcess) {
+    guarded_void("DestroyProcess", [&] {
+      if (Adapter* a = from_handle<Adapter>(hAdapter)) a->processes.destroy(hKmdProcess);
+    });
+  }
+
+  static gpup_status CreateDevice(GPUPDDI_HANDLE hAdapter, GPUPDDI_ARG_CREATEDEVICE* args) {
+    return guarded("CreateDevice", [&]() -> gpup_status {
+      Adapter* a = from_handle<Adapter>(hAdapter);
+      return a ? a->create_device(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static void DestroyDevice(GPUPDDI_HANDLE hDevice) {
+    guarded_void("DestroyDevice", [&] {
+      if (Device* d = from_handle<Device>(hDevice)) d->adapter->destroy_device(d);
+    });
+  }
+
+  static gpup_status CreateAllocation(GPUPDDI_HANDLE hDevice, GPUPDDI_ARG_CREATEALLOCATION* args) {
+    return guarded("CreateAllocation", [&]() -> gpup_status {
+      Device* d = from_handle<Device>(hDevice);
+      return d ? d->create_allocation(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static void DestroyAllocation(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
+    guarded_void("DestroyAllocation", [&] {
+      if (Device* d = from_handle<Device>(hDevice)) d->destroy_allocation(hAllocation);
+    });
+  }
+
+  static gpup_status Lock(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
+    return guarded("Lock", [&]() -> gpup_status {
+      Device* d = from_handle<Device>(hDevice);
+      return d ? d->lock(hAllocation) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static gpup_status Unlock(GPUPDDI_HANDLE hDevice, GPUPDDI_HANDLE hAllocation) {
+    return guarded("Unlock", [&]() -> gpup_status {
+      Device* d = from_handle<Device>(hDevice);
+      return d ? d->unlock(hAllocation) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static gpup_status CreateContext(GPUPDDI_HANDLE hDevice, GPUPDDI_ARG_CREATECONTEXT* args) {
+    return guarded("CreateContext", [&]() -> gpup_status {
+      Device* d = from_handle<Device>(hDevice);
+      return d ? d->create_context(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+
+  static void DestroyContext(GPUPDDI_HANDLE hContext) {
+    guarded_void("DestroyContext", [&] {
+      if (Context* c = from_handle<Context>(hContext)) c->device()->destroy_context(c);
+    });
+  }
+
+  static gpup_status SubmitCommand(GPUPDDI_HANDLE hContext, const GPUPDDI_ARG_SUBMITCOMMAND* args) {
+    return guarded("SubmitCommand", [&]() -> gpup_status {
+      Context* c = from_handle<Context>(hContext);
+      return c ? c->submit(args) : GPUP_STATUS_INVALID_HANDLE;
+    });
+  }
+};
+
+// A whole GpupKmdDriverEntry: driver_entry_prologue, then DdiEntryPoints<...>::fill on success.
+template <typename Adapter, typename Device, typename Context>
+gpup_status driver_entry(const GPUPDDI_CALLBACKS* pCallbacks, GPUPDDI_DRIVER_FUNCS* pFuncs, const char* driver_name) {
+  const gpup_status s = driver_entry_prologue(pCallbacks, pFuncs, driver_name);
+  if (s != GPUP_STATUS_SUCCESS) return s;
+  DdiEntryPoints<Adapter, Device, Context>::fill(pFuncs);
+  return GPUP_STATUS_SUCCESS;
+}
 
 }  // namespace gpup::kmd

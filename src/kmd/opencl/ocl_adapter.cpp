@@ -255,7 +255,7 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
 }
 
 Adapter::~Adapter() {
-  std::map<const KmdObject*, std::unique_ptr<Device>> devices;
+  OwnedObjects<Device> devices;
   {
     std::lock_guard lock(mu_);
     devices.swap(devices_);
@@ -285,17 +285,8 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
       caps.MaxAllocationSize = info.MaxAllocSize;
       return write_query_output(args, caps);
     }
-    case GPUPDDI_QAITYPE_QUERYSEGMENT: {
-      GPUPDDI_QUERYSEGMENTOUT out{};
-      out.NbSegment = 2;
-      out.Segments[0].BaseAddress = 0;  // segment 1: device memory
-      out.Segments[0].Size = info.GlobalMemSize;
-      out.Segments[1].BaseAddress = info.GlobalMemSize;  // segment 2: system memory the device sees
-      out.Segments[1].Size = info.GlobalMemSize;
-      out.Segments[1].CpuVisible = 1;
-      out.Segments[1].Aperture = 1;
-      return write_query_output(args, out);
-    }
+    case GPUPDDI_QAITYPE_QUERYSEGMENT:
+      return write_query_output(args, standard_segments(info.GlobalMemSize));
     case GPUPDDI_QAITYPE_DEVICEINFO:
       return write_query_output(args, info);
     case GPUPDDI_QAITYPE_GPUMMUCAPS:
@@ -324,28 +315,12 @@ gpup_status Adapter::create_device(GPUPDDI_ARG_CREATEDEVICE* args) {
     logf(GPUPDDI_LOG_ERROR, "CreateDevice: clCreateCommandQueue: {} ({})", cl_error_name(err), err);
     return status_from_cl(err);
   }
-  auto device = std::make_unique<Device>(this, process, std::move(queue));
-  Device* raw = device.get();
-  {
-    std::lock_guard lock(mu_);
-    devices_.emplace(raw, std::move(device));
-  }
-  args->hDevice = to_handle(raw);
+  args->hDevice = adopt(mu_, devices_, std::make_unique<Device>(this, process, std::move(queue)));
   return GPUP_STATUS_SUCCESS;
 }
 
 void Adapter::destroy_device(Device* device) {
-  std::unique_ptr<Device> dead;
-  {
-    std::lock_guard lock(mu_);
-    auto it = devices_.find(device);
-    if (it == devices_.end()) {
-      log_message(GPUPDDI_LOG_ERROR, "DestroyDevice: unknown device");
-      return;
-    }
-    dead = std::move(it->second);
-    devices_.erase(it);
-  }
+  take(mu_, devices_, device, "DestroyDevice: unknown device");  // destroyed outside mu_
 }
 
 }  // namespace gpup::kmd::ocl

@@ -166,8 +166,8 @@ class Device final : public KmdObject {
   std::mutex mu_;        // allocations_, contexts_
   std::mutex queue_mu_;  // queue_
   ClQueue queue_;        // private: Lock/Unlock and zero-fill of new buffers
-  std::map<const KmdObject*, std::unique_ptr<Allocation>> allocations_;
-  std::map<const KmdObject*, std::unique_ptr<Context>> contexts_;  // destroyed before allocations_
+  OwnedObjects<Allocation> allocations_;
+  OwnedObjects<Context> contexts_;  // destroyed before allocations_
 };
 
 class Adapter final : public KmdObject {
@@ -180,8 +180,11 @@ class Adapter final : public KmdObject {
   static Result<std::unique_ptr<Adapter>> start(const char* config);
 
   gpup_status query(const GPUPDDI_ARG_QUERYADAPTERINFO* args);
+  const GPUPDDI_DEVICEINFO& device_info() const { return facts.info; }
   gpup_status create_device(GPUPDDI_ARG_CREATEDEVICE* args);
   void destroy_device(Device* device);
+  // pfnResetEngine stays NULL: OpenCL cannot abort a running kernel.
+  static constexpr bool kCanResetEngine = false;
 
   DeviceFacts facts;
   ClContext context;
@@ -189,7 +192,7 @@ class Adapter final : public KmdObject {
 
  private:
   std::mutex mu_;
-  std::map<const KmdObject*, std::unique_ptr<Device>> devices_;  // destroyed first
+  OwnedObjects<Device> devices_;  // destroyed first
 };
 
 // Maps an OpenCL error of an allocation or enqueue call to the gpup status the guest sees.

@@ -116,8 +116,8 @@ Result<cl_mem> Allocation::range_mem(uint64_t offset, uint64_t range_size) {
 // Device
 
 Device::~Device() {
-  std::map<const KmdObject*, std::unique_ptr<Context>> contexts;
-  std::map<const KmdObject*, std::unique_ptr<Allocation>> allocations;
+  OwnedObjects<Context> contexts;
+  OwnedObjects<Allocation> allocations;
   {
     std::lock_guard lock(mu_);
     contexts.swap(contexts_);
@@ -128,9 +128,7 @@ Device::~Device() {
 }
 
 Allocation* Device::find_allocation(GPUPDDI_HANDLE h) {
-  std::lock_guard lock(mu_);
-  auto it = allocations_.find(static_cast<const KmdObject*>(h));
-  return it == allocations_.end() ? nullptr : it->second.get();
+  return find_owned(mu_, allocations_, static_cast<const KmdObject*>(h));
 }
 
 gpup_status Device::create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args) {
@@ -187,12 +185,7 @@ gpup_status Device::create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args) {
     alloc->system_memory = args->pSystemMemory;
   }
 
-  Allocation* raw = alloc.get();
-  {
-    std::lock_guard lock(mu_);
-    allocations_.emplace(raw, std::move(alloc));
-  }
-  args->hAllocation = to_handle(raw);
+  args->hAllocation = adopt(mu_, allocations_, std::move(alloc));
   return GPUP_STATUS_SUCCESS;
 }
 
@@ -246,15 +239,8 @@ gpup_status Device::create_program(GPUPDDI_ARG_CREATEALLOCATION* args, Allocatio
 }
 
 void Device::destroy_allocation(GPUPDDI_HANDLE h) {
-  std::unique_ptr<Allocation> dead;
-  std::lock_guard lock(mu_);
-  auto it = allocations_.find(static_cast<const KmdObject*>(h));
-  if (it == allocations_.end()) {
-    log_message(GPUPDDI_LOG_ERROR, "DestroyAllocation: unknown allocation");
-    return;
-  }
-  dead = std::move(it->second);
-  allocations_.erase(it);
+  // Destroyed outside mu_.
+  take(mu_, allocations_, static_cast<const KmdObject*>(h), "DestroyAllocation: unknown allocation");
 }
 
 // Lock (device -> backing store) and Unlock (backing store -> device) map the USE_HOST_PTR
@@ -314,28 +300,12 @@ gpup_status Device::create_context(GPUPDDI_ARG_CREATECONTEXT* args) {
     logf(GPUPDDI_LOG_ERROR, "CreateContext: clCreateCommandQueue: {} ({})", cl_error_name(err), err);
     return status_from_cl(err);
   }
-  auto context = std::make_unique<Context>(this, args->hSystemContext, std::move(queue));
-  Context* raw = context.get();
-  {
-    std::lock_guard lock(mu_);
-    contexts_.emplace(raw, std::move(context));
-  }
-  args->hContext = to_handle(raw);
+  args->hContext = adopt(mu_, contexts_, std::make_unique<Context>(this, args->hSystemContext, std::move(queue)));
   return GPUP_STATUS_SUCCESS;
 }
 
 void Device::destroy_context(Context* context) {
-  std::unique_ptr<Context> dead;
-  {
-    std::lock_guard lock(mu_);
-    auto it = contexts_.find(context);
-    if (it == contexts_.end()) {
-      log_message(GPUPDDI_LOG_ERROR, "DestroyContext: unknown context");
-      return;
-    }
-    dead = std::move(it->second);
-    contexts_.erase(it);
-  }
+  std::unique_ptr<Context> dead = take(mu_, contexts_, context, "DestroyContext: unknown context");
   dead.reset();  // outside mu_: waits for the context's work
 }
 
