@@ -71,6 +71,8 @@ Result<Encoded> encode_raw(Op op, u16 flags, u64 txn, i32 status, std::span<cons
                            std::span<const u8> tail) {
   if (!tail_allowed && !tail.empty())
     return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{} carries no tail, {} bytes given", op_name(static_cast<u16>(op)), tail.size()));
+  if (fixed.size() > kMaxFixedSize)
+    return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("fixed part of {} bytes exceeds {}", fixed.size(), kMaxFixedSize));
   const size_t total = sizeof(MessageHeader) + fixed.size() + tail.size();
   if (total > kMaxMessageSize)
     return Error(GPUP_STATUS_MESSAGE_TOO_LARGE,
@@ -83,7 +85,8 @@ Result<Encoded> encode_raw(Op op, u16 flags, u64 txn, i32 status, std::span<cons
   e.header.flags = flags;
   e.header.txn = txn;
   e.header.status = status;
-  e.fixed = fixed;
+  std::memcpy(e.fixed_bytes.data(), fixed.data(), fixed.size());
+  e.fixed_size = fixed.size();
   e.tail = tail;
   return e;
 }

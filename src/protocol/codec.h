@@ -50,16 +50,19 @@ struct Message {
 // Errors are PROTOCOL_ERROR with a message naming the field and values.
 Result<Message> decode(std::span<const u8> bytes, Direction dir);
 
-// A message ready for gather-send: header, fixed part and tail as separate spans. It refers to
-// the caller's struct and tail, which must outlive it.
+// A message ready for gather-send: header, fixed part and tail as separate spans. The header and
+// the fixed part are copied in (so a temporary request struct is fine); the tail, which may be
+// large, is referred to and must outlive the Encoded.
 struct Encoded {
   MessageHeader header{};
-  std::span<const u8> fixed;
+  std::array<u8, kMaxFixedSize> fixed_bytes{};
+  size_t fixed_size = 0;
   std::span<const u8> tail;
 
   size_t size() const { return header.size; }
+  std::span<const u8> fixed() const { return {fixed_bytes.data(), fixed_size}; }
   std::array<std::span<const u8>, 3> parts() const {
-    return {std::span<const u8>(reinterpret_cast<const u8*>(&header), sizeof header), fixed, tail};
+    return {std::span<const u8>(reinterpret_cast<const u8*>(&header), sizeof header), fixed(), tail};
   }
   std::vector<u8> flatten() const;
 };

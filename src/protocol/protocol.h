@@ -3,6 +3,7 @@
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "gpup/status.h"
@@ -79,6 +80,22 @@ static_assert(sizeof(MessageHeader) == 24);
 static_assert(offsetof(MessageHeader, txn) == 8);
 static_assert(sizeof(CommandHeader) == 8);
 static_assert(sizeof(KernelArg) == 24);
+
+// The largest fixed part of any message, request or reply (an Encoded message stores its own).
+#define GPUP_STRUCT(Name, fields)
+#define GPUP_COMMAND(Name, ord, tail, fields)
+#define GPUP_MESSAGE(Name, ord, kind, rqt, rqf, rpt, rpf) sizeof(Name##Request), sizeof(Name##Reply),
+inline constexpr size_t kMaxFixedSize = [] {
+  size_t m = 0;
+  for (size_t s : {
+#include "protocol/schema.def"
+       size_t{0}})
+    m = s > m ? s : m;
+  return m;
+}();
+#undef GPUP_MESSAGE
+#undef GPUP_COMMAND
+#undef GPUP_STRUCT
 
 // --- opcodes ---------------------------------------------------------------------------------
 #define GPUP_STRUCT(Name, fields)

@@ -74,15 +74,17 @@ void round_trip_one() {
     auto tail = random_bytes(T::reply_tail ? 100 : 0);
     auto enc = encode_reply<O>(rep, 99, tail);
     ASSERT_TRUE(enc.ok());
-    auto dec = decode(enc->flatten(), Direction::kHostToGuest);
+    const auto bytes = enc->flatten();  // the decoded message refers into these bytes
+    auto dec = decode(bytes, Direction::kHostToGuest);
     ASSERT_TRUE(dec.ok()) << dec.error().describe();
     EXPECT_TRUE(dec->is_reply());
     auto back = dec->template as<typename T::Reply>();
     EXPECT_EQ(0, std::memcmp(&back, &rep, sizeof rep));
     EXPECT_TRUE(std::equal(dec->tail.begin(), dec->tail.end(), tail.begin(), tail.end()));
-    EXPECT_FALSE(decode(enc->flatten(), Direction::kGuestToHost).ok());
+    EXPECT_FALSE(decode(bytes, Direction::kGuestToHost).ok());
     auto err = encode_error_reply(O, 5, GPUP_STATUS_INVALID_HANDLE, "allocation 0x41 is not open");
-    auto derr = decode(err.flatten(), Direction::kHostToGuest);
+    const auto err_bytes = err.flatten();
+    auto derr = decode(err_bytes, Direction::kHostToGuest);
     ASSERT_TRUE(derr.ok());
     EXPECT_EQ(derr->header.status, GPUP_STATUS_INVALID_HANDLE);
     EXPECT_EQ(derr->tail_text(), "allocation 0x41 is not open");
@@ -127,6 +129,16 @@ TEST(Protocol, MessageLimitIsExactly128KiB) {
   ASSERT_FALSE(too_big.ok());
   EXPECT_EQ(too_big.status(), GPUP_STATUS_MESSAGE_TOO_LARGE);
   EXPECT_NE(too_big.error().message.find("131073"), std::string::npos) << too_big.error().message;
+}
+
+TEST(Protocol, EncodedOwnsItsFixedPart) {
+  auto enc = encode_request(CreateDeviceRequest{0x1234, 0, 0}, 9);  // a temporary request
+  ASSERT_TRUE(enc.ok());
+  const auto bytes = enc->flatten();
+  auto dec = decode(bytes, Direction::kGuestToHost);
+  ASSERT_TRUE(dec.ok());
+  EXPECT_EQ(dec->as<CreateDeviceRequest>().adapter_luid, 0x1234u);
+  static_assert(kMaxFixedSize >= sizeof(HelloRequest));
 }
 
 TEST(Protocol, DecoderRejectsMalformedHeaders) {
