@@ -304,6 +304,23 @@ TEST_F(WorkerTest, SubmissionOutsideOwnMappingsFaultsOnlyThatContext) {
   EXPECT_EQ(errs[0].first.status, GPUP_STATUS_GPU_PAGE_FAULT);
   EXPECT_EQ(errs[0].first.submission_id, 7u);
   EXPECT_NE(errs[0].second.find("outside"), std::string::npos) << errs[0].second;
+  // The device-state notification follows the context error, with a new counter.
+  {
+    std::lock_guard l(a_.out->mu);
+    int changes = 0;
+    for (auto& b : a_.out->messages) {
+      auto msg = decode(b, Direction::kHostToGuest);
+      if (msg.ok() && msg->op() == Op::DeviceStateChanged) {
+        auto d = msg->as<DeviceStateChangedRequest>();
+        EXPECT_EQ(d.device, dev);
+        EXPECT_EQ(d.state, GPUPKMT_DEVICESTATE_RESET);
+        EXPECT_EQ(d.reason, GPUP_STATUS_GPU_PAGE_FAULT);
+        EXPECT_GT(d.state_counter, 1u);
+        ++changes;
+      }
+    }
+    EXPECT_EQ(changes, 1);
+  }
   auto st = call(a_, GetDeviceStateRequest{dev, 0}).as<GetDeviceStateReply>();
   EXPECT_EQ(st.state, GPUPKMT_DEVICESTATE_RESET);
   EXPECT_EQ(st.reason, GPUP_STATUS_GPU_PAGE_FAULT);

@@ -948,12 +948,18 @@ void GuestProcess::fault_context_locked(const std::shared_ptr<Context>& ctx, gpu
   ctx->faulted = true;
   ctx->queue.clear();
   Device* dev = ctx->device;
-  if (dev->state == kDeviceStateNormal) {
-    dev->state = kDeviceStateReset;
-    dev->reason = status;
-  }
   ContextErrorRequest n{ctx->handle, status, submission_id};
   notify(Op::ContextError, &n, sizeof n, {reinterpret_cast<const uint8_t*>(why.data()), why.size()});
+  if (dev->state == kDeviceStateNormal) {
+    // The device's state changed: advance the counter in the fence page (a guest's cached
+    // GetDeviceState is stale from now on) and say so.
+    dev->state = kDeviceStateReset;
+    dev->reason = status;
+    const uint32_t counter = ++w_.state_counter_;
+    fence_page_.bump_state_counter(counter);
+    DeviceStateChangedRequest d{dev->handle, dev->state, dev->reason, counter};
+    notify(Op::DeviceStateChanged, &d, sizeof d);
+  }
 }
 
 void GuestProcess::publish_fence_locked(SyncObject& s) {
