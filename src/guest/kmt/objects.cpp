@@ -627,34 +627,29 @@ gpup_status Session::signal_from_cpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* 
   return GPUP_STATUS_SUCCESS;
 }
 
-gpup_status Session::signal_from_gpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* a) {
+// SignalFromGpu and WaitFromGpu: the same checks and the same one-way message, different op.
+template <typename Req>
+gpup_status Session::gpu_fence_op(GPUPKMT_HANDLE context, GPUPKMT_HANDLE sync_object, uint64_t value) {
   {
     std::lock_guard lk(mu_);
-    if (!syncs_.count(a->hSyncObject)) return bad_handle_locked("synchronization object", a->hSyncObject);
-    auto c = contexts_.find(a->hContext);
-    if (c == contexts_.end()) return bad_handle_locked("context", a->hContext);
+    if (!syncs_.count(sync_object)) return bad_handle_locked("synchronization object", sync_object);
+    auto c = contexts_.find(context);
+    if (c == contexts_.end()) return bad_handle_locked("context", context);
     if (c->second.error < 0) return fail(c->second.error, c->second.error_text);
   }
-  proto::SignalFromGpuRequest req{};
-  req.context = a->hContext;
-  req.sync_object = a->hSyncObject;
-  req.value = a->Value;
+  Req req{};
+  req.context = context;
+  req.sync_object = sync_object;
+  req.value = value;
   return post(req);
 }
 
+gpup_status Session::signal_from_gpu(const GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT* a) {
+  return gpu_fence_op<proto::SignalFromGpuRequest>(a->hContext, a->hSyncObject, a->Value);
+}
+
 gpup_status Session::wait_from_gpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a) {
-  {
-    std::lock_guard lk(mu_);
-    if (!syncs_.count(a->hSyncObject)) return bad_handle_locked("synchronization object", a->hSyncObject);
-    auto c = contexts_.find(a->hContext);
-    if (c == contexts_.end()) return bad_handle_locked("context", a->hContext);
-    if (c->second.error < 0) return fail(c->second.error, c->second.error_text);
-  }
-  proto::WaitFromGpuRequest req{};
-  req.context = a->hContext;
-  req.sync_object = a->hSyncObject;
-  req.value = a->Value;
-  return post(req);
+  return gpu_fence_op<proto::WaitFromGpuRequest>(a->hContext, a->hSyncObject, a->Value);
 }
 
 gpup_status Session::wait_from_cpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a) {

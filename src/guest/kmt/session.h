@@ -276,6 +276,8 @@ class Session {
   bool adapter_luid_locked(GPUPKMT_HANDLE h, uint64_t* luid) const;
   // INVALID_HANDLE, or OBJECT_TYPE_MISMATCH when h names an object of another type. mu_ held.
   gpup_status bad_handle_locked(const char* kind, GPUPKMT_HANDLE h) const;
+  template <typename Req>
+  gpup_status gpu_fence_op(GPUPKMT_HANDLE context, GPUPKMT_HANDLE sync_object, uint64_t value);
   gpup_status adapter_luid(GPUPKMT_HANDLE h, uint64_t* luid);
   // Why waits on the device's sync objects fail (SUCCESS if they do not).
   static gpup_status device_failure(const DeviceObj& d, std::string* text);
