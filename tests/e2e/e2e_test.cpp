@@ -5,10 +5,13 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -248,6 +251,24 @@ TEST_F(E2E, HostileGuestSpeakingRawProtocolIsRefusedAndLeavesNothing) {
   EXPECT_EQ(after["sync_objects"], base["sync_objects"]);
   EXPECT_EQ(after["vram"], base["vram"]);
   expect_host_alive();
+}
+
+TEST_F(E2E, ClientsThatNeverHandshakeDoNotLockOthersOut) {
+  auto shown = host_->gpup({"vm", "show", "a", "--json"});
+  ASSERT_EQ(shown.code, 0) << shown.out;
+  const std::string endpoint = nlohmann::json::parse(shown.out).at("endpoint").get<std::string>();
+  std::vector<int> stalled;
+  for (int i = 0; i < 3; ++i) {  // connected, silent: each would hold a serial handshake 5 s
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, endpoint.c_str(), sizeof addr.sun_path - 1);
+    ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+    stalled.push_back(fd);
+  }
+  auto r = host_->run_guest("a", {"limit"});
+  for (int fd : stalled) close(fd);
+  EXPECT_EQ(r.code, 0) << r.out;
 }
 
 TEST_F(E2E, AnotherProcesssHandlesAndGpuVaAreNotReachable) {

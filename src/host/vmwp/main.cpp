@@ -1,14 +1,17 @@
 // gpup-vmwp: the worker process of one VM partition. Spawned and supervised by gpupd, which
 // configures it over a control socket (JSON lines, see docs/ARCHITECTURE.md); it then serves the
 // VM's VRD endpoint, one thread per guest process connected to it.
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <cstring>
 #include <filesystem>
 #include <list>
 #include <mutex>
@@ -83,12 +86,35 @@ class ChannelLink : public GuestLink {
 };
 
 struct Connection {
+  UniqueFd socket;                            // until the handshake has run
+  std::mutex mu;                              // guards channel against shutdown() from the main loop
   std::unique_ptr<channel::Channel> channel;
+  bool stopping = false;
   std::thread thread;
   std::atomic<bool> done{false};
+
+  void shutdown() {
+    std::lock_guard l(mu);
+    stopping = true;
+    if (channel) channel->shutdown();
+    else if (socket) ::shutdown(socket.get(), SHUT_RDWR);  // ends a handshake in progress
+  }
 };
 
+// Runs on the connection's own thread: the channel handshake (bounded by the channel's handshake
+// timeout) happens here, so a slow or hostile client cannot hold up the accept loop.
 void serve(Worker& worker, Connection& conn) {
+  auto ch = channel::accept_on_socket(std::move(conn.socket));
+  if (!ch.ok()) {
+    spdlog::warn("guest connection refused during the channel handshake: {}", ch.error().describe());
+    conn.done = true;
+    return;
+  }
+  {
+    std::lock_guard l(conn.mu);
+    conn.channel = std::move(*ch);
+    if (conn.stopping) conn.channel->shutdown();
+  }
   auto process = worker.connect(std::make_unique<ChannelLink>(*conn.channel));
   std::vector<uint8_t> msg;
   for (;;) {
@@ -150,6 +176,8 @@ int run(const std::string& vm, int control_fd) {
     return 1;
   }
   chmod(endpoint.c_str(), 0666);
+  // The loop only accepts; a client gone between poll() and accept4() must not block it.
+  fcntl(listener->fd(), F_SETFL, fcntl(listener->fd(), F_GETFL) | O_NONBLOCK);
   write_line(control_fd, {{"event", "ready"}, {"endpoint", endpoint}, {"pid", getpid()}});
 
   std::list<Connection> connections;
@@ -167,13 +195,13 @@ int run(const std::string& vm, int control_fd) {
     int n = control.buffered() ? 1 : poll(fds, 2, 500);
     if (n < 0 && errno != EINTR) break;
     if (fds[0].revents & POLLIN) {
-      auto ch = listener->accept(0);
-      if (ch.ok()) {
+      UniqueFd sock(::accept4(listener->fd(), nullptr, nullptr, SOCK_CLOEXEC));
+      if (sock) {
         auto& c = connections.emplace_back();
-        c.channel = std::move(*ch);
+        c.socket = std::move(sock);
         c.thread = std::thread([&worker, &c] { serve(worker, c); });
-      } else if (ch.status() != GPUP_STATUS_TIMEOUT) {
-        spdlog::warn("accept: {}", ch.error().describe());
+      } else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
+        spdlog::warn("accept: {}", std::strerror(errno));
       }
     }
     if ((fds[1].revents & (POLLIN | POLLHUP | POLLERR)) || control.buffered()) {
@@ -206,7 +234,7 @@ int run(const std::string& vm, int control_fd) {
       write_line(control_fd, rep);
     }
   }
-  for (auto& c : connections) c.channel->shutdown();
+  for (auto& c : connections) c.shutdown();
   for (auto& c : connections) c.thread.join();
   worker.stop();
   return 0;
