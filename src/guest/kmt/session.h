@@ -1,7 +1,7 @@
 // Internal to libgpupkmt: the connection of one guest process to its VM's worker (gpup-vmwp) and
-// the guest-side object state that lets many thunks finish without crossing (GPU-PV's guest
-// dxgkrnl, in user space: local adapter handles, Lock refcounts, fence values in a shared page,
-// host-signalled CPU waits, cached device state).
+// the guest-side object state that lets many thunks finish without crossing: local adapter
+// handles, Lock refcounts, fence values in a shared page, host-signalled CPU waits, cached device
+// state (the crossing budget at the head of gpup/kmt.h).
 //
 // Threads
 //   - Any number of application threads call Session methods concurrently.
