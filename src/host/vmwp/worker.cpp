@@ -748,20 +748,8 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       if (req.type == GPUPKMT_QUERYSTATISTICS_VM) {
         c = w_.totals_locked();
       } else if (req.type == GPUPKMT_QUERYSTATISTICS_PROCESS) {
-        c.processes = 1;
-        handles_.for_each([&](const std::shared_ptr<Object>& o) {
-          switch (o->type) {
-            case ObjectType::Device: ++c.devices; break;
-            case ObjectType::Context: ++c.contexts; break;
-            case ObjectType::Allocation: ++c.allocations; break;
-            case ObjectType::SyncObject: ++c.sync_objects; break;
-            default: break;
-          }
-        });
-        c.va_mappings = static_cast<uint32_t>(va_.mapping_count());
+        add_counts(c);
         c.vram_used = vram_used_;
-        c.submissions = submissions_;
-        c.faults = faults_;
       } else {
         return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("statistics type {}", req.type));
       }
@@ -1272,24 +1260,28 @@ void Worker::fence_changed_locked(SyncObject& s) {
   for (Context* c : blocked) pump_locked(*c);
 }
 
+void GuestProcess::add_counts(Counts& c) const {
+  ++c.processes;
+  handles_.for_each([&](const std::shared_ptr<Object>& o) {
+    switch (o->type) {
+      case ObjectType::Device: ++c.devices; break;
+      case ObjectType::Context: ++c.contexts; break;
+      case ObjectType::Allocation: ++c.allocations; break;
+      case ObjectType::SyncObject: ++c.sync_objects; break;
+      default: break;
+    }
+  });
+  c.va_mappings += static_cast<uint32_t>(va_.mapping_count());
+  c.submissions += submissions_;
+  c.faults += faults_;
+}
+
 Counts Worker::totals_locked() {
   Counts c;
   for (auto& [id, p] : processes_) {
-    if (!p->open()) continue;
-    ++c.processes;
-    p->handles_.for_each([&](const std::shared_ptr<Object>& o) {
-      switch (o->type) {
-        case ObjectType::Device: ++c.devices; break;
-        case ObjectType::Context: ++c.contexts; break;
-        case ObjectType::Allocation: ++c.allocations; break;
-        case ObjectType::SyncObject: ++c.sync_objects; break;
-        default: break;
-      }
-    });
-    c.va_mappings += static_cast<uint32_t>(p->va_.mapping_count());
-    c.submissions += p->submissions_;
-    c.faults += p->faults_;
+    if (p->open()) p->add_counts(c);
   }
+  // Includes memory of allocations already destroyed but still used by work in flight.
   c.vram_used = vram_used_;
   return c;
 }

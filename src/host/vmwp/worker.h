@@ -93,6 +93,11 @@ class FencePage {
   size_t size_ = 0;
 };
 
+struct Counts {
+  uint32_t processes = 0, devices = 0, contexts = 0, allocations = 0, sync_objects = 0, va_mappings = 0;
+  uint64_t vram_used = 0, submissions = 0, faults = 0;
+};
+
 class GuestProcess {
  public:
   GuestProcess(Worker& worker, std::unique_ptr<GuestLink> link, uint64_t id);
@@ -105,6 +110,9 @@ class GuestProcess {
   void close();
 
   uint64_t id() const { return id_; }
+  // Adds this process (one process, its objects by type, mappings, submissions, faults) to c;
+  // memory is left to the caller. Worker::mu_ held.
+  void add_counts(Counts& c) const;
   bool open() const { return hello_done_ && !closed_; }
 
  private:
@@ -163,11 +171,6 @@ class GuestProcess {
   size_t cpu_waits_ = 0;
   uint32_t unknown_ops_logged_ = 0;
   std::set<std::shared_ptr<Device>> devices_;  // roots of the object graph
-};
-
-struct Counts {
-  uint32_t processes = 0, devices = 0, contexts = 0, allocations = 0, sync_objects = 0, va_mappings = 0;
-  uint64_t vram_used = 0, submissions = 0, faults = 0;
 };
 
 class Worker {
