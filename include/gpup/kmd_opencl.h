@@ -31,7 +31,7 @@
 extern "C" {
 #endif
 
-#define GPUP_OCL_CONTRACT_VERSION 1u
+#define GPUP_OCL_CONTRACT_VERSION 2u
 
 /* Four-character tags, stored little-endian so the bytes read "GOCL", "GOCE", "GOCQ". */
 #define GPUP_OCL_FOURCC(a, b, c, d) \
@@ -41,11 +41,16 @@ extern "C" {
 /* Programs                                                                                    */
 
 #define GPUP_OCL_PROGRAM_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'L')
-#define GPUP_OCL_PROGRAM_VERSION 1u
+/* Version 1: the output is GPUP_OCL_BUILD_RESULT and the log.
+ * Version 2: adds the COMPILE and LINK formats, and the output continues with
+ *            GPUP_OCL_PROGRAM_INFO (kernels, arguments, the binary) after the log. */
+#define GPUP_OCL_PROGRAM_VERSION 2u
 
 /* GPUP_OCL_PROGRAM_DESC.Format */
-#define GPUP_OCL_PROGRAM_SOURCE 1u /* OpenCL C source text */
-#define GPUP_OCL_PROGRAM_BINARY 2u /* a device binary, as clGetProgramInfo(CL_PROGRAM_BINARIES) gave it */
+#define GPUP_OCL_PROGRAM_SOURCE 1u  /* OpenCL C source text; built (clBuildProgram) */
+#define GPUP_OCL_PROGRAM_BINARY 2u  /* a binary as CL_PROGRAM_BINARIES gave it; built (clBuildProgram) */
+#define GPUP_OCL_PROGRAM_COMPILE 3u /* (v2) a GPUP_OCL_SOURCE_SET; compiled only (clCompileProgram) */
+#define GPUP_OCL_PROGRAM_LINK 4u    /* (v2) a GPUP_OCL_BINARY_SET; linked (clLinkProgram) */
 
 /* The largest options string and the largest program content the KMDs accept. */
 #define GPUP_OCL_MAX_OPTIONS_SIZE 4096u
@@ -73,6 +78,28 @@ typedef struct GPUP_OCL_PROGRAM_DESC {
 /* Written to the program allocation's output buffer by pfnCreateAllocation, on success and on
  * BUILD_FAILED alike, when OutputDataSize can hold at least this header. The log follows it:
  * LogBytes bytes (no terminating NUL), the first LogBytes of the LogSize-byte log. */
+/* COMPILE content: the main source and the headers it may #include by name (clCompileProgram's
+ * input_headers / header_include_names). Count >= 1 entries follow the header, each a
+ * GPUP_OCL_SET_ENTRY then NameSize bytes of name then DataSize bytes of text, each entry starting
+ * 8-byte aligned (zero padding). Entry 0 is the main source and has NameSize 0; the others have
+ * names of 1..255 bytes without NUL or "..". Texts follow the SOURCE rules. */
+/* LINK content: the programs to link (clLinkProgram's input_programs), each a binary exactly as
+ * the KMD returned it in GPUP_OCL_PROGRAM_INFO for a COMPILE or LINK (with -create-library)
+ * program. Same framing as COMPILE with NameSize 0 for every entry; Count >= 1. */
+#define GPUP_OCL_SET_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'S')
+#define GPUP_OCL_MAX_SET_ENTRIES 256u
+
+typedef struct GPUP_OCL_SET_HEADER {
+  uint32_t Magic; /* GPUP_OCL_SET_MAGIC */
+  uint32_t Count;
+} GPUP_OCL_SET_HEADER;
+
+typedef struct GPUP_OCL_SET_ENTRY {
+  uint32_t NameSize;
+  uint32_t Reserved; /* 0 */
+  uint64_t DataSize;
+} GPUP_OCL_SET_ENTRY;
+
 typedef struct GPUP_OCL_BUILD_RESULT {
   int32_t BuildError;  /* the cl_int the build returned: CL_SUCCESS (0), CL_BUILD_PROGRAM_FAILURE
                           (-11), CL_INVALID_BUILD_OPTIONS (-43), CL_INVALID_BINARY (-42), ... */
@@ -80,6 +107,63 @@ typedef struct GPUP_OCL_BUILD_RESULT {
   uint32_t LogBytes;   /* bytes of log that follow this header */
   uint32_t Truncated;  /* 1 when LogBytes < LogSize */
 } GPUP_OCL_BUILD_RESULT;
+
+/* Version 2 output, after GPUP_OCL_BUILD_RESULT and its LogBytes of log, at the next 8-byte
+ * boundary (when the output buffer has room for the header; otherwise the output ends with the
+ * log). Everything the ICD answers locally about a built program and its kernels:
+ *
+ *   GPUP_OCL_PROGRAM_INFO
+ *   KernelCount times: GPUP_OCL_KERNEL_INFO, its name (NameSize bytes), its attributes
+ *                      (AttributesSize bytes), padding to 8; then NumArgs times:
+ *                      GPUP_OCL_KERNEL_ARG_INFO, type name (TypeNameSize), argument name
+ *                      (NameSize), padding to 8
+ *   BinaryBytes bytes of the program binary (CL_PROGRAM_BINARIES), padding to 8
+ *
+ * Strings carry no terminating NUL. When the kernel table does not fit, KernelTableComplete is 0
+ * and the UMD must retry with a larger buffer; when only the binary does not fit, BinaryBytes is
+ * 0 while BinarySize says how large it is. A failed build reports KernelCount 0 and, where the
+ * device still has one, no binary. */
+#define GPUP_OCL_PROGRAM_INFO_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'P')
+
+typedef struct GPUP_OCL_PROGRAM_INFO {
+  uint32_t Magic;               /* GPUP_OCL_PROGRAM_INFO_MAGIC */
+  uint32_t BinaryType;          /* CL_PROGRAM_BINARY_TYPE_* of the built program */
+  uint32_t KernelCount;         /* kernels described (CL_PROGRAM_NUM_KERNELS for an executable) */
+  uint32_t KernelTableComplete; /* 1 when every kernel (and argument) is described */
+  uint64_t KernelTableSize;     /* bytes of the kernel table that follows */
+  uint64_t BinarySize;          /* bytes of the complete binary (0: the device gave none) */
+  uint64_t BinaryBytes;         /* bytes of binary present after the table: 0 or BinarySize */
+} GPUP_OCL_PROGRAM_INFO;
+
+typedef struct GPUP_OCL_KERNEL_INFO {
+  uint32_t NameSize;       /* CL_KERNEL_FUNCTION_NAME */
+  uint32_t AttributesSize; /* CL_KERNEL_ATTRIBUTES */
+  uint32_t NumArgs;        /* CL_KERNEL_NUM_ARGS */
+  uint32_t Reserved;
+  /* clGetKernelWorkGroupInfo on the host device */
+  uint64_t WorkGroupSize;                  /* CL_KERNEL_WORK_GROUP_SIZE */
+  uint64_t CompileWorkGroupSize[3];        /* CL_KERNEL_COMPILE_WORK_GROUP_SIZE */
+  uint64_t LocalMemSize;                   /* CL_KERNEL_LOCAL_MEM_SIZE (without __local args) */
+  uint64_t PreferredWorkGroupSizeMultiple; /* CL_KERNEL_PREFERRED_WORK_GROUP_SIZE_MULTIPLE */
+  uint64_t PrivateMemSize;                 /* CL_KERNEL_PRIVATE_MEM_SIZE */
+} GPUP_OCL_KERNEL_INFO;
+
+/* GPUP_OCL_KERNEL_ARG_INFO.Kind: the GPUPDDI_KERNEL_ARG_KIND the argument takes at dispatch
+ * (GPUPDDI_ARG_VALUE, GPUPDDI_ARG_BUFFER for __global/__constant pointers, which also accept
+ * GPUPDDI_ARG_NULL_BUFFER, GPUPDDI_ARG_LOCAL), or GPUP_OCL_ARG_UNSUPPORTED (images, samplers,
+ * pipes, queues, events: the guest cannot name such objects). */
+#define GPUP_OCL_ARG_UNSUPPORTED 0u
+
+typedef struct GPUP_OCL_KERNEL_ARG_INFO {
+  uint32_t AddressQualifier; /* CL_KERNEL_ARG_ADDRESS_QUALIFIER */
+  uint32_t AccessQualifier;  /* CL_KERNEL_ARG_ACCESS_QUALIFIER */
+  uint64_t TypeQualifier;    /* CL_KERNEL_ARG_TYPE_QUALIFIER */
+  uint32_t Kind;             /* see above */
+  uint32_t ValueSize;        /* VALUE: the exact size clSetKernelArg accepts; 0 if unknown;
+                                BUFFER: sizeof(cl_mem) as the host sees it */
+  uint32_t TypeNameSize;     /* CL_KERNEL_ARG_TYPE_NAME */
+  uint32_t NameSize;         /* CL_KERNEL_ARG_NAME */
+} GPUP_OCL_KERNEL_ARG_INFO;
 
 /* ------------------------------------------------------------------------------------------ */
 /* Escapes and UMD-private queries                                                             */
@@ -121,7 +205,30 @@ typedef struct GPUP_OCL_ESCAPE_CHECKSUM_OUT {
 } GPUP_OCL_ESCAPE_CHECKSUM_OUT;
 
 /* UMD-private query codes (input is exactly the header). */
-#define GPUP_OCL_QUERY_UMD_INFO 0x00000001u /* output: GPUP_OCL_UMD_INFO */
+#define GPUP_OCL_QUERY_UMD_INFO 0x00000001u    /* output: GPUP_OCL_UMD_INFO */
+#define GPUP_OCL_QUERY_DEVICE_INFO 0x00000002u /* (v2) output: GPUP_OCL_INFO_LIST of device info */
+
+/* GPUP_OCL_QUERY_DEVICE_INFO: every clGetDeviceInfo parameter of OpenCL 1.0 to 3.0 that the host
+ * device answers with CL_SUCCESS, exactly as it answers it, except the parameters whose values
+ * are host pointers or handles (CL_DEVICE_PLATFORM, CL_DEVICE_PARENT_DEVICE), which are left out.
+ * The UMD overrides what the partition changes (memory sizes, name, ...). Records are sorted by
+ * Param and unique:
+ *   GPUP_OCL_INFO_LIST, then Count times: GPUP_OCL_INFO_RECORD, Size bytes, padding to 8.
+ * When the output buffer is too small, nothing but the list header is written, with TotalSize
+ * saying how large the buffer must be, and the query fails with BUFFER_TOO_SMALL. */
+#define GPUP_OCL_INFO_LIST_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'I')
+
+typedef struct GPUP_OCL_INFO_LIST {
+  uint32_t Magic;     /* GPUP_OCL_INFO_LIST_MAGIC */
+  uint32_t Count;     /* records */
+  uint32_t TotalSize; /* bytes, this header included */
+  uint32_t Reserved;
+} GPUP_OCL_INFO_LIST;
+
+typedef struct GPUP_OCL_INFO_RECORD {
+  uint32_t Param; /* the cl_device_info value */
+  uint32_t Size;  /* bytes of the value that follow */
+} GPUP_OCL_INFO_RECORD;
 
 /* GPUP_OCL_UMD_INFO.ProgramFormats bits */
 #define GPUP_OCL_PROGRAM_FORMAT_BIT(format) (1u << (format))
@@ -156,6 +263,13 @@ GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_ESCAPE_CHECKSUM_OUT) == 16, "GPUP_OCL_ES
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUPDDI_DEVICEINFO) == 360, "GPUPDDI_DEVICEINFO layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_ESCAPE_DEVICE_INFO_OUT) == 360, "GPUP_OCL_ESCAPE_DEVICE_INFO_OUT layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_UMD_INFO) == 1208, "GPUP_OCL_UMD_INFO layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_SET_HEADER) == 8, "GPUP_OCL_SET_HEADER layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_SET_ENTRY) == 16, "GPUP_OCL_SET_ENTRY layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_PROGRAM_INFO) == 40, "GPUP_OCL_PROGRAM_INFO layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_INFO) == 72, "GPUP_OCL_KERNEL_INFO layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_ARG_INFO) == 32, "GPUP_OCL_KERNEL_ARG_INFO layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_INFO_LIST) == 16, "GPUP_OCL_INFO_LIST layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_INFO_RECORD) == 8, "GPUP_OCL_INFO_RECORD layout");
 #undef GPUP_OCL_STATIC_ASSERT_
 
 #ifdef __cplusplus
