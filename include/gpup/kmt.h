@@ -12,6 +12,8 @@
  *   WaitForSynchronizationObjectFromCpu on a value already reached:                    0
  *   GetDeviceState while the host has reported no change:                              0
  *   SubmitCommand, SignalFromGpu, WaitFromGpu: one one-way (async) message, no reply
+ *   CreateAllocation, Escape with bulk data (see Limits): 1, plus 1 to register a shared
+ *     section when none is cached, plus 1 to unregister one when the cache is full
  *   everything else:                                                                   1
  * The first call of a process connects to the VRD and negotiates the protocol version.
  *
@@ -19,8 +21,23 @@
  * local to the guest process. All calls are thread-safe. Every call returns a gpup_status; on
  * failure GpupKmtGetLastErrorMessage() gives the host's explanation for this thread.
  *
- * Limits: a message is at most 128 KiB, header included, and is never split. Private driver data
- * that would not fit fails with GPUP_STATUS_MESSAGE_TOO_LARGE before anything is sent. */
+ * Limits: a message is at most 128 KiB, header included, and is never split. CreateContext and
+ * QueryAdapterInfo input that would not fit fails with GPUP_STATUS_MESSAGE_TOO_LARGE before
+ * anything is sent.
+ *
+ * Bulk data: CreateAllocation and Escape take private driver data of up to
+ * GPUPKMT_MAX_PRIVATE_DATA_SIZE bytes and use output capacities of up to
+ * GPUPKMT_MAX_OUTPUT_DATA_SIZE bytes. What fits a message travels inline (private data up to the
+ * message limit, output up to 64 KiB). The rest travels, transparently, through a shared section:
+ * memory this process creates (a sealed memfd), registers with the host once and reuses (up to two
+ * idle sections of at most 16 MiB each are kept per process; larger or surplus ones are
+ * unregistered after the call). The host copies the private data out of the section before the
+ * KMD sees it, and writes the output into it. The host allows 64 sections and 256 MiB of sections
+ * per process; beyond that a call fails with GPUP_STATUS_QUOTA_EXCEEDED.
+ * On the stream transport (no shared memory) there are no sections: private data that does not fit
+ * a message fails with GPUP_STATUS_MESSAGE_TOO_LARGE, naming its size, before anything is sent,
+ * and output capacities are used only up to 64 KiB. Private data above
+ * GPUPKMT_MAX_PRIVATE_DATA_SIZE fails with GPUP_STATUS_MESSAGE_TOO_LARGE on either transport. */
 #ifndef GPUP_KMT_H
 #define GPUP_KMT_H
 
@@ -38,6 +55,11 @@ typedef uint32_t GPUPKMT_HANDLE;
 
 #define GPUPKMT_ADAPTERS_MAX 16
 #define GPUPKMT_MAX_MESSAGE_SIZE (128u * 1024u)
+/* The most private driver data, and the largest output capacity used, of one CreateAllocation or
+ * Escape (64 MiB of program content plus 64 KiB for headers and options). Larger capacities are
+ * used only up to this size. */
+#define GPUPKMT_MAX_PRIVATE_DATA_SIZE ((64u << 20) + (64u << 10))
+#define GPUPKMT_MAX_OUTPUT_DATA_SIZE ((64u << 20) + (64u << 10))
 
 /* Thread-local text of the last failure in this thread ("" if none). */
 const char* GpupKmtGetLastErrorMessage(void);
@@ -146,8 +168,8 @@ typedef struct GPUPKMT_CREATEALLOCATION {
   uint32_t Flags;                 /* GPUPKMT_ALLOCATION_* */
   uint64_t Size;
   const void* pPrivateDriverData; /* to the KMD (e.g. a program's source and build options) */
-  uint32_t PrivateDriverDataSize;
-  uint32_t OutputDataSize;        /* capacity of pOutputData */
+  uint32_t PrivateDriverDataSize; /* up to GPUPKMT_MAX_PRIVATE_DATA_SIZE (see Limits above) */
+  uint32_t OutputDataSize;        /* capacity of pOutputData (used up to GPUPKMT_MAX_OUTPUT_DATA_SIZE) */
   void* pOutputData;              /* from the KMD (e.g. the build log) */
   uint32_t OutputDataWritten;     /* out */
   gpup_status KmdStatus;          /* out: the KMD's own status (BUILD_FAILED with a log) */
@@ -296,8 +318,8 @@ typedef struct GPUPKMT_ESCAPE {
   GPUPKMT_HANDLE hDevice; /* optional */
   uint32_t Flags;         /* GPUPKMT_ESCAPE_* */
   const void* pPrivateDriverData;
-  uint32_t PrivateDriverDataSize;
-  uint32_t OutputDataSize;
+  uint32_t PrivateDriverDataSize; /* up to GPUPKMT_MAX_PRIVATE_DATA_SIZE (see Limits above) */
+  uint32_t OutputDataSize;        /* used up to GPUPKMT_MAX_OUTPUT_DATA_SIZE */
   void* pOutputData;
   uint32_t OutputDataWritten; /* out */
 } GPUPKMT_ESCAPE;

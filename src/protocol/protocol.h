@@ -22,9 +22,20 @@ using i32 = int32_t;
 
 // Interface versions. A guest offers [version_min, version_max]; the host picks the highest it
 // supports inside that range or refuses with VERSION_MISMATCH.
-inline constexpr u32 kVersion = 1;
-inline constexpr u32 kLastCompatibleVersion = 1;
+// Version 2: guest-owned shared sections (RegisterSection, UnregisterSection) and section
+// references in CreateAllocation and Escape, whose fixed parts grew: version 1 is not spoken.
+inline constexpr u32 kVersion = 2;
+inline constexpr u32 kLastCompatibleVersion = 2;
 inline constexpr size_t kMaxMessageSize = 128 * 1024;  // the whole message, header included
+// KMD output returned in a reply tail: at most this many bytes (larger capacities need a section).
+inline constexpr u32 kMaxInlineOutput = 64 * 1024;
+// Guest-owned sections, per guest process: how many may be registered at once, and their bytes
+// in all. One section is at most kMaxSectionBytes.
+inline constexpr u32 kMaxSections = 64;
+inline constexpr u64 kMaxSectionBytes = u64{256} << 20;
+// The most private data, and the largest output capacity, one request may name in a section:
+// the OpenCL contract's largest program content (64 MiB) plus room for its header and options.
+inline constexpr u32 kMaxBulkDataSize = (64u << 20) + (64u << 10);
 inline constexpr u32 kFencePageMagic = 0x45434e46;    // "FNCE"
 inline constexpr u16 kFlagReply = 0x1;
 
@@ -80,6 +91,7 @@ static_assert(sizeof(MessageHeader) == 24);
 static_assert(offsetof(MessageHeader, txn) == 8);
 static_assert(sizeof(CommandHeader) == 8);
 static_assert(sizeof(KernelArg) == 24);
+static_assert(sizeof(SectionRef) == 16);
 
 // The largest fixed part of any message, request or reply (an Encoded message stores its own).
 #define GPUP_STRUCT(Name, fields)

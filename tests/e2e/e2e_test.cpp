@@ -217,10 +217,34 @@ TEST_F(E2E, StreamTransportCarriesTheSameWork) {
   EXPECT_NE(r.out.find("0 wrong"), std::string::npos) << r.out;
 }
 
-TEST_F(E2E, MessageOfExactly128KiBPassesAndOneMoreByteIsRefused) {
-  auto r = host_->run_guest("a", {"limit"});
+TEST_F(E2E, MessageOfExactly128KiBPassesAndOneMoreByteIsRefusedOnAStream) {
+  auto r = host_->run_guest("a", {"limit"}, {{"GPUP_TRANSPORT", "stream"}});
   EXPECT_EQ(r.code, 0) << r.out;
   EXPECT_NE(r.out.find("refused before sending"), std::string::npos) << r.out;
+}
+
+TEST_F(E2E, OneByteOverAMessageGoesThroughASharedSection) {
+  auto r = host_->run_guest("a", {"limit"});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("LIMIT exactly 128 KiB passed"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("went through a shared section"), std::string::npos) << r.out;
+}
+
+TEST_F(E2E, BulkPrivateDataAndOutputTravelThroughSharedSections) {
+  auto base = host_->stats("a");
+  ASSERT_FALSE(base.empty());
+  auto r = host_->run_guest("a", {"bulk"});
+  EXPECT_EQ(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("BULK-ESCAPE 1048576 bytes, checksum"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("dispatch 0 wrong"), std::string::npos) << r.out;
+  // On a stream channel the same calls are refused before anything is sent, naming the size.
+  auto s = host_->run_guest("b", {"bulk"}, {{"GPUP_TRANSPORT", "stream"}});
+  EXPECT_EQ(s.code, 0) << s.out;
+  EXPECT_NE(s.out.find("BULK refused on the stream transport"), std::string::npos) << s.out;
+  auto after = host_->stats("a");
+  EXPECT_EQ(after["allocations"], base["allocations"]);
+  EXPECT_EQ(after["vram"], base["vram"]);
+  expect_host_alive();
 }
 
 TEST_F(E2E, BadHandlesGetClearErrorsAndEveryoneCarriesOn) {
@@ -245,6 +269,7 @@ TEST_F(E2E, HostileGuestSpeakingRawProtocolIsRefusedAndLeavesNothing) {
   EXPECT_EQ(c.code, 0) << c.out;
   EXPECT_NE(c.out.find("HOSTILE all refused, connection intact"), std::string::npos) << c.out;
   EXPECT_NE(c.out.find("FLOOD 4096 sync objects, then QUOTA_EXCEEDED"), std::string::npos) << c.out;
+  EXPECT_NE(c.out.find("SECTIONS 64 registered, then QUOTA_EXCEEDED; all abuse refused"), std::string::npos) << c.out;
   EXPECT_EQ(b->wait(), 0) << b->output();
   auto after = host_->stats("a");
   EXPECT_EQ(after["allocations"], base["allocations"]);

@@ -3,7 +3,10 @@
 // and runs as a separate process started through `gpup run`.
 //
 //   guest_e2e full              enumerate, query caps, build, copy/fill/dispatch, check results
-//   guest_e2e limit             128 KiB passes, 128 KiB + 1 is refused before sending
+//   guest_e2e limit             128 KiB passes; 128 KiB + 1 goes through a shared section (shared
+//                               memory) or is refused before sending (stream transport)
+//   guest_e2e bulk              a 1 MiB checksum escape and a program of over 200 KiB through
+//                               shared sections (stream transport: refused before sending)
 //   guest_e2e bad-handles       forged/stale/wrong-type handles and foreign GPU VAs get errors
 //   guest_e2e hold              create objects, print "READY <alloc> <va>", wait for stdin EOF
 //   guest_e2e foreign H VA      use another process's handle and GPU VA: both must fail
@@ -285,7 +288,7 @@ int mode_full() {
 int mode_limit() {
   Session s = open_session();
   const uint32_t header = 24;  // MessageHeader
-  const uint32_t fixed = 24;   // EscapeRequest
+  const uint32_t fixed = 56;   // EscapeRequest (with its two section references)
   const uint32_t room = GPUPKMT_MAX_MESSAGE_SIZE - header - fixed;
   std::vector<uint8_t> payload(room);
   GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_ESCAPE_MAGIC, GPUP_OCL_ESCAPE_CHECKSUM};
@@ -304,15 +307,123 @@ int mode_limit() {
 
   GPUPKMT_CHANNELSTATS before{}, after{};
   GpupKmtGetChannelStats(&before);
-  payload.push_back(0);
+  payload.push_back(0x42);
+  fnv = (fnv ^ 0x42) * GPUP_OCL_FNV1A64_PRIME;
   e.pPrivateDriverData = payload.data();
   e.PrivateDriverDataSize = room + 1;
+  out = {};
   gpup_status st = GpupKmtEscape(&e);
   GpupKmtGetChannelStats(&after);
-  CHECK(st == GPUP_STATUS_MESSAGE_TOO_LARGE, "128 KiB + 1 returned %s", gpup_status_name(st));
-  CHECK(after.MessagesSent == before.MessagesSent, "the oversized message was sent");
-  CHECK(std::strstr(GpupKmtGetLastErrorMessage(), "131073") != nullptr, "error text: %s", GpupKmtGetLastErrorMessage());
-  std::printf("LIMIT 128 KiB + 1 refused before sending: %s\n", GpupKmtGetLastErrorMessage());
+  if (before.SharedMemory) {
+    // One byte too many for a message: the private data goes through a shared section instead.
+    CHECK(st == GPUP_STATUS_SUCCESS, "128 KiB + 1 returned %s", gpup_status_name(st));
+    CHECK(out.ByteCount == room + 1 - sizeof h && out.Fnv1a64 == fnv, "checksum of 128 KiB + 1 differs");
+    CHECK(after.RoundTrips - before.RoundTrips == 2, "%" PRIu64 " round trips (register + escape expected)",
+          after.RoundTrips - before.RoundTrips);
+    std::printf("LIMIT 128 KiB + 1 went through a shared section (checksum ok)\n");
+  } else {
+    CHECK(st == GPUP_STATUS_MESSAGE_TOO_LARGE, "128 KiB + 1 returned %s", gpup_status_name(st));
+    CHECK(after.MessagesSent == before.MessagesSent, "the oversized message was sent");
+    CHECK(std::strstr(GpupKmtGetLastErrorMessage(), "131073") != nullptr, "error text: %s", GpupKmtGetLastErrorMessage());
+    std::printf("LIMIT 128 KiB + 1 refused before sending: %s\n", GpupKmtGetLastErrorMessage());
+  }
+  return failures ? 1 : 0;
+}
+
+// Bulk data through shared sections: a 1 MiB driver-private checksum escape, and a program whose
+// source is over 200 KiB built with a 1 MiB output buffer and then run.
+int mode_bulk() {
+  Session s = open_session();
+  GPUPKMT_CHANNELSTATS s0{}, s1{}, s2{};
+  GpupKmtGetChannelStats(&s0);
+
+  const size_t n = 1 << 20;
+  std::vector<uint8_t> priv(sizeof(GPUP_OCL_PRIVATE_HEADER) + n);
+  GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_ESCAPE_MAGIC, GPUP_OCL_ESCAPE_CHECKSUM};
+  std::memcpy(priv.data(), &h, sizeof h);
+  uint64_t fnv = GPUP_OCL_FNV1A64_OFFSET;
+  for (size_t i = 0; i < n; ++i) {
+    priv[sizeof h + i] = static_cast<uint8_t>((i * 2654435761u) >> 13);
+    fnv = (fnv ^ priv[sizeof h + i]) * GPUP_OCL_FNV1A64_PRIME;
+  }
+  GPUP_OCL_ESCAPE_CHECKSUM_OUT out{};
+  GPUPKMT_ESCAPE e{s.adapter, s.device, 0, priv.data(), static_cast<uint32_t>(priv.size()), sizeof out, &out, 0};
+  gpup_status st = GpupKmtEscape(&e);
+  GpupKmtGetChannelStats(&s1);
+  if (!s0.SharedMemory) {
+    CHECK(st == GPUP_STATUS_MESSAGE_TOO_LARGE, "1 MiB escape on a stream channel: %s", gpup_status_name(st));
+    CHECK(s1.MessagesSent == s0.MessagesSent, "something was sent");
+    CHECK(std::strstr(GpupKmtGetLastErrorMessage(), std::to_string(priv.size()).c_str()) != nullptr,
+          "the error does not name the size: %s", GpupKmtGetLastErrorMessage());
+    std::printf("BULK refused on the stream transport: %s\n", GpupKmtGetLastErrorMessage());
+    return failures ? 1 : 0;
+  }
+  CHECK(st == GPUP_STATUS_SUCCESS, "1 MiB escape: %s", gpup_status_name(st));
+  CHECK(e.OutputDataWritten == sizeof out, "written %u", e.OutputDataWritten);
+  CHECK(out.ByteCount == n, "the KMD saw %" PRIu64 " payload bytes", out.ByteCount);
+  CHECK(out.Fnv1a64 == fnv, "checksum %016" PRIx64 ", expected %016" PRIx64, out.Fnv1a64, fnv);
+  CHECK(s1.RoundTrips - s0.RoundTrips == 2, "%" PRIu64 " round trips for the first bulk escape (register + escape)",
+        s1.RoundTrips - s0.RoundTrips);
+  // The section is kept: the same call again is one round trip.
+  out = {};
+  REQUIRE_OK(GpupKmtEscape(&e));
+  GpupKmtGetChannelStats(&s2);
+  CHECK(out.Fnv1a64 == fnv, "second checksum differs");
+  CHECK(s2.RoundTrips - s1.RoundTrips == 1, "%" PRIu64 " round trips for a bulk escape with a cached section",
+        s2.RoundTrips - s1.RoundTrips);
+  std::printf("BULK-ESCAPE %zu bytes, checksum %016" PRIx64 " ok\n", n, out.Fnv1a64);
+
+  // A big program: the kernels, then a comment long enough to take the source past 200 KiB.
+  std::string source = kKernels;
+  source += "/* padding";
+  while (source.size() < (256u << 10)) source += " the quick brown fox jumps over the lazy dog\n";
+  source += "*/\n";
+  const std::string opts = "-cl-std=CL1.2";
+  std::vector<uint8_t> desc(sizeof(GPUP_OCL_PROGRAM_DESC) + opts.size() + source.size());
+  GPUP_OCL_PROGRAM_DESC d{GPUP_OCL_PROGRAM_MAGIC, GPUP_OCL_PROGRAM_VERSION, GPUP_OCL_PROGRAM_SOURCE,
+                          static_cast<uint32_t>(opts.size()), static_cast<uint32_t>(source.size()), 0};
+  std::memcpy(desc.data(), &d, sizeof d);
+  std::memcpy(desc.data() + sizeof d, opts.data(), opts.size());
+  std::memcpy(desc.data() + sizeof d + opts.size(), source.data(), source.size());
+  std::vector<char> build_out(1 << 20);  // beyond what a reply carries: the output uses the section too
+  GPUPKMT_CREATEALLOCATION ca{};
+  ca.hDevice = s.device;
+  ca.Flags = GPUPKMT_ALLOCATION_PROGRAM;
+  ca.pPrivateDriverData = desc.data();
+  ca.PrivateDriverDataSize = static_cast<uint32_t>(desc.size());
+  ca.pOutputData = build_out.data();
+  ca.OutputDataSize = static_cast<uint32_t>(build_out.size());
+  REQUIRE_OK(GpupKmtCreateAllocation(&ca));
+  CHECK(ca.hAllocation != 0, "no program handle");
+  CHECK(ca.OutputDataWritten >= sizeof(GPUP_OCL_BUILD_RESULT), "build output of %u bytes", ca.OutputDataWritten);
+  GPUP_OCL_BUILD_RESULT br{};
+  std::memcpy(&br, build_out.data(), sizeof br);
+  CHECK(br.BuildError == 0, "build error %d", br.BuildError);
+
+  Buffer b = make_buffer(s, 1024 * 4);
+  GPUPKMT_CMDBUF* cb = nullptr;
+  REQUIRE_OK(GpupKmtCmdBufCreate(&cb));
+  int base = 7000;
+  GPUPKMT_KERNEL_ARG args[2] = {{GPUPDDI_ARG_BUFFER, 0, nullptr, b.va, b.size},
+                                {GPUPDDI_ARG_VALUE, sizeof base, &base, 0, 0}};
+  GPUPKMT_DISPATCH disp{};
+  disp.hProgram = ca.hAllocation;
+  disp.pKernelName = "iota";
+  disp.WorkDim = 1;
+  disp.GlobalSize[0] = 1024;
+  disp.ArgCount = 2;
+  disp.pArgs = args;
+  REQUIRE_OK(GpupKmtCmdDispatch(cb, &disp));
+  REQUIRE_OK(run(s, cb));
+  auto* p = static_cast<int32_t*>(lock(s, b));
+  int bad = 0;
+  for (int i = 0; i < 1024; ++i)
+    if (p[i] != base + i) ++bad;
+  unlock(s, b);
+  CHECK(bad == 0, "%d wrong elements from the big program", bad);
+  GpupKmtCmdBufDestroy(cb);
+  std::printf("BULK-PROGRAM source %zu bytes built (output %u bytes), dispatch %d wrong\n", source.size(),
+              ca.OutputDataWritten, bad);
   return failures ? 1 : 0;
 }
 
@@ -450,11 +561,12 @@ int main(int argc, char** argv) {
   std::string mode = argc > 1 ? argv[1] : "full";
   if (mode == "full") return mode_full();
   if (mode == "limit") return mode_limit();
+  if (mode == "bulk") return mode_bulk();
   if (mode == "bad-handles") return mode_bad_handles();
   if (mode == "hold") return mode_hold();
   if (mode == "foreign" && argc > 3) return mode_foreign(static_cast<uint32_t>(std::strtoul(argv[2], nullptr, 0)), std::strtoull(argv[3], nullptr, 0));
   if (mode == "busy") return mode_busy();
   if (mode == "stats") return mode_stats();
-  std::fprintf(stderr, "usage: guest_e2e full|limit|bad-handles|hold|foreign H VA|busy|stats\n");
+  std::fprintf(stderr, "usage: guest_e2e full|limit|bulk|bad-handles|hold|foreign H VA|busy|stats\n");
   return 2;
 }

@@ -2,6 +2,10 @@
 // directly over the channel, sending what a compromised guest could send. Every bad request must
 // get the right error from the worker, and the connection must stay usable afterwards.
 // Exit code 0 when every check held; each failed check prints "FAIL: ...".
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -9,6 +13,7 @@
 #include <string>
 
 #include "channel/channel.h"
+#include "gpup/kmd_opencl.h"
 #include "gpup/kmt.h"
 #include "protocol/codec.h"
 
@@ -188,6 +193,101 @@ int main() {
           context_errors, last_context_error);
     CHECK(r.as<GetDeviceStateReply>().state == GPUPKMT_DEVICESTATE_RESET, "device state after the fault");
     std::printf("GARBAGE-SUBMIT %s\n", gpup_status_name(last_context_error));
+  }
+
+  // Shared sections: fds that are not sealed memfds of the declared size, and references outside
+  // them, are refused; nothing about the connection changes.
+  if (ch->shares_memory()) {
+    auto memfd = [](uint64_t size, int seals) {
+      int fd = memfd_create("hostile-section", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+      if (fd < 0 || ftruncate(fd, static_cast<off_t>(size)) != 0) std::exit(1);
+      if (seals && fcntl(fd, F_ADD_SEALS, seals) != 0) std::exit(1);
+      return fd;
+    };
+    const int sealed = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+    uint64_t fd_id = 1000;
+    // A RegisterSection whose fd never comes.
+    r = call(RegisterSectionRequest{fd_id++, 4096});
+    CHECK(r.status == GPUP_STATUS_INVALID_PARAMETER, "register without an fd: %d %s", r.status, r.text().c_str());
+    std::printf("SECTION-NO-FD %s: %s\n", gpup_status_name(r.status), r.text().c_str());
+    // A pipe instead of a memfd.
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0) std::exit(1);
+    ch->send_fd(fd_id, p[0]);
+    r = call(RegisterSectionRequest{fd_id++, 4096});
+    close(p[0]);
+    close(p[1]);
+    CHECK(r.status == GPUP_STATUS_INVALID_PARAMETER, "pipe as a section: %d %s", r.status, r.text().c_str());
+    std::printf("SECTION-BAD-FD %s: %s\n", gpup_status_name(r.status), r.text().c_str());
+    // An unsealed memfd: we could shrink it under the host's mapping.
+    int fd = memfd(4096, 0);
+    ch->send_fd(fd_id, fd);
+    r = call(RegisterSectionRequest{fd_id++, 4096});
+    close(fd);
+    CHECK(r.status == GPUP_STATUS_INVALID_PARAMETER && r.text().find("not sealed") != std::string::npos,
+          "unsealed memfd: %d %s", r.status, r.text().c_str());
+    std::printf("SECTION-UNSEALED %s: %s\n", gpup_status_name(r.status), r.text().c_str());
+    // Sealed, but smaller than declared.
+    fd = memfd(4096, sealed);
+    ch->send_fd(fd_id, fd);
+    r = call(RegisterSectionRequest{fd_id++, 1 << 20});
+    close(fd);
+    CHECK(r.status == GPUP_STATUS_INVALID_PARAMETER, "short memfd: %d %s", r.status, r.text().c_str());
+    // A proper one, then references outside it.
+    fd = memfd(64 << 10, sealed);
+    CHECK(ftruncate(fd, 0) != 0, "a sealed section could be truncated");
+    ch->send_fd(fd_id, fd);
+    r = call(RegisterSectionRequest{fd_id++, 64 << 10});
+    CHECK(r.status == 0, "proper section refused: %d %s", r.status, r.text().c_str());
+    const uint32_t sec = r.as<RegisterSectionReply>().section;
+    auto* map = static_cast<uint8_t*>(mmap(nullptr, 64 << 10, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    close(fd);
+    if (map == MAP_FAILED) std::exit(1);
+    GPUP_OCL_PRIVATE_HEADER hdr{GPUP_OCL_ESCAPE_MAGIC, GPUP_OCL_ESCAPE_CHECKSUM};
+    std::memcpy(map, &hdr, sizeof hdr);
+    auto escape = [&](SectionRef priv, SectionRef out) {
+      EscapeRequest e{ad.luid, 0, 0, 0, 0};
+      e.private_data = priv;
+      e.output = out;
+      return call(e);
+    };
+    const SectionRef out_ok{sec, 64, 32 << 10};
+    r = escape({sec, 16, (64 << 10) - 8}, out_ok);
+    CHECK(r.status == GPUP_STATUS_OUT_OF_RANGE, "private data past the end: %d %s", r.status, r.text().c_str());
+    r = escape({sec, 16, UINT64_MAX - 7}, out_ok);
+    CHECK(r.status == GPUP_STATUS_OUT_OF_RANGE, "overflowing offset: %d %s", r.status, r.text().c_str());
+    r = escape({sec, 8, 0}, {sec, 0xffffffffu, 0});
+    CHECK(GPUP_FAILED(r.status), "4 GiB output capacity accepted");
+    r = escape({sec, 8, 0}, {sec, 64, (64 << 10) - 32});
+    CHECK(r.status == GPUP_STATUS_OUT_OF_RANGE, "output past the end: %d %s", r.status, r.text().c_str());
+    r = escape({dev, 8, 0}, out_ok);
+    CHECK(r.status == GPUP_STATUS_OBJECT_TYPE_MISMATCH, "device as a section: %d %s", r.status, r.text().c_str());
+    r = escape({0x7fff0040u, 8, 0}, out_ok);
+    CHECK(r.status == GPUP_STATUS_INVALID_HANDLE, "forged section: %d %s", r.status, r.text().c_str());
+    std::printf("SECTION-RANGES refused: %s\n", r.text().c_str());
+    // The good reference works: the KMD's checksum of the empty payload lands in the section.
+    r = escape({sec, 8, 0}, out_ok);
+    CHECK(r.status == 0 && r.as<EscapeReply>().written == sizeof(GPUP_OCL_ESCAPE_CHECKSUM_OUT), "valid escape: %d %s",
+          r.status, r.text().c_str());
+    GPUP_OCL_ESCAPE_CHECKSUM_OUT sum{};
+    std::memcpy(&sum, map + (32 << 10), sizeof sum);
+    CHECK(sum.ByteCount == 0 && sum.Fnv1a64 == GPUP_OCL_FNV1A64_OFFSET, "checksum output %" PRIu64, sum.ByteCount);
+    // Unregistered: stale from then on.
+    CHECK(call(UnregisterSectionRequest{sec, 0}).status == 0, "unregister");
+    r = escape({sec, 8, 0}, out_ok);
+    CHECK(r.status == GPUP_STATUS_INVALID_HANDLE, "stale section: %d %s", r.status, r.text().c_str());
+    munmap(map, 64 << 10);
+    // Section floods hit the per-process limit.
+    int sections = 0;
+    for (; sections < 100; ++sections) {
+      fd = memfd(4096, sealed);
+      ch->send_fd(fd_id, fd);
+      r = call(RegisterSectionRequest{fd_id++, 4096});
+      close(fd);
+      if (r.status != 0) break;
+    }
+    CHECK(r.status == GPUP_STATUS_QUOTA_EXCEEDED && sections == 64, "section flood: %d after %d", r.status, sections);
+    std::printf("SECTIONS %d registered, then %s; all abuse refused\n", sections, gpup_status_name(r.status));
   }
 
   // Floods hit limits with a clear error, not exhaustion.

@@ -6,6 +6,10 @@
 // Input: chunks of [u16 length][chunk]. A chunk whose first byte is odd is sent raw; otherwise
 // the byte picks a message type and the rest fills its fixed part and tail behind a well-formed
 // header, so the fuzzer reaches the handlers rather than only the header checks.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -18,10 +22,32 @@ using namespace gpup::proto;
 
 namespace {
 
+// No real fds arrive from a fuzzer, so the link makes one from the RegisterSection's fd id:
+// bits 0-5 give the size in pages (0: no fd arrives), bit 6 leaves it unsealed, bit 7 makes it
+// one page shorter than 4096 * pages, bit 8 makes it a pipe. The worker's checks (seals, size,
+// kind of file) and every handler that reads or writes sections are reached this way.
 class NullLink : public vmwp::GuestLink {
  public:
   gpup_status send(const Encoded&) override { return GPUP_STATUS_SUCCESS; }
   gpup_status send_fd(uint64_t, int) override { return GPUP_STATUS_SUCCESS; }
+  gpup_status receive_fd(uint64_t id, UniqueFd& out, int) override {
+    const uint64_t pages = id & 63;
+    if (pages == 0) return GPUP_STATUS_TIMEOUT;
+    if (id & 256) {
+      int p[2];
+      if (pipe2(p, O_CLOEXEC) != 0) return GPUP_STATUS_NO_MEMORY;
+      close(p[1]);
+      out.reset(p[0]);
+      return GPUP_STATUS_SUCCESS;
+    }
+    UniqueFd fd(memfd_create("fuzz-section", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+    const uint64_t size = (pages - ((id & 128) ? 1 : 0)) * 4096;
+    if (!fd || ftruncate(fd.get(), static_cast<off_t>(size)) != 0) return GPUP_STATUS_NO_MEMORY;
+    if (!(id & 64) && fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+      return GPUP_STATUS_NO_MEMORY;
+    out = std::move(fd);
+    return GPUP_STATUS_SUCCESS;
+  }
   bool shares_memory() const override { return shares_; }
   bool shares_ = true;
 };
@@ -88,7 +114,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   w->disconnect(p);
   auto t = w->totals();
-  if (t.devices || t.contexts || t.allocations || t.sync_objects || t.vram_used || t.processes) {
+  if (t.devices || t.contexts || t.allocations || t.sync_objects || t.vram_used || t.processes || t.sections) {
     fprintf(stderr, "fuzz: leak after disconnect: devices=%u contexts=%u allocations=%u syncs=%u vram=%lu processes=%u\n",
             t.devices, t.contexts, t.allocations, t.sync_objects, static_cast<unsigned long>(t.vram_used), t.processes);
     abort();

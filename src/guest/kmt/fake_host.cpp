@@ -1,6 +1,8 @@
 #include "guest/kmt/fake_host.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -64,6 +66,33 @@ FakeHost::~FakeHost() {
   if (ch) ch->shutdown();
   thread_.join();
   ::munmap(fence_page_, fence_page_size_);
+  for (auto& [h, sec] : sections_) ::munmap(sec.map, sec.size);
+}
+
+size_t FakeHost::live_sections() const {
+  std::lock_guard lk(mu_);
+  return sections_.size();
+}
+
+std::span<uint8_t> FakeHost::section_span(uint32_t section, uint64_t offset, uint64_t size) const {
+  std::lock_guard lk(mu_);
+  auto it = sections_.find(section);
+  if (it == sections_.end() || offset > it->second.size || size > it->second.size - offset) return {};
+  return {it->second.map + offset, size};
+}
+
+std::vector<uint8_t> FakeHost::last_private_data() const {
+  std::lock_guard lk(mu_);
+  return last_private_data_;
+}
+
+std::vector<uint8_t> FakeHost::private_data_of(const proto::Message& m) const {
+  proto::SectionRef ref{};
+  if (m.op() == proto::Op::CreateAllocation) ref = m.as<proto::CreateAllocationRequest>().private_data;
+  if (m.op() == proto::Op::Escape) ref = m.as<proto::EscapeRequest>().private_data;
+  if (ref.section == 0) return {m.tail.begin(), m.tail.end()};
+  auto span = section_span(ref.section, ref.offset, ref.size);
+  return {span.begin(), span.end()};
 }
 
 void FakeHost::set_hook(Hook hook) {
@@ -310,8 +339,65 @@ void FakeHost::handle(const proto::Message& m) {
       reply<Op::CreateContext>(m, {h, 0});
       return;
     }
+    case Op::RegisterSection: {
+      const auto req = m.as<proto::RegisterSectionRequest>();
+      std::shared_ptr<channel::Channel> ch;
+      {
+        std::lock_guard lk(mu_);
+        ch = ch_;
+      }
+      UniqueFd fd;
+      if (ch->receive_fd(req.fd_id, fd, 2000) != GPUP_STATUS_SUCCESS) {
+        reply_error(m, GPUP_STATUS_INVALID_PARAMETER, "fake host: no fd with the section");
+        return;
+      }
+      const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+      struct stat st {};
+      if (seals < 0 || (seals & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL)) != (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) ||
+          ::fstat(fd.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) != req.size) {
+        reply_error(m, GPUP_STATUS_INVALID_PARAMETER, "fake host: section not sealed or of the wrong size");
+        return;
+      }
+      void* p = ::mmap(nullptr, req.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+      if (p == MAP_FAILED) {
+        reply_error(m, GPUP_STATUS_NO_MEMORY, "fake host: mmap");
+        return;
+      }
+      uint32_t h;
+      {
+        std::lock_guard lk(mu_);
+        h = 0x500 + next_handle_++;
+        sections_[h] = {static_cast<uint8_t*>(p), req.size};
+      }
+      reply<Op::RegisterSection>(m, {h, 0});
+      return;
+    }
+    case Op::UnregisterSection: {
+      const auto req = m.as<proto::UnregisterSectionRequest>();
+      bool found = false;
+      {
+        std::lock_guard lk(mu_);
+        auto it = sections_.find(req.section);
+        if (it != sections_.end()) {
+          ::munmap(it->second.map, it->second.size);
+          sections_.erase(it);
+          found = true;
+        }
+      }
+      if (!found) {
+        reply_error(m, GPUP_STATUS_INVALID_HANDLE, "fake host: no such section");
+        return;
+      }
+      reply<Op::UnregisterSection>(m, {0});
+      return;
+    }
     case Op::CreateAllocation: {
       const auto req = m.as<proto::CreateAllocationRequest>();
+      {
+        auto priv = private_data_of(m);
+        std::lock_guard lk(mu_);
+        last_private_data_ = std::move(priv);
+      }
       Allocation a;
       a.memfd.reset(::memfd_create("fake-allocation", MFD_CLOEXEC));
       a.size = req.size;
@@ -324,6 +410,13 @@ void FakeHost::handle(const proto::Message& m) {
         std::lock_guard lk(mu_);
         h = 0x300 + next_handle_++;
         allocations_[h] = std::move(a);
+      }
+      if (req.output.section != 0) {
+        auto out = section_span(req.output.section, req.output.offset, req.output.size);
+        const std::string text = out.size() >= 5 ? "built" : "";
+        std::memcpy(out.data(), text.data(), text.size());
+        reply<Op::CreateAllocation>(m, {h, static_cast<uint32_t>(text.size()), 0, 0});
+        return;
       }
       const std::string out = req.output_size >= 5 ? "built" : "";
       reply<Op::CreateAllocation>(m, {h, static_cast<uint32_t>(out.size()), 0, 0}, bytes_of(out));
@@ -458,9 +551,22 @@ void FakeHost::handle(const proto::Message& m) {
       return;
     }
     case Op::Escape: {
+      // Echoes the private data into the output, as much as fits.
       const auto req = m.as<proto::EscapeRequest>();
-      const size_t n = std::min<size_t>(m.tail.size(), req.output_size);
-      reply<Op::Escape>(m, {static_cast<uint32_t>(n), 0}, m.tail.first(n));
+      auto priv = private_data_of(m);
+      {
+        std::lock_guard lk(mu_);
+        last_private_data_ = priv;
+      }
+      if (req.output.section != 0) {
+        auto out = section_span(req.output.section, req.output.offset, req.output.size);
+        const size_t n = std::min(priv.size(), out.size());
+        if (n) std::memcpy(out.data(), priv.data(), n);
+        reply<Op::Escape>(m, {static_cast<uint32_t>(n), 0});
+        return;
+      }
+      const size_t n = std::min<size_t>(priv.size(), req.output_size);
+      reply<Op::Escape>(m, {static_cast<uint32_t>(n), 0}, Bytes(priv.data(), n));
       return;
     }
     case Op::QueryAdapterInfo: {

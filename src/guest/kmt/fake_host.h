@@ -88,9 +88,23 @@ class FakeHost {
   std::vector<uint8_t> last_submission() const;
   uint64_t last_submission_id() const;
 
+  // Shared sections the guest registered and has not unregistered.
+  size_t live_sections() const;
+  // Bytes [offset, offset + size) of a registered section, for hooks; empty if out of range.
+  std::span<uint8_t> section_span(uint32_t section, uint64_t offset, uint64_t size) const;
+  // The private data of the last CreateAllocation or Escape (inline or from a section).
+  std::vector<uint8_t> last_private_data() const;
+  // The private data of a CreateAllocation/Escape request (its tail, or the bytes its section
+  // reference names), for hooks.
+  std::vector<uint8_t> private_data_of(const proto::Message& m) const;
+
  private:
   struct Allocation {
     UniqueFd memfd;
+    uint64_t size = 0;
+  };
+  struct Section {
+    uint8_t* map = nullptr;
     uint64_t size = 0;
   };
   struct CpuWait {
@@ -133,6 +147,8 @@ class FakeHost {
   std::vector<CpuWait> waits_;
   std::vector<uint8_t> last_submission_;
   uint64_t last_submission_id_ = 0;
+  std::map<uint32_t, Section> sections_;
+  std::vector<uint8_t> last_private_data_;
 };
 
 }  // namespace gpup::kmt::test

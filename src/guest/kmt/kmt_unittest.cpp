@@ -464,8 +464,8 @@ TEST_P(KmtBoth, DeviceStateChangedNotificationUpdatesTheCacheAndFailsWaits) {
 
 // --- size limits ----------------------------------------------------------------------------------
 
-TEST_F(Kmt, OversizedPrivateDataFailsBeforeSending) {
-  start(true);
+TEST_F(Kmt, StreamRefusesPrivateDataOverAMessageBeforeSending) {
+  start(false);  // no fd passing: no sections
   const size_t room = gpup::proto::max_tail(Op::CreateAllocation, false);
   std::vector<uint8_t> priv(room + 1, 0x5a);
   GPUPKMT_CREATEALLOCATION a{};
@@ -475,12 +475,16 @@ TEST_F(Kmt, OversizedPrivateDataFailsBeforeSending) {
   a.PrivateDriverDataSize = static_cast<uint32_t>(priv.size());
   const auto before = stats();
   EXPECT_EQ(GpupKmtCreateAllocation(&a), GPUP_STATUS_MESSAGE_TOO_LARGE);
-  EXPECT_NE(std::string(GpupKmtGetLastErrorMessage()).find("131072"), std::string::npos)
-      << GpupKmtGetLastErrorMessage();
+  const std::string text = GpupKmtGetLastErrorMessage();
+  EXPECT_NE(text.find("131072"), std::string::npos) << text;                         // the limit
+  EXPECT_NE(text.find(std::to_string(priv.size()) + " bytes"), std::string::npos) << text;  // the size
+  EXPECT_NE(text.find("stream"), std::string::npos) << text;
   EXPECT_EQ(stats().MessagesSent, before.MessagesSent);
+  EXPECT_EQ(host_->received(Op::RegisterSection), 0u);
 
   a.PrivateDriverDataSize = static_cast<uint32_t>(room);  // exactly 128 KiB: goes through
   EXPECT_OK(GpupKmtCreateAllocation(&a));
+  EXPECT_EQ(host_->last_private_data().size(), room);
 
   std::vector<uint8_t> esc(gpup::proto::max_tail(Op::Escape, false) + 1);
   GPUPKMT_ESCAPE e{};
@@ -490,6 +494,231 @@ TEST_F(Kmt, OversizedPrivateDataFailsBeforeSending) {
   const auto s1 = stats();
   EXPECT_EQ(GpupKmtEscape(&e), GPUP_STATUS_MESSAGE_TOO_LARGE);
   EXPECT_EQ(stats().MessagesSent, s1.MessagesSent);
+
+  // An output capacity beyond what a reply carries is used up to 64 KiB only.
+  std::vector<uint8_t> out(1 << 20);
+  uint32_t seen_capacity = 0;
+  host_->set_hook([&](FakeHost&, const gpup::proto::Message& m) {
+    if (m.op() == Op::Escape) seen_capacity = m.as<gpup::proto::EscapeRequest>().output_size;
+    return false;
+  });
+  const char small[] = "small";
+  e.pPrivateDriverData = small;
+  e.PrivateDriverDataSize = sizeof small;
+  e.pOutputData = out.data();
+  e.OutputDataSize = static_cast<uint32_t>(out.size());
+  ASSERT_OK(GpupKmtEscape(&e));
+  EXPECT_EQ(seen_capacity, gpup::proto::kMaxInlineOutput);
+  EXPECT_EQ(e.OutputDataWritten, sizeof small);
+  EXPECT_STREQ(reinterpret_cast<const char*>(out.data()), "small");
+}
+
+TEST_F(Kmt, PrivateDataOverTheBulkLimitFailsBeforeSending) {
+  start(true);
+  std::vector<uint8_t> priv(size_t{GPUPKMT_MAX_PRIVATE_DATA_SIZE} + 1);
+  GPUPKMT_ESCAPE e{};
+  e.hAdapter = open_adapter();
+  e.pPrivateDriverData = priv.data();
+  e.PrivateDriverDataSize = static_cast<uint32_t>(priv.size());
+  const auto before = stats();
+  EXPECT_EQ(GpupKmtEscape(&e), GPUP_STATUS_MESSAGE_TOO_LARGE);
+  EXPECT_NE(std::string(GpupKmtGetLastErrorMessage()).find(std::to_string(priv.size())), std::string::npos)
+      << GpupKmtGetLastErrorMessage();
+  EXPECT_EQ(stats().MessagesSent, before.MessagesSent);
+  EXPECT_EQ(host_->live_sections(), 0u);
+}
+
+// A payload whose every byte depends on its position and a seed.
+std::vector<uint8_t> pattern(size_t n, uint32_t seed) {
+  std::vector<uint8_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<uint8_t>((i * 2654435761u + seed) >> 7);
+  return v;
+}
+
+TEST_F(Kmt, BulkDataTravelsThroughAReusedSharedSection) {
+  start(true);
+  const GPUPKMT_HANDLE ad = open_adapter();
+  const auto priv = pattern(1 << 20, 1);
+  std::vector<uint8_t> out(1 << 20);
+  GPUPKMT_ESCAPE e{};
+  e.hAdapter = ad;
+  e.pPrivateDriverData = priv.data();
+  e.PrivateDriverDataSize = static_cast<uint32_t>(priv.size());
+  e.pOutputData = out.data();
+  e.OutputDataSize = static_cast<uint32_t>(out.size());
+  auto s0 = stats();
+  ASSERT_OK(GpupKmtEscape(&e));
+  auto s1 = stats();
+  EXPECT_EQ(e.OutputDataWritten, priv.size());
+  EXPECT_TRUE(out == priv) << "the echoed 1 MiB differs";
+  EXPECT_TRUE(host_->last_private_data() == priv);
+  // Register + the escape itself; nothing else.
+  EXPECT_EQ(s1.RoundTrips - s0.RoundTrips, 2u);
+  EXPECT_EQ(s1.MessagesSent - s0.MessagesSent, 2u);
+  EXPECT_EQ(host_->received(Op::RegisterSection), 1u);
+  EXPECT_EQ(host_->live_sections(), 1u);
+
+  // Again with other bytes: the cached section serves it, one round trip.
+  const auto priv2 = pattern(1 << 20, 2);
+  e.pPrivateDriverData = priv2.data();
+  ASSERT_OK(GpupKmtEscape(&e));
+  auto s2 = stats();
+  EXPECT_EQ(s2.RoundTrips - s1.RoundTrips, 1u);
+  EXPECT_TRUE(out == priv2);
+  EXPECT_EQ(host_->received(Op::RegisterSection), 1u);
+
+  // A program of 300 KiB with a small output: private data in the section, output inline.
+  const auto source = pattern(300 << 10, 3);
+  char log[16] = {};
+  GPUPKMT_CREATEALLOCATION a{};
+  a.hDevice = device();
+  a.Flags = GPUPKMT_ALLOCATION_PROGRAM;
+  a.pPrivateDriverData = source.data();
+  a.PrivateDriverDataSize = static_cast<uint32_t>(source.size());
+  a.pOutputData = log;
+  a.OutputDataSize = sizeof log;
+  gpup::proto::CreateAllocationRequest seen{};
+  size_t seen_tail = 99;
+  host_->set_hook([&](FakeHost&, const gpup::proto::Message& m) {
+    if (m.op() == Op::CreateAllocation) {
+      seen = m.as<gpup::proto::CreateAllocationRequest>();
+      seen_tail = m.tail.size();
+    }
+    return false;
+  });
+  ASSERT_OK(GpupKmtCreateAllocation(&a));
+  EXPECT_NE(a.hAllocation, 0u);
+  EXPECT_EQ(a.OutputDataWritten, 5u);
+  EXPECT_EQ(std::string(log, 5), "built");
+  EXPECT_TRUE(host_->last_private_data() == source);
+  EXPECT_NE(seen.private_data.section, 0u);
+  EXPECT_EQ(seen.private_data.size, source.size());
+  EXPECT_EQ(seen_tail, 0u);
+  EXPECT_EQ(seen.output.section, 0u);
+  EXPECT_EQ(seen.output_size, sizeof log);
+  EXPECT_EQ(host_->received(Op::RegisterSection), 1u);
+
+  // Small private data with a 200 KiB output capacity: only the output uses the section.
+  const char small[] = "tiny";
+  std::vector<uint8_t> big_out(200 << 10, 0xee);
+  a.pPrivateDriverData = small;
+  a.PrivateDriverDataSize = sizeof small;
+  a.pOutputData = big_out.data();
+  a.OutputDataSize = static_cast<uint32_t>(big_out.size());
+  ASSERT_OK(GpupKmtCreateAllocation(&a));
+  EXPECT_EQ(seen.private_data.section, 0u);
+  EXPECT_EQ(seen_tail, sizeof small);
+  EXPECT_NE(seen.output.section, 0u);
+  EXPECT_EQ(seen.output.size, big_out.size());
+  EXPECT_EQ(seen.output_size, 0u);
+  EXPECT_EQ(a.OutputDataWritten, 5u);
+  EXPECT_EQ(std::string(reinterpret_cast<char*>(big_out.data()), 5), "built");
+  EXPECT_EQ(big_out[5], 0xee) << "bytes past OutputDataWritten were touched";
+}
+
+TEST_F(Kmt, LargeSectionsAreNotKeptAfterTheCall) {
+  start(true);
+  const auto priv = pattern(20 << 20, 4);  // above the 16 MiB the cache keeps
+  uint64_t out[2] = {};
+  GPUPKMT_ESCAPE e{};
+  e.hAdapter = open_adapter();
+  e.pPrivateDriverData = priv.data();
+  e.PrivateDriverDataSize = static_cast<uint32_t>(priv.size());
+  e.pOutputData = out;
+  e.OutputDataSize = sizeof out;
+  ASSERT_OK(GpupKmtEscape(&e));
+  EXPECT_EQ(e.OutputDataWritten, sizeof out);
+  EXPECT_EQ(0, std::memcmp(out, priv.data(), sizeof out));
+  EXPECT_TRUE(host_->last_private_data() == priv);
+  EXPECT_TRUE(host_->wait_received(Op::UnregisterSection, 1));
+  EXPECT_EQ(host_->live_sections(), 0u);
+}
+
+TEST_F(Kmt, BuildFailureWithOutputInASectionReturnsTheLog) {
+  start(true);
+  const std::string log_text(150 << 10, 'L');  // a build log larger than any message
+  host_->set_hook([&](FakeHost& h, const gpup::proto::Message& m) {
+    if (m.op() != Op::CreateAllocation) return false;
+    const auto req = m.as<gpup::proto::CreateAllocationRequest>();
+    auto out = h.section_span(req.output.section, req.output.offset, req.output.size);
+    if (out.size() < log_text.size()) {
+      h.reply_error(m, GPUP_STATUS_INTERNAL, "test: no output section");
+      return true;
+    }
+    std::memcpy(out.data(), log_text.data(), log_text.size());
+    h.reply<Op::CreateAllocation>(m, {0, static_cast<uint32_t>(log_text.size()), GPUP_STATUS_BUILD_FAILED, 0});
+    return true;
+  });
+  const std::string src = "kernel void k() { x; }";
+  std::vector<char> log(256 << 10);
+  GPUPKMT_CREATEALLOCATION a{};
+  a.hDevice = device();
+  a.Flags = GPUPKMT_ALLOCATION_PROGRAM;
+  a.pPrivateDriverData = src.data();
+  a.PrivateDriverDataSize = static_cast<uint32_t>(src.size());
+  a.pOutputData = log.data();
+  a.OutputDataSize = static_cast<uint32_t>(log.size());
+  EXPECT_EQ(GpupKmtCreateAllocation(&a), GPUP_STATUS_BUILD_FAILED);
+  EXPECT_EQ(a.KmdStatus, GPUP_STATUS_BUILD_FAILED);
+  EXPECT_EQ(a.OutputDataWritten, log_text.size());
+  EXPECT_EQ(std::string(log.data(), log_text.size()), log_text);
+  EXPECT_EQ(a.hAllocation, 0u);
+  EXPECT_NE(std::string(GpupKmtGetLastErrorMessage()).find("build output"), std::string::npos)
+      << GpupKmtGetLastErrorMessage();
+}
+
+TEST_F(Kmt, SectionReplyClaimingMoreThanTheCapacityIsAProtocolError) {
+  start(true);
+  host_->set_hook([](FakeHost& h, const gpup::proto::Message& m) {
+    if (m.op() != Op::Escape) return false;
+    const auto req = m.as<gpup::proto::EscapeRequest>();
+    h.reply<Op::Escape>(m, {req.output.size + 1, 0});
+    return true;
+  });
+  std::vector<uint8_t> out(100 << 10);
+  GPUPKMT_ESCAPE e{};
+  e.hAdapter = open_adapter();
+  e.pOutputData = out.data();
+  e.OutputDataSize = static_cast<uint32_t>(out.size());
+  EXPECT_EQ(GpupKmtEscape(&e), GPUP_STATUS_PROTOCOL_ERROR);
+  EXPECT_EQ(e.OutputDataWritten, 0u);
+  EXPECT_NE(std::string(GpupKmtGetLastErrorMessage()).find("capacity"), std::string::npos)
+      << GpupKmtGetLastErrorMessage();
+}
+
+TEST_F(Kmt, ConcurrentBulkCallsGetTheirOwnSectionsAndTheCacheStaysSmall) {
+  start(true);
+  const GPUPKMT_HANDLE ad = open_adapter();
+  std::atomic<int> wrong{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (uint32_t t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint32_t i = 0; i < 6; ++i) {
+        const auto priv = pattern((200 << 10) + t * 4096 + i, t * 100 + i);
+        std::vector<uint8_t> out(priv.size());
+        GPUPKMT_ESCAPE e{};
+        e.hAdapter = ad;
+        e.pPrivateDriverData = priv.data();
+        e.PrivateDriverDataSize = static_cast<uint32_t>(priv.size());
+        e.pOutputData = out.data();
+        e.OutputDataSize = static_cast<uint32_t>(out.size());
+        if (GpupKmtEscape(&e) != GPUP_STATUS_SUCCESS) {
+          ++failed;
+        } else if (e.OutputDataWritten != priv.size() || out != priv) {
+          ++wrong;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failed.load(), 0) << GpupKmtGetLastErrorMessage();
+  EXPECT_EQ(wrong.load(), 0);
+  const uint64_t registered = host_->received(Op::RegisterSection);
+  EXPECT_GE(registered, 1u);
+  EXPECT_LE(registered, 24u);
+  // Everything registered beyond the two idle sections was unregistered again.
+  EXPECT_LE(host_->live_sections(), 2u);
+  EXPECT_EQ(host_->live_sections() + host_->received(Op::UnregisterSection), registered);
 }
 
 TEST_F(Kmt, OversizedCommandBufferFailsBeforeSending) {

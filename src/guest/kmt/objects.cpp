@@ -1,6 +1,9 @@
 // The thunks: each is answered from guest-local state or marshalled as exactly one message (see
-// the crossing budget in gpup/kmt.h). Locking rules are in session.h.
+// the crossing budget in gpup/kmt.h), except that CreateAllocation and Escape with bulk data may
+// first register a shared section (and afterwards unregister one). Locking rules are in session.h.
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -275,6 +278,135 @@ gpup_status Session::destroy_context(const GPUPKMT_DESTROYCONTEXT* a) {
 
 // --- allocations ---------------------------------------------------------------------------------
 
+// --- bulk data: shared sections ----------------------------------------------------------------
+
+static_assert(GPUPKMT_MAX_PRIVATE_DATA_SIZE == proto::kMaxBulkDataSize &&
+              GPUPKMT_MAX_OUTPUT_DATA_SIZE == proto::kMaxBulkDataSize);
+
+Session::Bulk::~Bulk() {
+  if (section) session->release_section(std::move(section));
+}
+
+gpup_status Session::acquire_section(uint64_t size, std::unique_ptr<GuestSection>& out) {
+  {
+    std::lock_guard lk(sections_mu_);
+    auto best = idle_sections_.end();
+    for (auto it = idle_sections_.begin(); it != idle_sections_.end(); ++it)
+      if ((*it)->size >= size && (best == idle_sections_.end() || (*it)->size < (*best)->size)) best = it;
+    if (best != idle_sections_.end()) {
+      out = std::move(*best);
+      idle_sections_.erase(best);
+      return GPUP_STATUS_SUCCESS;
+    }
+  }
+  if (lost()) return lost_error();
+  const uint64_t bytes = (size + kSectionGranularity - 1) / kSectionGranularity * kSectionGranularity;
+  UniqueFd fd(::memfd_create("gpupkmt-section", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!fd) return fail(GPUP_STATUS_NO_MEMORY, fmt::format("shared section: memfd_create: {}", std::strerror(errno)));
+  if (::ftruncate(fd.get(), static_cast<off_t>(bytes)) != 0)
+    return fail(GPUP_STATUS_NO_MEMORY, fmt::format("shared section of {} bytes: ftruncate: {}", bytes, std::strerror(errno)));
+  // Sealed against resizing for good, so the host's mapping can never lose its pages.
+  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+    return fail(GPUP_STATUS_INTERNAL, fmt::format("shared section: F_ADD_SEALS: {}", std::strerror(errno)));
+  auto sec = std::make_unique<GuestSection>();
+  sec->size = bytes;
+  if (gpup_status st = Mapping::shared(fd.get(), bytes, PROT_READ | PROT_WRITE, "shared section", sec->map); st < 0)
+    return st;
+  const uint64_t id = next_fd_id_.fetch_add(1, std::memory_order_relaxed);
+  if (gpup_status st = ch_->send_fd(id, fd.get()); st != GPUP_STATUS_SUCCESS) {
+    std::string why = channel::last_error().message;
+    if (st == GPUP_STATUS_CONNECTION_LOST || st == GPUP_STATUS_PROTOCOL_ERROR) {
+      lose("the connection to the host was lost while passing a section: " + why);
+      return lost_error();
+    }
+    return fail(st, "passing a shared section to the host: " + why);
+  }
+  Reply r;
+  if (gpup_status st = call(proto::RegisterSectionRequest{id, bytes}, {}, r); st < 0) return st;
+  const auto rep = r.fixed<proto::RegisterSectionReply>();
+  if (rep.section == 0) return fail(GPUP_STATUS_PROTOCOL_ERROR, "RegisterSection reply: section handle 0");
+  sec->handle = rep.section;
+  out = std::move(sec);
+  return GPUP_STATUS_SUCCESS;
+}
+
+void Session::release_section(std::unique_ptr<GuestSection> sec) {
+  if (!sec) return;
+  if (!lost() && sec->size <= kMaxCachedSectionBytes) {
+    std::lock_guard lk(sections_mu_);
+    if (idle_sections_.size() < kMaxIdleSections) {
+      idle_sections_.push_back(std::move(sec));
+      return;
+    }
+  }
+  if (!lost()) {
+    const std::string saved = last_error_text();
+    Reply r;
+    if (call(proto::UnregisterSectionRequest{sec->handle, 0}, {}, r) < 0)
+      logger().warn("unregistering shared section {:#x}: {}", sec->handle, last_error_text());
+    set_last_error_text(saved);
+  }
+  // The mapping goes with `sec`; a lost session's host side is gone already.
+}
+
+gpup_status Session::prepare_bulk(proto::Op op, Bytes priv, uint32_t out_capacity, Bulk& b) {
+  const char* name = proto::op_name(static_cast<uint16_t>(op));
+  if (priv.size() > GPUPKMT_MAX_PRIVATE_DATA_SIZE)
+    return fail(GPUP_STATUS_MESSAGE_TOO_LARGE,
+                fmt::format("{}: private driver data of {} bytes exceeds the limit of {} bytes; nothing was sent", name,
+                            priv.size(), GPUPKMT_MAX_PRIVATE_DATA_SIZE));
+  const uint32_t cap = std::min<uint32_t>(out_capacity, GPUPKMT_MAX_OUTPUT_DATA_SIZE);
+  const bool priv_inline = priv.size() <= proto::max_tail(op, false);
+  const bool out_inline = cap <= proto::kMaxInlineOutput;
+  if (!shares_memory_) {
+    if (!priv_inline) {
+      const proto::OpInfo* info = proto::find_op(static_cast<uint16_t>(op));
+      const size_t total = sizeof(proto::MessageHeader) + info->request_size + priv.size();
+      return fail(GPUP_STATUS_MESSAGE_TOO_LARGE,
+                  fmt::format("{} message would be {} bytes; the channel limit is {} bytes (128 KiB), and its {} bytes of "
+                              "private driver data could only travel in a shared section, which the stream transport "
+                              "cannot pass; nothing was sent",
+                              name, total, proto::kMaxMessageSize, priv.size()));
+    }
+    b.tail = priv;
+    b.inline_output = std::min<uint32_t>(cap, proto::kMaxInlineOutput);
+    return GPUP_STATUS_SUCCESS;
+  }
+  if (priv_inline && out_inline) {
+    b.tail = priv;
+    b.inline_output = cap;
+    return GPUP_STATUS_SUCCESS;
+  }
+  const uint64_t priv_bytes = priv_inline ? 0 : (priv.size() + 7) & ~uint64_t{7};
+  if (gpup_status st = acquire_section(priv_bytes + (out_inline ? 0 : cap), b.section); st < 0) return st;
+  auto* base = static_cast<uint8_t*>(b.section->map.data());
+  if (priv_inline) {
+    b.tail = priv;
+  } else {
+    std::memcpy(base, priv.data(), priv.size());
+    b.private_data = {b.section->handle, static_cast<uint32_t>(priv.size()), 0};
+  }
+  if (out_inline) {
+    b.inline_output = cap;
+  } else {
+    b.output = {b.section->handle, cap, priv_bytes};
+  }
+  return GPUP_STATUS_SUCCESS;
+}
+
+gpup_status Session::copy_section_output(const char* op, uint32_t written, Bytes tail, const Bulk& b, void* out,
+                                         uint32_t* out_written) {
+  if (!tail.empty())
+    return fail(GPUP_STATUS_PROTOCOL_ERROR,
+                fmt::format("{} reply: {} output bytes inline although the output went to a section", op, tail.size()));
+  if (written > b.output.size)
+    return fail(GPUP_STATUS_PROTOCOL_ERROR,
+                fmt::format("{} reply: {} output bytes written for a {}-byte capacity", op, written, b.output.size));
+  if (written) std::memcpy(out, static_cast<const uint8_t*>(b.section->map.data()) + b.output.offset, written);
+  *out_written = written;
+  return GPUP_STATUS_SUCCESS;
+}
+
 gpup_status Session::create_allocation(GPUPKMT_CREATEALLOCATION* a) {
   Bytes priv;
   if (gpup_status st = input(a->pPrivateDriverData, a->PrivateDriverDataSize, "pPrivateDriverData", priv); st < 0)
@@ -287,13 +419,17 @@ gpup_status Session::create_allocation(GPUPKMT_CREATEALLOCATION* a) {
     std::lock_guard lk(mu_);
     if (!devices_.count(a->hDevice)) return bad_handle_locked("device", a->hDevice);
   }
+  Bulk bulk(this);
+  if (gpup_status st = prepare_bulk(proto::Op::CreateAllocation, priv, a->OutputDataSize, bulk); st < 0) return st;
   proto::CreateAllocationRequest req{};
   req.device = a->hDevice;
   req.flags = a->Flags;
   req.size = a->Size;
-  req.output_size = a->OutputDataSize;
+  req.output_size = bulk.inline_output;
+  req.private_data = bulk.private_data;
+  req.output = bulk.output;
   Reply r;
-  const gpup_status st = call(req, priv, r);
+  const gpup_status st = call(req, bulk.tail, r);
   if (st < 0) {
     a->KmdStatus = st;
     if (st == GPUP_STATUS_BUILD_FAILED && r.msg.info != nullptr) {
@@ -305,11 +441,26 @@ gpup_status Session::create_allocation(GPUPKMT_CREATEALLOCATION* a) {
     return st;
   }
   const auto rep = r.fixed<proto::CreateAllocationReply>();
+  if (bulk.output.section != 0) {
+    if (gpup_status cst = copy_section_output("CreateAllocation", rep.written, r.tail(), bulk, a->pOutputData,
+                                              &a->OutputDataWritten);
+        cst < 0)
+      return cst;
+    if (rep.allocation == 0 && rep.kmd_status == GPUP_STATUS_BUILD_FAILED) {
+      // A failed build with its output in the section: the reply carries no allocation.
+      a->KmdStatus = rep.kmd_status;
+      return fail(GPUP_STATUS_BUILD_FAILED,
+                  fmt::format("the KMD could not build the program; its build output ({} bytes) is in pOutputData",
+                              rep.written));
+    }
+  }
   if (rep.allocation == 0) return fail(GPUP_STATUS_PROTOCOL_ERROR, "CreateAllocation reply: allocation handle 0");
-  if (gpup_status cst = copy_output("CreateAllocation", rep.written, r.tail(), a->pOutputData, a->OutputDataSize,
-                                    &a->OutputDataWritten);
-      cst < 0)
-    return cst;
+  if (bulk.output.section == 0) {
+    if (gpup_status cst = copy_output("CreateAllocation", rep.written, r.tail(), a->pOutputData, bulk.inline_output,
+                                      &a->OutputDataWritten);
+        cst < 0)
+      return cst;
+  }
   a->KmdStatus = rep.kmd_status;
   {
     std::lock_guard lk(mu_);
@@ -744,15 +895,21 @@ gpup_status Session::escape(GPUPKMT_ESCAPE* a) {
                     fmt::format("device {:#x} belongs to another adapter than {:#x}", a->hDevice, a->hAdapter));
     }
   }
+  Bulk bulk(this);
+  if (gpup_status st = prepare_bulk(proto::Op::Escape, priv, a->OutputDataSize, bulk); st < 0) return st;
   proto::EscapeRequest req{};
   req.adapter_luid = luid;
   req.device = a->hDevice;
   req.flags = a->Flags;
-  req.output_size = a->OutputDataSize;
+  req.output_size = bulk.inline_output;
+  req.private_data = bulk.private_data;
+  req.output = bulk.output;
   Reply r;
-  if (gpup_status st = call(req, priv, r); st < 0) return st;
+  if (gpup_status st = call(req, bulk.tail, r); st < 0) return st;
   const auto rep = r.fixed<proto::EscapeReply>();
-  return copy_output("Escape", rep.written, r.tail(), a->pOutputData, a->OutputDataSize, &a->OutputDataWritten);
+  if (bulk.output.section != 0)
+    return copy_section_output("Escape", rep.written, r.tail(), bulk, a->pOutputData, &a->OutputDataWritten);
+  return copy_output("Escape", rep.written, r.tail(), a->pOutputData, bulk.inline_output, &a->OutputDataWritten);
 }
 
 gpup_status Session::get_device_state(GPUPKMT_GETDEVICESTATE* a) {

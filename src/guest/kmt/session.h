@@ -154,6 +154,15 @@ struct SyncObj {
   uint32_t slot = 0;
 };
 
+// A shared section this process owns and has registered with the host (RegisterSection): bulk
+// private data and output of CreateAllocation/Escape travel through it. Used by one call at a
+// time; the mapping (and with it the memory) goes with the object.
+struct GuestSection {
+  uint32_t handle = 0;  // the host's section handle
+  uint64_t size = 0;
+  Mapping map;
+};
+
 // --- the session -----------------------------------------------------------------------------------
 
 class Session {
@@ -211,6 +220,11 @@ class Session {
   static constexpr uint32_t kMaxFenceSlots = 1u << 22;
   // How long to wait for a section fd the host says it has passed (it is sent before the reply).
   static constexpr int kFdTimeoutMs = 10000;
+  // Shared sections kept for reuse once a call is done, and the largest one kept; sizes are
+  // rounded up to kSectionGranularity so that sections of similar calls are interchangeable.
+  static constexpr size_t kMaxIdleSections = 2;
+  static constexpr uint64_t kMaxCachedSectionBytes = uint64_t{16} << 20;
+  static constexpr uint64_t kSectionGranularity = uint64_t{256} << 10;
 
  private:
   // A SYNC request waiting for its reply; lives on the caller's stack, registered in pending_.
@@ -261,6 +275,34 @@ class Session {
   }
   gpup_status exchange(proto::Op op, const proto::Encoded& enc, Reply& out, OnReply on_reply,
                        bool allow_pending);
+
+  // Where one CreateAllocation/Escape's private data and output travel: inline, or (what does
+  // not fit a message) in a shared section held for the duration of the call. The destructor
+  // hands the section back (cache or unregister).
+  struct Bulk {
+    explicit Bulk(Session* s) : session(s) {}
+    ~Bulk();
+    Bulk(const Bulk&) = delete;
+    Bulk& operator=(const Bulk&) = delete;
+    Session* session;
+    std::span<const uint8_t> tail;  // inline private data
+    uint32_t inline_output = 0;     // the request's output_size
+    proto::SectionRef private_data{};
+    proto::SectionRef output{};
+    std::unique_ptr<GuestSection> section;
+  };
+  // Plans a call's bulk data (see "Bulk data" in gpup/kmt.h): MESSAGE_TOO_LARGE for private data
+  // over the limit, or on a stream channel over a message; otherwise a section is acquired and the
+  // private data copied into it when needed.
+  gpup_status prepare_bulk(proto::Op op, std::span<const uint8_t> priv, uint32_t out_capacity, Bulk& b);
+  // Copies section output (`written` bytes, no reply tail allowed) to the caller's buffer.
+  gpup_status copy_section_output(const char* op, uint32_t written, std::span<const uint8_t> tail, const Bulk& b,
+                                  void* out, uint32_t* out_written);
+  // An idle section of at least `size` bytes, or a new one (memfd, sealed, passed, registered).
+  gpup_status acquire_section(uint64_t size, std::unique_ptr<GuestSection>& out);
+  // Keeps the section for reuse, or unregisters it (cache full, too large, or the session lost).
+  // Leaves the thread's last error text as it was.
+  void release_section(std::unique_ptr<GuestSection> s);
   gpup_status send_encoded(const proto::Encoded& enc);
 
   // Receiver thread.
@@ -312,6 +354,12 @@ class Session {
   std::atomic<uint64_t> round_trips_{0};
   std::atomic<uint64_t> notifications_{0};
   std::atomic<bool> lost_flag_{false};  // mirrors lost_ for lock-free checks
+  std::atomic<uint64_t> next_fd_id_{1};  // ids of fds passed to the host
+
+  // Idle shared sections (at most kMaxIdleSections). sections_mu_ is a leaf lock, never held
+  // across a channel call.
+  std::mutex sections_mu_;
+  std::vector<std::unique_ptr<GuestSection>> idle_sections_;
 
   mutable std::mutex mu_;
   bool lost_ = false;

@@ -19,7 +19,7 @@
 
 namespace gpup::vmwp {
 
-enum class ObjectType : uint8_t { Free = 0, Device = 3, Allocation = 5, Context = 7, SyncObject = 8 };
+enum class ObjectType : uint8_t { Free = 0, Device = 3, Allocation = 5, Context = 7, SyncObject = 8, Section = 9 };
 
 const char* object_type_name(ObjectType t);
 

@@ -78,6 +78,9 @@ class ChannelLink : public GuestLink {
     return ch_.send(std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
   }
   gpup_status send_fd(uint64_t id, int fd) override { return ch_.send_fd(id, fd); }
+  gpup_status receive_fd(uint64_t id, UniqueFd& out, int timeout_ms) override {
+    return ch_.shares_memory() ? ch_.receive_fd(id, out, timeout_ms) : GPUP_STATUS_NOT_SUPPORTED;
+  }
   bool shares_memory() const override { return ch_.shares_memory(); }
   int peer_pid() const override { return ch_.peer_pid(); }
 

@@ -1,9 +1,12 @@
 // Worker core tests: handle tables, GPU VA spaces, and the dispatch path driven in-process with
 // the mock KMD through a fake link (no processes, no channel).
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <mutex>
 
 #include "gpup/kmd_opencl.h"
@@ -121,6 +124,8 @@ class FakeLink : public GuestLink {
     std::mutex mu;
     std::vector<std::vector<uint8_t>> messages;
     std::map<uint64_t, int> fds;
+    std::map<uint64_t, UniqueFd> incoming;  // fds "passed" by the guest, by id
+    bool shares_memory = true;
   };
   explicit FakeLink(std::shared_ptr<Shared> s) : s_(std::move(s)) {}
   gpup_status send(const Encoded& msg) override {
@@ -133,7 +138,15 @@ class FakeLink : public GuestLink {
     s_->fds[id] = dup(fd);
     return GPUP_STATUS_SUCCESS;
   }
-  bool shares_memory() const override { return true; }
+  gpup_status receive_fd(uint64_t id, UniqueFd& out, int) override {
+    std::lock_guard l(s_->mu);
+    auto it = s_->incoming.find(id);
+    if (it == s_->incoming.end()) return GPUP_STATUS_TIMEOUT;
+    out = std::move(it->second);
+    s_->incoming.erase(it);
+    return GPUP_STATUS_SUCCESS;
+  }
+  bool shares_memory() const override { return s_->shares_memory; }
 
  private:
   std::shared_ptr<Shared> s_;
@@ -240,6 +253,50 @@ class WorkerTest : public ::testing::Test {
     return r.as<CreateAllocationReply>().allocation;
   }
   Counts totals() { return worker_->totals(); }
+
+  // A guest section: a memfd of `size` bytes with `seals`, handed to the link as fd `id`.
+  static UniqueFd make_memfd(const char* name, uint64_t size, int seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL,
+                             unsigned flags = MFD_CLOEXEC | MFD_ALLOW_SEALING) {
+    UniqueFd fd(memfd_create(name, flags));
+    EXPECT_TRUE(fd);
+    EXPECT_EQ(ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+    if (seals) {
+      EXPECT_EQ(fcntl(fd.get(), F_ADD_SEALS, seals), 0) << std::strerror(errno);
+    }
+    return fd;
+  }
+  uint64_t next_fd_id_ = 1;
+  Reply register_fd(Proc& pr, UniqueFd fd, uint64_t size) {
+    const uint64_t id = next_fd_id_++;
+    {
+      std::lock_guard l(pr.out->mu);
+      pr.out->incoming[id] = std::move(fd);
+    }
+    return call(pr, RegisterSectionRequest{id, size});
+  }
+  // Registers a sealed section and maps the guest's view of it.
+  struct GuestSection {
+    uint32_t handle = 0;
+    uint8_t* map = nullptr;
+    uint64_t size = 0;
+  };
+  GuestSection section(Proc& pr, uint64_t size, const char* name = "gpup-unit-section") {
+    GuestSection g;
+    UniqueFd fd = make_memfd(name, size);
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+    EXPECT_NE(p, MAP_FAILED);
+    g.map = static_cast<uint8_t*>(p);
+    g.size = size;
+    auto r = register_fd(pr, std::move(fd), size);
+    EXPECT_EQ(r.header.status, 0) << r.text();
+    g.handle = r.as<RegisterSectionReply>().section;
+    guest_maps_.push_back({g.map, size});
+    return g;
+  }
+  ~WorkerTest() override {
+    for (auto& [p, n] : guest_maps_) munmap(p, n);
+  }
+  std::vector<std::pair<uint8_t*, uint64_t>> guest_maps_;
 
   std::unique_ptr<Worker> worker_;
   Proc a_, b_;
@@ -417,6 +474,283 @@ TEST_F(WorkerTest, SecureVmPassesOnlyDriverKnownEscapes) {
   auto r = call(p, EscapeRequest{kLuid, 0, 0, 64, 0}, tail);
   EXPECT_EQ(r.header.status, GPUP_STATUS_ACCESS_DENIED) << r.text();
   EXPECT_NE(r.text().find("secure"), std::string::npos);
+}
+
+// --- guest-owned sections ---------------------------------------------------------------------
+
+uint64_t fnv1a(const uint8_t* p, size_t n) {
+  uint64_t h = GPUP_OCL_FNV1A64_OFFSET;
+  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * GPUP_OCL_FNV1A64_PRIME;
+  return h;
+}
+
+bool maps_contain(const std::string& name) {
+  std::ifstream f("/proc/self/maps");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.find(name) != std::string::npos) return true;
+  return false;
+}
+
+TEST_F(WorkerTest, EscapeWithPrivateDataAndOutputInASection) {
+  auto sec = section(a_, 2 << 20);
+  GPUP_OCL_PRIVATE_HEADER hdr{GPUP_OCL_ESCAPE_MAGIC, GPUP_OCL_ESCAPE_CHECKSUM};
+  const size_t payload = 1 << 20;
+  std::memcpy(sec.map, &hdr, sizeof hdr);
+  for (size_t i = 0; i < payload; ++i) sec.map[sizeof hdr + i] = static_cast<uint8_t>(i * 131 + 5);
+  const uint64_t want = fnv1a(sec.map + sizeof hdr, payload);
+  const uint64_t out_off = 1536 << 10;
+  std::memset(sec.map + out_off, 0xcc, 64);
+  EscapeRequest req{kLuid, 0, 0, 0, 0};
+  req.private_data = {sec.handle, static_cast<uint32_t>(sizeof hdr + payload), 0};
+  req.output = {sec.handle, 200 << 10, out_off};
+  auto r = call(a_, req);
+  ASSERT_EQ(r.header.status, 0) << r.text();
+  EXPECT_TRUE(r.tail.empty());
+  ASSERT_EQ(r.as<EscapeReply>().written, sizeof(GPUP_OCL_ESCAPE_CHECKSUM_OUT));
+  GPUP_OCL_ESCAPE_CHECKSUM_OUT out;
+  std::memcpy(&out, sec.map + out_off, sizeof out);
+  EXPECT_EQ(out.ByteCount, payload);
+  EXPECT_EQ(out.Fnv1a64, want);
+  EXPECT_EQ(sec.map[out_off + sizeof out], 0xcc) << "bytes past `written` were changed";
+  auto c = totals();
+  EXPECT_EQ(c.sections, 2u - 1u);  // a's one section
+  EXPECT_EQ(c.section_bytes, 2u << 20);
+}
+
+TEST_F(WorkerTest, SectionReferencesAreValidated) {
+  auto sec = section(a_, 64 << 10);
+  for (int i = 0; i < 8; ++i) create_device(b_);  // b's section handle: beyond anything a is issued
+  auto sec_b = section(b_, 64 << 10);
+  const uint32_t dev = create_device(a_);
+  GPUP_OCL_PRIVATE_HEADER hdr{GPUP_OCL_ESCAPE_MAGIC, GPUP_OCL_ESCAPE_CHECKSUM};
+  std::memcpy(sec.map, &hdr, sizeof hdr);
+  const Counts base = totals();
+  auto escape = [&](SectionRef priv, SectionRef out, uint32_t inline_out = 0, std::span<const uint8_t> tail = {}) {
+    EscapeRequest req{kLuid, 0, 0, inline_out, 0};
+    req.private_data = priv;
+    req.output = out;
+    return call(a_, req, tail);
+  };
+  const SectionRef ok_out{sec.handle, 64, 4096};
+  // Forged, foreign (b's handle), wrong type (a device), each with a message naming the field.
+  auto r = escape({0x7fff0000u, 8, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_HANDLE);
+  EXPECT_NE(r.text().find("private data"), std::string::npos) << r.text();
+  r = escape({sec_b.handle, 8, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_HANDLE) << r.text();
+  EXPECT_NE(r.text().find("never issued"), std::string::npos) << r.text();
+  r = escape({dev, 8, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OBJECT_TYPE_MISMATCH) << r.text();
+  r = escape({sec.handle, 8, 0}, {dev, 64, 0});
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OBJECT_TYPE_MISMATCH);
+  EXPECT_NE(r.text().find("output"), std::string::npos) << r.text();
+  // Offset + size overflowing, and beyond the section.
+  r = escape({sec.handle, 16, UINT64_MAX - 8}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OUT_OF_RANGE) << r.text();
+  r = escape({sec.handle, 8, 0}, {sec.handle, 64, UINT64_MAX - 8});
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OUT_OF_RANGE) << r.text();
+  r = escape({sec.handle, (64 << 10) + 1, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OUT_OF_RANGE);
+  EXPECT_NE(r.text().find("outside section"), std::string::npos) << r.text();
+  r = escape({sec.handle, 8, 0}, {sec.handle, 4096, (60 << 10) + 1});
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OUT_OF_RANGE) << r.text();
+  // Zero-byte references, references without a section, data both inline and in a section.
+  r = escape({sec.handle, 0, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  r = escape({0, 8, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  r = escape({sec.handle, 8, 0}, {0, 0, 64});
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  const uint8_t inl[8] = {};
+  r = escape({sec.handle, 8, 0}, ok_out, 0, inl);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("both inline"), std::string::npos) << r.text();
+  r = escape({sec.handle, 8, 0}, ok_out, 64);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  // An inline output capacity beyond 64 KiB needs a section.
+  r = escape({sec.handle, 8, 0}, {}, (64 << 10) + 1);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  // Stale: unregistered, then used.
+  auto doomed = section(a_, 4096);
+  ASSERT_EQ(call(a_, UnregisterSectionRequest{doomed.handle, 0}).header.status, 0);
+  r = escape({doomed.handle, 8, 0}, ok_out);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_HANDLE);
+  EXPECT_NE(r.text().find("stale"), std::string::npos) << r.text();
+  EXPECT_EQ(call(a_, UnregisterSectionRequest{doomed.handle, 0}).header.status, GPUP_STATUS_INVALID_HANDLE);
+  EXPECT_EQ(call(a_, UnregisterSectionRequest{dev, 0}).header.status, GPUP_STATUS_OBJECT_TYPE_MISMATCH);
+  // A CreateAllocation with a bad reference creates nothing.
+  CreateAllocationRequest ca{dev, GPUPKMT_ALLOCATION_CPU_VISIBLE, 4096, 0, 0};
+  ca.private_data = {sec.handle, 16, (64 << 10) - 8};
+  r = call(a_, ca);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_OUT_OF_RANGE) << r.text();
+  ca.private_data = {};
+  ca.output = {sec_b.handle, 16, 0};
+  r = call(a_, ca);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_HANDLE) << "b's section: " << r.text();
+  const Counts after = totals();
+  EXPECT_EQ(after.allocations, base.allocations);
+  EXPECT_EQ(after.vram_used, base.vram_used);
+  // The good reference still works after all that.
+  r = escape({sec.handle, 8, 0}, ok_out);
+  EXPECT_EQ(r.header.status, 0) << r.text();
+  EXPECT_EQ(r.as<EscapeReply>().written, sizeof(GPUP_OCL_ESCAPE_CHECKSUM_OUT));
+}
+
+TEST_F(WorkerTest, OnlySealedMemfdsOfTheDeclaredSizeAreRegistered) {
+  const Counts base = totals();
+  // Not sealed at all.
+  auto r = register_fd(a_, make_memfd("unsealed", 4096, 0), 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("not sealed"), std::string::npos) << r.text();
+  // Sealed against shrinking only: it could still grow, and the seals could change.
+  r = register_fd(a_, make_memfd("shrink-only", 4096, F_SEAL_SHRINK), 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("F_SEAL_GROW"), std::string::npos) << r.text();
+  // Created without MFD_ALLOW_SEALING: it can carry no seals.
+  r = register_fd(a_, make_memfd("no-sealing", 4096, 0, MFD_CLOEXEC), 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  // Sealed, but not the size the request declares.
+  r = register_fd(a_, make_memfd("short", 4096), 8192);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("4096 bytes"), std::string::npos) << r.text();
+  // Not a memfd: a pipe.
+  int p[2];
+  ASSERT_EQ(pipe2(p, O_CLOEXEC), 0);
+  close(p[1]);
+  r = register_fd(a_, UniqueFd(p[0]), 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("not a memfd"), std::string::npos) << r.text();
+  // Read-only fd of a sealed memfd: the host must be able to write output.
+  {
+    UniqueFd fd = make_memfd("readonly", 4096);
+    UniqueFd ro(open(("/proc/self/fd/" + std::to_string(fd.get())).c_str(), O_RDONLY | O_CLOEXEC));
+    ASSERT_TRUE(ro);
+    r = register_fd(a_, std::move(ro), 4096);
+    EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  }
+  // Write-sealed.
+  r = register_fd(a_, make_memfd("write-sealed", 4096, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL | F_SEAL_WRITE), 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("writing"), std::string::npos) << r.text();
+  // No fd passed with the id.
+  r = call(a_, RegisterSectionRequest{999, 4096});
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER);
+  EXPECT_NE(r.text().find("id 999"), std::string::npos) << r.text();
+  // Size 0, and one larger than a process may have.
+  r = register_fd(a_, make_memfd("zero", 0), 0);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+  EXPECT_EQ(totals().sections, base.sections);
+  // A stream channel has no sections.
+  a_.out->shares_memory = false;
+  r = call(a_, RegisterSectionRequest{1000, 4096});
+  EXPECT_EQ(r.header.status, GPUP_STATUS_NOT_SUPPORTED) << r.text();
+  a_.out->shares_memory = true;
+  // And after all that, a proper one registers.
+  r = register_fd(a_, make_memfd("proper", 4096), 4096);
+  EXPECT_EQ(r.header.status, 0) << r.text();
+  EXPECT_EQ(totals().sections, base.sections + 1);
+}
+
+TEST_F(WorkerTest, SectionCountAndBytesAreLimitedPerProcess) {
+  std::vector<uint32_t> handles;
+  for (uint32_t i = 0; i < kMaxSections; ++i) {
+    auto r = register_fd(a_, make_memfd("many", 4096), 4096);
+    ASSERT_EQ(r.header.status, 0) << i << ": " << r.text();
+    handles.push_back(r.as<RegisterSectionReply>().section);
+  }
+  auto r = register_fd(a_, make_memfd("one-too-many", 4096), 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_QUOTA_EXCEEDED);
+  EXPECT_NE(r.text().find("64 sections"), std::string::npos) << r.text();
+  // Another process is not affected.
+  EXPECT_EQ(register_fd(b_, make_memfd("b", 4096), 4096).header.status, 0);
+  // Unregistering makes room again.
+  ASSERT_EQ(call(a_, UnregisterSectionRequest{handles.back(), 0}).header.status, 0);
+  EXPECT_EQ(register_fd(a_, make_memfd("room", 4096), 4096).header.status, 0);
+  for (auto h : handles) call(a_, UnregisterSectionRequest{h, 0});
+
+  // Bytes: 200 MiB, then 100 MiB more would pass 256 MiB. (Sparse memfds: nothing is touched.)
+  r = register_fd(b_, make_memfd("big", 200 << 20), 200 << 20);
+  ASSERT_EQ(r.header.status, 0) << r.text();
+  r = register_fd(b_, make_memfd("too-much", 100 << 20), 100 << 20);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_QUOTA_EXCEEDED);
+  EXPECT_NE(r.text().find("above the limit"), std::string::npos) << r.text();
+  r = register_fd(b_, make_memfd("huge", kMaxSectionBytes + 4096), kMaxSectionBytes + 4096);
+  EXPECT_EQ(r.header.status, GPUP_STATUS_INVALID_PARAMETER) << r.text();
+}
+
+TEST_F(WorkerTest, SectionsAreUnmappedWhenTheProcessGoes) {
+  const std::string name = "gpup-unit-released-" + std::to_string(getpid());
+  auto sec = section(a_, 1 << 20, name.c_str());
+  ASSERT_NE(sec.handle, 0u);
+  // The guest's own mapping is one; the worker's is the other.
+  auto count = [&] {
+    std::ifstream f("/proc/self/maps");
+    std::string line;
+    int n = 0;
+    while (std::getline(f, line))
+      if (line.find(name) != std::string::npos) ++n;
+    return n;
+  };
+  EXPECT_EQ(count(), 2);
+  EXPECT_EQ(totals().sections, 1u);
+  worker_->disconnect(a_.p);
+  EXPECT_EQ(count(), 1) << "the worker still maps the section of a closed process";
+  EXPECT_EQ(totals().sections, 0u);
+  // UnregisterSection unmaps at once too.
+  const std::string name2 = name + "-unreg";
+  auto sec2 = section(b_, 4096, name2.c_str());
+  EXPECT_TRUE(maps_contain(name2));
+  ASSERT_EQ(call(b_, UnregisterSectionRequest{sec2.handle, 0}).header.status, 0);
+  munmap(sec2.map, sec2.size);
+  guest_maps_.pop_back();
+  EXPECT_FALSE(maps_contain(name2));
+}
+
+TEST_F(WorkerTest, ProgramSourceAndBuildOutputThroughASection) {
+  const uint32_t dev = create_device(a_);
+  auto sec = section(a_, 1 << 20);
+  // The mock KMD's program format: a GPUP_OCL_PROGRAM_DESC and source text naming mock kernels.
+  std::string source = "__kernel void add_i32(__global int* b, int v) { b[get_global_id(0)] += v; }\n";
+  source += "/*" + std::string(300 << 10, '*') + "*/\n";
+  GPUP_OCL_PROGRAM_DESC d{GPUP_OCL_PROGRAM_MAGIC, GPUP_OCL_PROGRAM_VERSION, GPUP_OCL_PROGRAM_SOURCE, 0,
+                          static_cast<uint32_t>(source.size()), 0};
+  std::memcpy(sec.map, &d, sizeof d);
+  std::memcpy(sec.map + sizeof d, source.data(), source.size());
+  const uint64_t out_off = 512 << 10;
+  CreateAllocationRequest ca{dev, GPUPKMT_ALLOCATION_PROGRAM, 0, 0, 0};
+  ca.private_data = {sec.handle, static_cast<uint32_t>(sizeof d + source.size()), 0};
+  ca.output = {sec.handle, 256 << 10, out_off};
+  auto r = call(a_, ca);
+  ASSERT_EQ(r.header.status, 0) << r.text();
+  const auto rep = r.as<CreateAllocationReply>();
+  EXPECT_NE(rep.allocation, 0u);
+  EXPECT_TRUE(r.tail.empty());
+  ASSERT_GE(rep.written, sizeof(GPUP_OCL_BUILD_RESULT));
+  GPUP_OCL_BUILD_RESULT br;
+  std::memcpy(&br, sec.map + out_off, sizeof br);
+  EXPECT_EQ(br.BuildError, 0);
+  EXPECT_EQ(totals().allocations, 1u);
+
+  // A failed build: status SUCCESS, no allocation, KMD status BUILD_FAILED, the log in the section.
+  source = "__kernel void no_such_kernel(__global int* b) {}\n" + std::string(200 << 10, ' ');
+  d.ContentSize = static_cast<uint32_t>(source.size());
+  std::memcpy(sec.map, &d, sizeof d);
+  std::memcpy(sec.map + sizeof d, source.data(), source.size());
+  std::memset(sec.map + out_off, 0, 256 << 10);
+  ca.private_data.size = static_cast<uint32_t>(sizeof d + source.size());
+  r = call(a_, ca);
+  ASSERT_EQ(r.header.status, 0) << r.text();
+  const auto failed = r.as<CreateAllocationReply>();
+  EXPECT_EQ(failed.allocation, 0u);
+  EXPECT_EQ(failed.kmd_status, GPUP_STATUS_BUILD_FAILED);
+  ASSERT_GE(failed.written, sizeof(GPUP_OCL_BUILD_RESULT));
+  std::memcpy(&br, sec.map + out_off, sizeof br);
+  EXPECT_NE(br.BuildError, 0);
+  EXPECT_GT(br.LogBytes, 0u);
+  const std::string log(reinterpret_cast<const char*>(sec.map + out_off + sizeof br), br.LogBytes);
+  EXPECT_NE(log.find("no_such_kernel"), std::string::npos) << log;
+  EXPECT_EQ(totals().allocations, 1u);
 }
 
 }  // namespace

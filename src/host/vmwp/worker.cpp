@@ -1,7 +1,10 @@
 #include "host/vmwp/worker.h"
 
 #include <fcntl.h>
+#include <linux/magic.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -29,6 +32,7 @@ const char* object_type_name(ObjectType t) {
     case ObjectType::Allocation: return "allocation";
     case ObjectType::Context: return "context";
     case ObjectType::SyncObject: return "synchronization object";
+    case ObjectType::Section: return "section";
   }
   return "object";
 }
@@ -36,7 +40,12 @@ const char* object_type_name(ObjectType t) {
 namespace {
 
 constexpr uint32_t kMaxPrivateData = 64 * 1024;
-constexpr uint32_t kMaxOutputData = 64 * 1024;
+constexpr uint32_t kMaxOutputData = kMaxInlineOutput;
+// How long RegisterSection waits for its fd. The guest passes the fd before it sends the request,
+// so it is normally there already; the wait runs without Worker::mu_ held.
+constexpr int kSectionFdTimeoutMs = 2000;
+static_assert(kMaxBulkDataSize == GPUPKMT_MAX_PRIVATE_DATA_SIZE && kMaxBulkDataSize == GPUPKMT_MAX_OUTPUT_DATA_SIZE,
+              "gpup/kmt.h states the bulk data limits");
 constexpr size_t kMaxCpuWaits = 4096;
 constexpr uint32_t kDeviceStateNormal = GPUPKMT_DEVICESTATE_NORMAL;
 constexpr uint32_t kDeviceStateReset = GPUPKMT_DEVICESTATE_RESET;
@@ -82,6 +91,18 @@ struct Allocation : Object {
   uint64_t* vm_vram = nullptr;
   uint64_t* proc_vram = nullptr;
   bool program() const { return flags & GPUPKMT_ALLOCATION_PROGRAM; }
+};
+
+// Guest-owned shared memory (RegisterSection): the guest's sealed memfd, mapped here. Only
+// handlers touch it, with Worker::mu_ held, so it is never unmapped under a user.
+struct Section : Object {
+  static constexpr ObjectType kType = ObjectType::Section;
+  Section() : Object(kType) {}
+  ~Section() override {
+    if (map) munmap(map, size);
+  }
+  uint8_t* map = nullptr;
+  uint64_t size = 0;
 };
 
 struct SyncObject : Object {
@@ -245,7 +266,26 @@ Status GuestProcess::check_adapter(uint64_t luid) const {
 
 Status GuestProcess::handle(std::span<const uint8_t> bytes) {
   auto dec = decode(bytes, Direction::kGuestToHost);
+  // RegisterSection's fd travels beside the message: collect it before taking the object lock, so
+  // waiting for it (a guest that never sends it) holds up nobody but this connection.
+  UniqueFd fd;
+  gpup_status fd_status = GPUP_STATUS_SUCCESS;
+  std::string fd_error;
+  if (dec.ok() && dec->op() == Op::RegisterSection && link_->shares_memory()) {
+    const uint64_t id = dec->as<RegisterSectionRequest>().fd_id;
+    fd_status = link_->receive_fd(id, fd, kSectionFdTimeoutMs);
+    if (fd_status != GPUP_STATUS_SUCCESS) {
+      fd_error = fd_status == GPUP_STATUS_TIMEOUT
+                     ? fmt::format("no file descriptor with id {} arrived within {} ms (pass it with send_fd before the request)",
+                                   id, kSectionFdTimeoutMs)
+                     : fmt::format("receiving the file descriptor with id {} failed: {}", id, gpup_status_message(fd_status));
+      if (fd_status == GPUP_STATUS_TIMEOUT) fd_status = GPUP_STATUS_INVALID_PARAMETER;
+    }
+  }
   std::lock_guard lock(w_.mu_);
+  incoming_fd_ = std::move(fd);
+  incoming_fd_status_ = fd_status;
+  incoming_fd_error_ = std::move(fd_error);
   if (closed_) return Error(GPUP_STATUS_CONNECTION_LOST, "process closed");
   if (!dec.ok()) {
     // Reply when the header names a sync request we can answer; otherwise log (rate-limited).
@@ -499,8 +539,13 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       if (program && cpu_visible) return Error(GPUP_STATUS_INVALID_PARAMETER, "a program allocation cannot be CPU visible");
       if (!program && req.size == 0) return Error(GPUP_STATUS_INVALID_PARAMETER, "allocation of 0 bytes");
       if (m.tail.size() > max_tail(Op::CreateAllocation, false)) return Error(GPUP_STATUS_INVALID_PARAMETER, "private data too large");
-      if (req.output_size > kMaxOutputData || req.output_size > max_tail(Op::CreateAllocation, true))
-        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("output size {} exceeds {}", req.output_size, kMaxOutputData));
+      std::shared_ptr<Section> out_section;
+      auto capacity = output_capacity(req.output, req.output_size, max_tail(Op::CreateAllocation, true), out_section,
+                                      "CreateAllocation");
+      if (!capacity.ok()) return capacity.error();
+      std::vector<uint8_t> priv_copy;
+      auto priv = private_data(m, req.private_data, priv_copy, "CreateAllocation");
+      if (!priv.ok()) return priv.error();
       const uint64_t size = program ? 0 : req.size;
       const uint64_t max_alloc = std::min(w_.caps_.driver.MaxAllocationSize ? w_.caps_.driver.MaxAllocationSize : UINT64_MAX,
                                           w_.config_.max_vram);
@@ -524,7 +569,7 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
         if (p == MAP_FAILED) return Error(GPUP_STATUS_NO_MEMORY, fmt::format("backing store map: {}", std::strerror(errno)));
         alloc->backing = p;
       }
-      std::vector<uint8_t> out(req.output_size);
+      std::vector<uint8_t> out(*capacity);
       GPUPDDI_ARG_CREATEALLOCATION a{};
       a.struct_size = sizeof a;
       a.Flags.CpuVisible = cpu_visible;
@@ -532,13 +577,19 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       a.Flags.ReadOnly = (req.flags & GPUPKMT_ALLOCATION_READ_ONLY) != 0;
       a.Size = size;
       a.pSystemMemory = alloc->backing;
-      a.pPrivateDriverData = m.tail.empty() ? nullptr : m.tail.data();
-      a.PrivateDriverDataSize = static_cast<uint32_t>(m.tail.size());
+      a.pPrivateDriverData = priv->empty() ? nullptr : priv->data();
+      a.PrivateDriverDataSize = static_cast<uint32_t>(priv->size());
       a.pOutputData = out.empty() ? nullptr : out.data();
-      a.OutputDataSize = req.output_size;
+      a.OutputDataSize = *capacity;
       gpup_status st = ddi.Memory.pfnCreateAllocation((*dev)->kmd, &a);
-      const uint32_t written = std::min(a.OutputDataWritten, req.output_size);
+      const uint32_t written = std::min(a.OutputDataWritten, *capacity);
       out.resize(written);
+      if (out_section && st == GPUP_STATUS_BUILD_FAILED) {
+        // The build output goes to the guest's section (checked to hold *capacity bytes at the
+        // offset); the reply says how much, with no allocation.
+        if (written) std::memcpy(out_section->map + req.output.offset, out.data(), written);
+        return reply(CreateAllocationReply{0, written, st, 0});
+      }
       if (GPUP_FAILED(st)) {
         if (st == GPUP_STATUS_BUILD_FAILED) return Error(st, std::string(out.begin(), out.end()));
         return Error(st, fmt::format("KMD CreateAllocation of {}: {}", format_size(size), gpup_status_message(st)));
@@ -556,6 +607,10 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       if (!h.ok()) return h.error();  // the destructor gives everything back
       (*dev)->allocations.insert(alloc);
       CreateAllocationReply rep{*h, written, st, 0};
+      if (out_section) {
+        if (written) std::memcpy(out_section->map + req.output.offset, out.data(), written);
+        return reply(rep);
+      }
       return reply(rep, std::move(out));
     }
 
@@ -701,9 +756,13 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
         if (!dev.ok()) return dev.error();
         dev_kmd = (*dev)->kmd;
       }
-      if (req.output_size > kMaxOutputData || req.output_size > max_tail(Op::Escape, true))
-        return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("escape output size {}", req.output_size));
-      std::vector<uint8_t> out(req.output_size);
+      std::shared_ptr<Section> out_section;
+      auto capacity = output_capacity(req.output, req.output_size, max_tail(Op::Escape, true), out_section, "Escape");
+      if (!capacity.ok()) return capacity.error();
+      std::vector<uint8_t> priv_copy;
+      auto priv = private_data(m, req.private_data, priv_copy, "Escape");
+      if (!priv.ok()) return priv.error();
+      std::vector<uint8_t> out(*capacity);
       uint32_t written = 0;
       GPUPDDI_ARG_ESCAPE e{};
       e.struct_size = sizeof e;
@@ -711,15 +770,19 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       e.Flags.DriverKnownEscape = known;
       e.hKmdProcessHandle = kmd_process_;
       e.hDevice = dev_kmd;
-      e.pPrivateDriverData = m.tail.empty() ? nullptr : m.tail.data();
-      e.PrivateDriverDataSize = static_cast<uint32_t>(m.tail.size());
+      e.pPrivateDriverData = priv->empty() ? nullptr : priv->data();
+      e.PrivateDriverDataSize = static_cast<uint32_t>(priv->size());
       e.pOutputData = out.empty() ? nullptr : out.data();
-      e.OutputDataSize = req.output_size;
+      e.OutputDataSize = *capacity;
       e.pOutputDataWritten = &written;
       gpup_status st = ddi.Adapter.pfnEscape(w_.adapter_, &e);
       if (GPUP_FAILED(st)) return Error(st, fmt::format("escape refused by the KMD: {}", gpup_status_message(st)));
-      written = std::min(written, req.output_size);
+      written = std::min(written, *capacity);
       out.resize(written);
+      if (out_section) {
+        if (written) std::memcpy(out_section->map + req.output.offset, out.data(), written);
+        return reply(EscapeReply{written, 0});
+      }
       return reply(EscapeReply{written, 0}, std::move(out));
     }
 
@@ -758,10 +821,170 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       return reply(rep);
     }
 
+    case Op::RegisterSection:
+      return register_section(m);
+
+    case Op::UnregisterSection: {
+      auto req = m.as<UnregisterSectionRequest>();
+      auto sec = handles_.get<Section>(req.section, ObjectType::Section);
+      if (!sec.ok()) return sec.error();
+      destroy_section_locked(*sec);
+      return reply(UnregisterSectionReply{});
+    }
+
     default:
       // Every SYNC op in schema.def has a case above; reaching this is a schema/handler mismatch.
       return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("{} is not handled by this worker", m.info->name));
   }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Guest-owned sections
+
+namespace {
+
+std::string seal_names(int seals) {
+  std::string s;
+  auto add = [&](int bit, const char* name) {
+    if (seals & bit) s += (s.empty() ? "" : "|") + std::string(name);
+  };
+  add(F_SEAL_SHRINK, "F_SEAL_SHRINK");
+  add(F_SEAL_GROW, "F_SEAL_GROW");
+  add(F_SEAL_SEAL, "F_SEAL_SEAL");
+  add(F_SEAL_WRITE, "F_SEAL_WRITE");
+#ifdef F_SEAL_FUTURE_WRITE
+  add(F_SEAL_FUTURE_WRITE, "F_SEAL_FUTURE_WRITE");
+#endif
+  return s.empty() ? "none" : s;
+}
+
+// Checks a guest's section fd and maps it. The seals are checked before the size: once
+// F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL are set the size can never change again, so the size
+// seen by fstat is the size for the life of the mapping and no access to it can SIGBUS.
+Result<uint8_t*> map_guest_section(int fd, uint64_t size) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("fstat of the section fd: {}", std::strerror(errno)));
+  if (!S_ISREG(st.st_mode))
+    return Error(GPUP_STATUS_INVALID_PARAMETER, "the section fd is not a memfd (not a regular file)");
+  struct statfs fs {};
+  if (fstatfs(fd, &fs) != 0)
+    return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("fstatfs of the section fd: {}", std::strerror(errno)));
+  if (static_cast<unsigned long>(fs.f_type) == HUGETLBFS_MAGIC)
+    return Error(GPUP_STATUS_INVALID_PARAMETER, "the section is a hugetlbfs memfd; sections must be ordinary memfds");
+  const int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0)
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("the section fd cannot carry seals ({}): create it with memfd_create(MFD_ALLOW_SEALING)",
+                             std::strerror(errno)));
+  const int required = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+  if ((seals & required) != required)
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("the section is not sealed against resizing: seals {}, required {}", seal_names(seals),
+                             seal_names(required)));
+  int write_seals = F_SEAL_WRITE;
+#ifdef F_SEAL_FUTURE_WRITE
+  write_seals |= F_SEAL_FUTURE_WRITE;
+#endif
+  if (seals & write_seals)
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("the section is sealed against writing ({}); the host writes output into sections", seal_names(seals & write_seals)));
+  const int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || (fl & O_ACCMODE) != O_RDWR)
+    return Error(GPUP_STATUS_INVALID_PARAMETER, "the section fd is not open for reading and writing");
+  // Sizes are re-read after the seals were seen: nothing can change them from here on.
+  if (fstat(fd, &st) != 0 || st.st_size < 0 || static_cast<uint64_t>(st.st_size) != size)
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("the section memfd is {} bytes, the request declares {}", static_cast<long long>(st.st_size), size));
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED)
+    return Error(GPUP_STATUS_NO_MEMORY, fmt::format("mapping a section of {}: {}", format_size(size), std::strerror(errno)));
+  return static_cast<uint8_t*>(p);
+}
+
+}  // namespace
+
+Result<GuestProcess::Reply> GuestProcess::register_section(const Message& m) {
+  auto req = m.as<RegisterSectionRequest>();
+  UniqueFd fd = std::move(incoming_fd_);
+  if (!link_->shares_memory())
+    return Error(GPUP_STATUS_NOT_SUPPORTED, "sections need a shared-memory channel; this one is a stream (no fd passing)");
+  if (!fd) return Error(incoming_fd_status_ < 0 ? incoming_fd_status_ : GPUP_STATUS_INVALID_PARAMETER,
+                        incoming_fd_error_.empty() ? std::string("no file descriptor came with the request") : incoming_fd_error_);
+  if (req.size == 0 || req.size > kMaxSectionBytes)
+    return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("section of {} bytes (1..{} allowed)", req.size, kMaxSectionBytes));
+  if (sections_ >= kMaxSections)
+    return Error(GPUP_STATUS_QUOTA_EXCEEDED, fmt::format("process already has {} sections registered, the limit", sections_));
+  if (section_bytes_ + req.size > kMaxSectionBytes)
+    return Error(GPUP_STATUS_QUOTA_EXCEEDED,
+                 fmt::format("a section of {} would bring this process's sections to {}, above the limit of {}",
+                             format_size(req.size), format_size(section_bytes_ + req.size), format_size(kMaxSectionBytes)));
+  auto map = map_guest_section(fd.get(), req.size);
+  if (!map.ok()) return map.error();
+  auto sec = std::make_shared<Section>();
+  sec->map = *map;
+  sec->size = req.size;
+  auto h = handles_.insert(sec);
+  if (!h.ok()) return h.error();  // the destructor unmaps
+  ++sections_;
+  section_bytes_ += req.size;
+  return reply(RegisterSectionReply{*h, 0});
+}
+
+void GuestProcess::destroy_section_locked(const std::shared_ptr<Section>& s) {
+  (void)handles_.remove(s->handle);
+  --sections_;
+  section_bytes_ -= s->size;
+  // Unmapped when the last reference (the caller's) goes.
+}
+
+Result<std::shared_ptr<Section>> GuestProcess::section_range(const SectionRef& ref, const char* what, const char* field) {
+  auto sec = handles_.get<Section>(ref.section, ObjectType::Section);
+  if (!sec.ok()) return Error(sec.error().status, fmt::format("{} {}: {}", what, field, sec.error().message));
+  if (ref.size == 0) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{} {}: a section reference of 0 bytes", what, field));
+  if (ref.size > kMaxBulkDataSize)
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("{} {}: {} bytes exceed the limit of {} bytes", what, field, ref.size, kMaxBulkDataSize));
+  if (add_overflows(ref.offset, ref.size) || ref.offset + ref.size > (*sec)->size)
+    return Error(GPUP_STATUS_OUT_OF_RANGE, fmt::format("{} {}: bytes [{}, +{}) are outside section {:#x} of {} bytes", what, field,
+                                                       ref.offset, ref.size, ref.section, (*sec)->size));
+  return *sec;
+}
+
+Result<std::span<const uint8_t>> GuestProcess::private_data(const Message& m, const SectionRef& ref, std::vector<uint8_t>& copy,
+                                                            const char* what) {
+  if (ref.section == 0) {
+    if (ref.size != 0 || ref.offset != 0)
+      return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{}: private-data reference without a section", what));
+    return m.tail;
+  }
+  if (!m.tail.empty())
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("{}: private data both inline ({} bytes) and in a section", what, m.tail.size()));
+  auto sec = section_range(ref, what, "private data");
+  if (!sec.ok()) return sec.error();
+  // One copy out of the shared mapping; the KMD only ever sees this copy.
+  copy.assign((*sec)->map + ref.offset, (*sec)->map + ref.offset + ref.size);
+  return std::span<const uint8_t>(copy);
+}
+
+Result<uint32_t> GuestProcess::output_capacity(const SectionRef& ref, uint32_t inline_size, size_t inline_room,
+                                               std::shared_ptr<Section>& out_section, const char* what) {
+  if (ref.section == 0) {
+    if (ref.size != 0 || ref.offset != 0)
+      return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{}: output reference without a section", what));
+    if (inline_size > kMaxOutputData || inline_size > inline_room)
+      return Error(GPUP_STATUS_INVALID_PARAMETER,
+                   fmt::format("{}: inline output size {} exceeds {} (larger outputs need a section)", what, inline_size,
+                               std::min<size_t>(kMaxOutputData, inline_room)));
+    return inline_size;
+  }
+  if (inline_size != 0)
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("{}: output both inline ({} bytes) and in a section", what, inline_size));
+  auto sec = section_range(ref, what, "output");
+  if (!sec.ok()) return sec.error();
+  out_section = *sec;
+  return ref.size;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1012,6 +1235,14 @@ void GuestProcess::close() {
   for (auto& d : devices) destroy_device_locked(d);
   // Remaining references (VA mappings) go with the VA space.
   va_ = VaSpace();
+  {
+    std::vector<std::shared_ptr<Section>> sections;
+    handles_.for_each([&](const std::shared_ptr<Object>& o) {
+      if (o->type == ObjectType::Section) sections.push_back(std::static_pointer_cast<Section>(o));
+    });
+    for (auto& sec : sections) destroy_section_locked(sec);
+  }  // unmapped here
+  incoming_fd_.reset();
   if (kmd_process_) w_.driver_->ddi().Process.pfnDestroyProcess(w_.adapter_, kmd_process_);
   kmd_process_ = nullptr;
   if (hello_done_) spdlog::info("guest process {} '{}' closed", pid_, name_);
@@ -1268,10 +1499,12 @@ void GuestProcess::add_counts(Counts& c) const {
       case ObjectType::Context: ++c.contexts; break;
       case ObjectType::Allocation: ++c.allocations; break;
       case ObjectType::SyncObject: ++c.sync_objects; break;
+      case ObjectType::Section: ++c.sections; break;
       default: break;
     }
   });
   c.va_mappings += static_cast<uint32_t>(va_.mapping_count());
+  c.section_bytes += section_bytes_;
   c.submissions += submissions_;
   c.faults += faults_;
 }
@@ -1298,6 +1531,7 @@ nlohmann::json Worker::stats_json() {
   for (auto& [id, p] : processes_) {
     if (!p->open()) continue;
     procs.push_back({{"pid", p->pid_}, {"name", p->name_}, {"objects", p->handles_.size()}, {"vram_used", p->vram_used_},
+                     {"sections", p->sections_}, {"section_bytes", p->section_bytes_},
                      {"submissions", p->submissions_}, {"faults", p->faults_}});
   }
   return {{"vram_used", vram_used_},

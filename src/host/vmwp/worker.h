@@ -13,10 +13,11 @@
 //     thread hold it while they run. Messages to guests are sent with it held (see the note in
 //     worker.cpp about guests that stop reading).
 //
-// Object graph: process -> devices -> {contexts, allocations, sync objects}. Destroying a device
+// Object graph: process -> devices -> {contexts, allocations, sync objects}, and process ->
+// sections (guest-owned shared memory for bulk private data and output). Destroying a device
 // destroys its children (contexts first, so no work still uses an allocation); closing a process
-// (disconnect, or the guest died) destroys everything it had, in that order, and then its KMD
-// process object.
+// (disconnect, or the guest died) destroys everything it had, in that order, then unmaps its
+// sections, and then destroys its KMD process object.
 #pragma once
 #include <condition_variable>
 #include <cstdint>
@@ -67,11 +68,18 @@ class GuestLink {
   virtual ~GuestLink() = default;
   virtual gpup_status send(const proto::Encoded& msg) = 0;  // thread-safe
   virtual gpup_status send_fd(uint64_t id, int fd) = 0;
+  // Collects the fd the guest passed with `id` (Channel::receive_fd). NOT_SUPPORTED without fd
+  // passing; TIMEOUT when none arrived in time.
+  virtual gpup_status receive_fd(uint64_t id, UniqueFd& out, int timeout_ms) {
+    (void)id, (void)out, (void)timeout_ms;
+    return GPUP_STATUS_NOT_SUPPORTED;
+  }
   virtual bool shares_memory() const = 0;
   virtual int peer_pid() const { return -1; }
 };
 
 struct Allocation;
+struct Section;
 struct Device;
 struct Context;
 struct SyncObject;
@@ -95,7 +103,8 @@ class FencePage {
 
 struct Counts {
   uint32_t processes = 0, devices = 0, contexts = 0, allocations = 0, sync_objects = 0, va_mappings = 0;
-  uint64_t vram_used = 0, submissions = 0, faults = 0;
+  uint32_t sections = 0;
+  uint64_t vram_used = 0, submissions = 0, faults = 0, section_bytes = 0;
 };
 
 class GuestProcess {
@@ -141,6 +150,19 @@ class GuestProcess {
   void send_reply(const proto::Message& m, const Reply& r);
 
   Status check_adapter(uint64_t luid) const;
+  // Guest-owned sections (see schema.def RegisterSection).
+  Result<Reply> register_section(const proto::Message& m);
+  void destroy_section_locked(const std::shared_ptr<Section>& s);
+  // Private data of a CreateAllocation/Escape: the tail, or a private copy of the referenced
+  // section bytes (copied once, before the KMD sees them: the guest may write the section at any
+  // time). `what` names the request in errors.
+  Result<std::span<const uint8_t>> private_data(const proto::Message& m, const proto::SectionRef& ref,
+                                                std::vector<uint8_t>& copy, const char* what);
+  // Checks an output reference (or the inline capacity) and returns the capacity; `out_section`
+  // is set when the output goes to a section.
+  Result<uint32_t> output_capacity(const proto::SectionRef& ref, uint32_t inline_size, size_t inline_room,
+                                   std::shared_ptr<Section>& out_section, const char* what);
+  Result<std::shared_ptr<Section>> section_range(const proto::SectionRef& ref, const char* what, const char* field);
   void destroy_device_locked(const std::shared_ptr<Device>& dev);
   void destroy_context_locked(const std::shared_ptr<Context>& ctx);
   void destroy_allocation_locked(const std::shared_ptr<Allocation>& alloc);
@@ -170,6 +192,13 @@ class GuestProcess {
   uint64_t faults_ = 0;
   size_t cpu_waits_ = 0;
   uint32_t unknown_ops_logged_ = 0;
+  uint32_t sections_ = 0;        // registered guest sections
+  uint64_t section_bytes_ = 0;   // their bytes
+  // The fd of the RegisterSection being handled, collected by handle() before Worker::mu_ is
+  // taken (so a guest that never sends it stalls only its own connection).
+  UniqueFd incoming_fd_;
+  gpup_status incoming_fd_status_ = GPUP_STATUS_SUCCESS;
+  std::string incoming_fd_error_;
   std::set<std::shared_ptr<Device>> devices_;  // roots of the object graph
 };
 
