@@ -155,10 +155,22 @@ typedef struct GPUPDDI_GPUPCAPS {
   uint32_t Reserved : 28;
 } GPUPDDI_GPUPCAPS;
 
+/* CacheCoherentMemorySupported: the backing store of a CpuVisible allocation (pSystemMemory) is
+ * the memory the device itself reads and writes (zero copy), coherently with the CPU. What the
+ * guest's UMD may then rely on, once it has locked the allocation's mapping (pfnLock) one time:
+ *   - after the work that touches the allocation has completed (its submission's completion was
+ *     reported, i.e. its fence was reached), the mapping holds the device's writes;
+ *   - writes the guest makes to the mapping while no work that touches the allocation is in
+ *     flight are seen by device work submitted afterwards;
+ * with no further pfnLock / pfnUnlock. Accesses that overlap in-flight work are not ordered (as
+ * for any shared memory). When the bit is 0 the UMD must bracket CPU access with pfnLock (before
+ * reading) and pfnUnlock (after writing). kmd_opencl sets it from CL_DEVICE_HOST_UNIFIED_MEMORY
+ * (its CpuVisible buffers are CL_MEM_USE_HOST_PTR buffers over pSystemMemory); the conformance
+ * test CacheCoherentMemoryNeedsNoLockUnlock checks the contract on every KMD that sets it. */
 typedef struct GPUPDDI_GPUMMUCAPS {
   uint32_t ReadOnlyMemorySupported : 1;
   uint32_t NoExecuteMemorySupported : 1;
-  uint32_t CacheCoherentMemorySupported : 1;
+  uint32_t CacheCoherentMemorySupported : 1; /* see above */
   uint32_t Reserved : 29;
   uint32_t VirtualAddressBitCount;
   uint32_t PageTableLevelCount;

@@ -62,30 +62,39 @@ extern "C" {
  *
  * Options: OptionsSize bytes (may be 0) of clBuildProgram options. They contain no NUL byte,
  *   except that the last byte may be a single terminating NUL. The KMD may append options of its
- *   own (kmd_opencl appends -cl-kernel-arg-info, which it needs to check argument kinds).
+ *   own (kmd_opencl appends -cl-kernel-arg-info to the build, compile and link options: it needs
+ *   argument kinds, and PoCL keeps argument info through binaries and links only when the
+ *   option is given again to clBuildProgram / clLinkProgram).
  * Content: ContentSize bytes, 1..GPUP_OCL_MAX_CONTENT_SIZE.
- *   SOURCE: OpenCL C text without NUL bytes, except that the last byte may be a terminating NUL.
- *   BINARY: opaque device binary bytes. */
+ *   SOURCE: OpenCL C text without NUL bytes, except that the last byte may be a terminating NUL;
+ *           not empty.
+ *   BINARY: opaque device binary bytes.
+ *   COMPILE, LINK: a set, see below. */
 typedef struct GPUP_OCL_PROGRAM_DESC {
   uint32_t Magic;       /* GPUP_OCL_PROGRAM_MAGIC */
-  uint32_t Version;     /* GPUP_OCL_PROGRAM_VERSION */
-  uint32_t Format;      /* GPUP_OCL_PROGRAM_SOURCE or GPUP_OCL_PROGRAM_BINARY */
+  uint32_t Version;     /* 1 or 2 (GPUP_OCL_PROGRAM_VERSION); selects the output format */
+  uint32_t Format;      /* GPUP_OCL_PROGRAM_*; COMPILE and LINK need Version 2 */
   uint32_t OptionsSize; /* bytes of options following this header */
   uint32_t ContentSize; /* bytes of content following the options */
   uint32_t Reserved;    /* must be 0 */
 } GPUP_OCL_PROGRAM_DESC;
 
-/* Written to the program allocation's output buffer by pfnCreateAllocation, on success and on
- * BUILD_FAILED alike, when OutputDataSize can hold at least this header. The log follows it:
- * LogBytes bytes (no terminating NUL), the first LogBytes of the LogSize-byte log. */
 /* COMPILE content: the main source and the headers it may #include by name (clCompileProgram's
- * input_headers / header_include_names). Count >= 1 entries follow the header, each a
- * GPUP_OCL_SET_ENTRY then NameSize bytes of name then DataSize bytes of text, each entry starting
- * 8-byte aligned (zero padding). Entry 0 is the main source and has NameSize 0; the others have
- * names of 1..255 bytes without NUL or "..". Texts follow the SOURCE rules. */
+ * input_headers / header_include_names). A GPUP_OCL_SET_HEADER, then Count entries
+ * (1..GPUP_OCL_MAX_SET_ENTRIES), each a GPUP_OCL_SET_ENTRY then NameSize bytes of name then
+ * DataSize bytes of text. Every entry starts 8-byte aligned counted from the start of the content
+ * (the first right after the header), zero bytes padding the gap before it; the content ends
+ * with the last entry's data (no padding after it), so the set is exactly ContentSize bytes.
+ * Entry 0 is the main source and has NameSize 0; the others have names of 1..255 bytes without
+ * NUL, without "..", not starting with '/'. Texts follow the SOURCE rules (not empty, at most a
+ * terminating NUL). */
 /* LINK content: the programs to link (clLinkProgram's input_programs), each a binary exactly as
  * the KMD returned it in GPUP_OCL_PROGRAM_INFO for a COMPILE or LINK (with -create-library)
- * program. Same framing as COMPILE with NameSize 0 for every entry; Count >= 1. */
+ * program. Same framing as COMPILE with NameSize 0 for every entry; Count >= 1; DataSize >= 1.
+ * "-create-library" in the options makes a library (BinaryType CL_PROGRAM_BINARY_TYPE_LIBRARY).
+ *
+ * Only an executable (SOURCE, BINARY of an executable, LINK without -create-library) can be
+ * dispatched; a dispatch naming a compiled object or a library is INVALID_PARAMETER. */
 #define GPUP_OCL_SET_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'S')
 #define GPUP_OCL_MAX_SET_ENTRIES 256u
 
@@ -100,6 +109,9 @@ typedef struct GPUP_OCL_SET_ENTRY {
   uint64_t DataSize;
 } GPUP_OCL_SET_ENTRY;
 
+/* Written to the program allocation's output buffer by pfnCreateAllocation, on success and on
+ * BUILD_FAILED alike, when OutputDataSize can hold at least this header. The log follows it:
+ * LogBytes bytes (no terminating NUL), the first LogBytes of the LogSize-byte log. */
 typedef struct GPUP_OCL_BUILD_RESULT {
   int32_t BuildError;  /* the cl_int the build returned: CL_SUCCESS (0), CL_BUILD_PROGRAM_FAILURE
                           (-11), CL_INVALID_BUILD_OPTIONS (-43), CL_INVALID_BINARY (-42), ... */
@@ -109,8 +121,12 @@ typedef struct GPUP_OCL_BUILD_RESULT {
 } GPUP_OCL_BUILD_RESULT;
 
 /* Version 2 output, after GPUP_OCL_BUILD_RESULT and its LogBytes of log, at the next 8-byte
- * boundary (when the output buffer has room for the header; otherwise the output ends with the
- * log). Everything the ICD answers locally about a built program and its kernels:
+ * boundary (offsets count from the start of the output buffer). It is present exactly when
+ * OutputDataSize >= sizeof(GPUP_OCL_BUILD_RESULT) + sizeof(GPUP_OCL_PROGRAM_INFO); otherwise
+ * the output ends with the log, as in version 1. When present, the log is truncated so that this
+ * header and the whole kernel table fit; if even an empty log leaves too little room for the
+ * table, the log is left out (LogBytes 0) and the table is cut. Everything the ICD answers
+ * locally about a built program and its kernels:
  *
  *   GPUP_OCL_PROGRAM_INFO
  *   KernelCount times: GPUP_OCL_KERNEL_INFO, its name (NameSize bytes), its attributes
@@ -119,10 +135,13 @@ typedef struct GPUP_OCL_BUILD_RESULT {
  *                      (NameSize), padding to 8
  *   BinaryBytes bytes of the program binary (CL_PROGRAM_BINARIES), padding to 8
  *
- * Strings carry no terminating NUL. When the kernel table does not fit, KernelTableComplete is 0
- * and the UMD must retry with a larger buffer; when only the binary does not fit, BinaryBytes is
- * 0 while BinarySize says how large it is. A failed build reports KernelCount 0 and, where the
- * device still has one, no binary. */
+ * Strings carry no terminating NUL; padding bytes are zero. When the kernel table does not fit,
+ * KernelTableComplete is 0, the table holds the first KernelCount kernels that fit whole,
+ * BinaryBytes is 0, and the UMD must retry with a larger buffer; when only the binary (with its
+ * padding) does not fit, BinaryBytes is 0 while BinarySize says how large it is. A compiled
+ * object or a library has no kernels (KernelCount 0, KernelTableComplete 1) but a binary. A
+ * failed build reports KernelCount 0 and no binary (BinarySize 0), even where the device still
+ * has one. */
 #define GPUP_OCL_PROGRAM_INFO_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'P')
 
 typedef struct GPUP_OCL_PROGRAM_INFO {
@@ -151,7 +170,18 @@ typedef struct GPUP_OCL_KERNEL_INFO {
 /* GPUP_OCL_KERNEL_ARG_INFO.Kind: the GPUPDDI_KERNEL_ARG_KIND the argument takes at dispatch
  * (GPUPDDI_ARG_VALUE, GPUPDDI_ARG_BUFFER for __global/__constant pointers, which also accept
  * GPUPDDI_ARG_NULL_BUFFER, GPUPDDI_ARG_LOCAL), or GPUP_OCL_ARG_UNSUPPORTED (images, samplers,
- * pipes, queues, events: the guest cannot name such objects). */
+ * pipes, queues, events, or no argument info: the guest cannot name such objects).
+ * Qualifiers and names are 0 / empty when the device has no argument info.
+ *
+ * Value sizes, as the host's clSetKernelArg checks them (the KMD observes them on the built
+ * kernel, so the ICD can refuse exactly what the host would, with CL_INVALID_ARG_SIZE):
+ *   VALUE:  clSetKernelArg accepts arg_size == ValueSize, and also arg_size == ValueSizeAlt
+ *           when that is not 0 (PoCL accepts 3/4 of the size of any type whose size is a
+ *           multiple of 4, for 3-component vectors: int takes 3 or 4 bytes, float4 12 or 16).
+ *           ValueSize 0: no fixed size, any arg_size from 1 is accepted (PoCL: struct and union
+ *           arguments); the KMD still refuses 0 and more than MaxParameterSize at dispatch.
+ *   BUFFER: ValueSize is sizeof(cl_mem) as the host sees it; ValueSizeAlt 0.
+ *   LOCAL, UNSUPPORTED: both 0 (a __local argument takes any non-zero size). */
 #define GPUP_OCL_ARG_UNSUPPORTED 0u
 
 typedef struct GPUP_OCL_KERNEL_ARG_INFO {
@@ -159,10 +189,11 @@ typedef struct GPUP_OCL_KERNEL_ARG_INFO {
   uint32_t AccessQualifier;  /* CL_KERNEL_ARG_ACCESS_QUALIFIER */
   uint64_t TypeQualifier;    /* CL_KERNEL_ARG_TYPE_QUALIFIER */
   uint32_t Kind;             /* see above */
-  uint32_t ValueSize;        /* VALUE: the exact size clSetKernelArg accepts; 0 if unknown;
-                                BUFFER: sizeof(cl_mem) as the host sees it */
+  uint32_t ValueSize;        /* see above */
   uint32_t TypeNameSize;     /* CL_KERNEL_ARG_TYPE_NAME */
   uint32_t NameSize;         /* CL_KERNEL_ARG_NAME */
+  uint32_t ValueSizeAlt;     /* see above */
+  uint32_t Reserved;         /* 0 */
 } GPUP_OCL_KERNEL_ARG_INFO;
 
 /* ------------------------------------------------------------------------------------------ */
@@ -214,8 +245,11 @@ typedef struct GPUP_OCL_ESCAPE_CHECKSUM_OUT {
  * The UMD overrides what the partition changes (memory sizes, name, ...). Records are sorted by
  * Param and unique:
  *   GPUP_OCL_INFO_LIST, then Count times: GPUP_OCL_INFO_RECORD, Size bytes, padding to 8.
- * When the output buffer is too small, nothing but the list header is written, with TotalSize
- * saying how large the buffer must be, and the query fails with BUFFER_TOO_SMALL. */
+ * Values are the raw bytes clGetDeviceInfo returns (strings with their terminating NUL, size_t
+ * as the host's 8 bytes). When the output buffer is too small, nothing but the list header is
+ * written (and nothing at all when the buffer cannot hold it), with TotalSize saying how large
+ * the buffer must be, and the query fails with BUFFER_TOO_SMALL. The list is read once, when
+ * the adapter starts. */
 #define GPUP_OCL_INFO_LIST_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'I')
 
 typedef struct GPUP_OCL_INFO_LIST {
@@ -267,7 +301,7 @@ GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_SET_HEADER) == 8, "GPUP_OCL_SET_HEADER l
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_SET_ENTRY) == 16, "GPUP_OCL_SET_ENTRY layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_PROGRAM_INFO) == 40, "GPUP_OCL_PROGRAM_INFO layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_INFO) == 72, "GPUP_OCL_KERNEL_INFO layout");
-GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_ARG_INFO) == 32, "GPUP_OCL_KERNEL_ARG_INFO layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_ARG_INFO) == 40, "GPUP_OCL_KERNEL_ARG_INFO layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_INFO_LIST) == 16, "GPUP_OCL_INFO_LIST layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_INFO_RECORD) == 8, "GPUP_OCL_INFO_RECORD layout");
 #undef GPUP_OCL_STATIC_ASSERT_

@@ -3,6 +3,9 @@
 #define CL_TARGET_OPENCL_VERSION 120
 #include <CL/cl.h>
 
+#include <array>
+#include <iostream>
+
 #include "kmd/conformance/kmd_fixture.h"
 #include "kmd/mock/mock_kernels.h"
 
@@ -213,6 +216,130 @@ TEST(OpenClKmd, UnsupportedArgumentKindsAreRefused) {
   EXPECT_EQ(f.submit(c, {image.cmd()}, 2), GPUP_STATUS_NOT_SUPPORTED);
   Dispatch image_as_buffer(built.h, "with_image", Args().buffer(ref(buf.h, 0, 4096)).buffer(ref(buf.h, 0, 4096)), 1);
   EXPECT_EQ(f.submit(c, {image_as_buffer.cmd()}, 3), GPUP_STATUS_NOT_SUPPORTED);
+}
+
+// ValueSize / ValueSizeAlt let the guest ICD answer clSetKernelArg's CL_INVALID_ARG_SIZE exactly
+// as the host's OpenCL does: checked here against a native build of the same kernel.
+TEST(OpenClKmd, ValueSizesMirrorNativeSetKernelArg) {
+  KmdFixture f;
+  f.open("opencl");
+  ASSERT_FALSE(HasFatalFailure());
+  const char* src =
+      "typedef struct { int a; char b; float c[3]; } S;\n"
+      "__kernel void mix(__global int* out, __local float* scratch, int i, char c, long l, float3 f3, float4 f4,\n"
+      "                  uchar16 u16, S s, __constant int* k) {\n"
+      "  scratch[get_local_id(0)] = s.c[2];\n"
+      "  barrier(CLK_LOCAL_MEM_FENCE);\n"
+      "  out[0] = i + c + (int)l + (int)f3.z + (int)f4.w + u16.s7 + s.a + s.b + (int)scratch[0] + (k ? k[0] : 0);\n"
+      "}\n";
+  auto built = f.build(src, GPUP_OCL_PROGRAM_SOURCE, {}, 4 << 20);
+  ASSERT_EQ(built.status, GPUP_STATUS_SUCCESS) << built.log;
+  // PoCL 3.1 names a kernel with a struct passed by value "_cl_<name>" (CL_PROGRAM_KERNEL_NAMES,
+  // CL_KERNEL_FUNCTION_NAME, and clCreateKernel accepts only that name): the KMD reports what the
+  // device says, so the guest sees the same name as a native application.
+  ASSERT_EQ(built.info.kernels.size(), 1u);
+  const auto* mix = &built.info.kernels[0];
+  ASSERT_TRUE(mix->name == "mix" || mix->name == "_cl_mix") << mix->name;
+  ASSERT_EQ(mix->args.size(), 10u);
+  const uint32_t kinds[10] = {GPUPDDI_ARG_BUFFER, GPUPDDI_ARG_LOCAL, GPUPDDI_ARG_VALUE, GPUPDDI_ARG_VALUE,
+                              GPUPDDI_ARG_VALUE,  GPUPDDI_ARG_VALUE, GPUPDDI_ARG_VALUE, GPUPDDI_ARG_VALUE,
+                              GPUPDDI_ARG_VALUE,  GPUPDDI_ARG_BUFFER};
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(mix->args[i].info.Kind, kinds[i]) << "argument " << i;
+  EXPECT_EQ(mix->args[8].type_name, "S");
+  EXPECT_EQ(mix->args[8].name, "s");
+  EXPECT_EQ(mix->args[1].info.AddressQualifier, uint32_t{CL_KERNEL_ARG_ADDRESS_LOCAL});
+  EXPECT_EQ(mix->args[9].info.AddressQualifier, uint32_t{CL_KERNEL_ARG_ADDRESS_CONSTANT});
+  EXPECT_EQ(mix->args[5].info.ValueSize, 16u) << "float3 takes sizeof(float4)";
+
+  // The same kernel, natively: every size from 1 to 64 must be accepted exactly where the
+  // reported sizes say.
+  cl_platform_id platforms[16];
+  cl_uint n = 0;
+  ASSERT_EQ(clGetPlatformIDs(16, platforms, &n), CL_SUCCESS);
+  cl_device_id device = nullptr;
+  for (cl_uint i = 0; i < n && i < 16 && device == nullptr; ++i) {
+    cl_device_id d;
+    char name[256] = {};
+    if (clGetDeviceIDs(platforms[i], CL_DEVICE_TYPE_ALL, 1, &d, nullptr) != CL_SUCCESS) continue;
+    clGetDeviceInfo(d, CL_DEVICE_NAME, sizeof(name) - 1, name, nullptr);
+    if (std::string(name).substr(0, sizeof(f.info.Name) - 1) == f.info.Name) device = d;
+  }
+  ASSERT_NE(device, nullptr);
+  cl_int err;
+  cl_context ctx = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_program p = clCreateProgramWithSource(ctx, 1, &src, nullptr, &err);
+  ASSERT_EQ(clBuildProgram(p, 1, &device, "", nullptr, nullptr), CL_SUCCESS);
+  cl_kernel k = clCreateKernel(p, mix->name.c_str(), &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  unsigned char zeros[64] = {};
+  for (cl_uint i = 2; i <= 8; ++i) {
+    const GPUP_OCL_KERNEL_ARG_INFO& a = mix->args[i].info;
+    for (uint32_t size = 1; size <= 64; ++size) {
+      const bool icd = a.ValueSize == 0 || size == a.ValueSize || (a.ValueSizeAlt != 0 && size == a.ValueSizeAlt);
+      const bool native = clSetKernelArg(k, i, size, zeros) == CL_SUCCESS;
+      EXPECT_EQ(icd, native) << mix->args[i].type_name << " argument " << i << " size " << size;
+    }
+  }
+  clReleaseKernel(k);
+  clReleaseProgram(p);
+  clReleaseContext(ctx);
+
+  // The struct and __local arguments dispatch.
+  struct S {
+    int32_t a;
+    char b;
+    float c[3];
+  } s{1000, 2, {0, 0, 5.0f}};
+  auto out = f.cpu_buffer(4096);
+  auto* c = f.context();
+  Dispatch d(built.h, mix->name,
+             Args()
+                 .buffer(ref(out.h, 0, 4096))
+                 .local(64)
+                 .value(int32_t{1})
+                 .value(char{2})
+                 .value(int64_t{3})
+                 .bytes(std::array<float, 4>{0, 0, 4, 0}.data(), 16)
+                 .bytes(std::array<float, 4>{0, 0, 0, 5}.data(), 16)
+                 .bytes(std::array<uint8_t, 16>{0, 0, 0, 0, 0, 0, 0, 6}.data(), 16)
+                 .bytes(&s, sizeof(s))
+                 .null_buffer(),
+             1, 1);
+  ASSERT_EQ(f.run(c, {d.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(out.h), GPUP_STATUS_SUCCESS);
+  int32_t v;
+  std::memcpy(&v, out.mem, 4);
+  EXPECT_EQ(v, 1 + 2 + 3 + 4 + 5 + 6 + 1000 + 2 + 5);
+}
+
+// Binary sizes PoCL gives, for the record (the worker's inline output is 64 KiB).
+TEST(OpenClKmd, BinarySizes) {
+  KmdFixture f;
+  f.open("opencl");
+  ASSERT_FALSE(HasFatalFailure());
+  auto small = f.build("__kernel void add(__global int* b, int v) { b[get_global_id(0)] += v; }\n",
+                       GPUP_OCL_PROGRAM_SOURCE, {}, 16 << 20);
+  ASSERT_EQ(small.status, GPUP_STATUS_SUCCESS) << small.log;
+  std::string twenty;
+  for (int i = 0; i < 20; ++i) {
+    twenty += "__kernel void k" + std::to_string(i) +
+              "(__global float* a, __global const float* b, float s, int n) { int i = get_global_id(0); if (i < n) "
+              "a[i] = a[i] * s + b[i] * " + std::to_string(i) + ".0f; }\n";
+  }
+  auto big = f.build(twenty, GPUP_OCL_PROGRAM_SOURCE, {}, 16 << 20);
+  ASSERT_EQ(big.status, GPUP_STATUS_SUCCESS) << big.log;
+  EXPECT_EQ(big.info.info.KernelCount, 20u);
+  EXPECT_EQ(big.info.info.KernelTableComplete, 1u);
+  EXPECT_GT(small.info.info.BinarySize, 0u);
+  EXPECT_GT(big.info.info.BinarySize, small.info.info.BinarySize);
+  std::cout << "[ info ] binary of 1 kernel: " << small.info.info.BinarySize << " bytes; of 20 kernels: "
+            << big.info.info.BinarySize << " bytes (table " << big.info.info.KernelTableSize << " bytes)\n";
+  // In a 64 KiB output the 20-kernel table still fits whole.
+  auto capped = f.build(twenty, GPUP_OCL_PROGRAM_SOURCE, {}, 64 << 10);
+  ASSERT_EQ(capped.status, GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(capped.info.info.KernelTableComplete, 1u);
+  EXPECT_EQ(capped.info.info.BinarySize, big.info.info.BinarySize);
 }
 
 TEST(OpenClKmd, BadBuildOptionsFailTheBuild) {

@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <iostream>
 #include <atomic>
 #include <numeric>
 #include <random>
@@ -552,10 +553,12 @@ TEST_P(Conformance, MalformedProgramDescriptorsAreInvalid) {
   EXPECT_EQ(f.build_raw(longer.data(), static_cast<uint32_t>(longer.size())), GPUP_STATUS_INVALID_PARAMETER)
       << "one byte long";
   EXPECT_EQ(with([](auto& h, auto&) { h.Magic ^= 1; }), GPUP_STATUS_INVALID_PARAMETER) << "magic";
-  EXPECT_EQ(with([](auto& h, auto&) { h.Version = 2; }), GPUP_STATUS_INVALID_PARAMETER) << "version";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Version = 3; }), GPUP_STATUS_INVALID_PARAMETER) << "version 3";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Version = 0; }), GPUP_STATUS_INVALID_PARAMETER) << "version 0";
   EXPECT_EQ(with([](auto& h, auto&) { h.Reserved = 1; }), GPUP_STATUS_INVALID_PARAMETER) << "reserved";
   EXPECT_EQ(with([](auto& h, auto&) { h.Format = 0; }), GPUP_STATUS_INVALID_PARAMETER) << "format 0";
-  EXPECT_EQ(with([](auto& h, auto&) { h.Format = 3; }), GPUP_STATUS_INVALID_PARAMETER) << "format 3";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Format = 3; }), GPUP_STATUS_INVALID_PARAMETER) << "format 3, not a set";
+  EXPECT_EQ(with([](auto& h, auto&) { h.Format = 5; }), GPUP_STATUS_INVALID_PARAMETER) << "format 5";
   // Sizes whose 32-bit sum wraps around to the real size.
   EXPECT_EQ(with([](auto& h, auto&) {
               h.OptionsSize += 0x80000000u;
@@ -588,6 +591,374 @@ TEST_P(Conformance, NulRulesOfOptionsAndSource) {
   EXPECT_EQ(build({}, std::string_view("\0", 1)), GPUP_STATUS_INVALID_PARAMETER) << "only a NUL";
   EXPECT_EQ(build({}, {}), GPUP_STATUS_INVALID_PARAMETER) << "no content";
   EXPECT_EQ(build(std::string_view("\0", 1), src), GPUP_STATUS_SUCCESS) << "options that are just a NUL";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contract version 2: device info list, program info, compile and link
+
+constexpr uint32_t kClDeviceName = 0x102B, kClDevicePlatform = 0x1031, kClDeviceParentDevice = 0x1042;
+constexpr uint32_t kClBinaryCompiledObject = 0x1, kClBinaryLibrary = 0x2, kClBinaryExecutable = 0x4;
+
+TEST_P(Conformance, DeviceInfoListIsSortedAndComplete) {
+  const GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_DEVICE_INFO};
+  std::vector<unsigned char> out(64 << 10, 0xcc);
+  uint32_t written = 0;
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, out.data(), static_cast<uint32_t>(out.size()), &h, sizeof(h),
+                    &written),
+            GPUP_STATUS_SUCCESS);
+  GPUP_OCL_INFO_LIST list;
+  ASSERT_GE(written, sizeof(list));
+  std::memcpy(&list, out.data(), sizeof(list));
+  EXPECT_EQ(list.Magic, GPUP_OCL_INFO_LIST_MAGIC);
+  EXPECT_EQ(list.TotalSize, written);
+  EXPECT_EQ(list.Reserved, 0u);
+  EXPECT_LT(list.TotalSize, 32u << 10) << "well inside the worker's 64 KiB inline output";
+  std::cout << "[ info ] " << GetParam() << ": " << list.Count << " device info records, " << list.TotalSize
+            << " bytes\n";
+  size_t at = sizeof(list);
+  int64_t previous = -1;
+  bool has_name = false;
+  for (uint32_t i = 0; i < list.Count; ++i) {
+    GPUP_OCL_INFO_RECORD r;
+    ASSERT_LE(at + sizeof(r), written);
+    std::memcpy(&r, out.data() + at, sizeof(r));
+    at += sizeof(r);
+    ASSERT_LE(at + r.Size, written) << "record " << i;
+    EXPECT_GT(int64_t{r.Param}, previous) << "sorted and unique";
+    previous = r.Param;
+    EXPECT_NE(r.Param, kClDevicePlatform) << "pointer values are left out";
+    EXPECT_NE(r.Param, kClDeviceParentDevice);
+    if (r.Param == kClDeviceName) {
+      has_name = true;
+      ASSERT_GT(r.Size, 0u);
+      const std::string name(reinterpret_cast<const char*>(out.data() + at), r.Size);
+      EXPECT_EQ(name.back(), '\0') << "raw clGetDeviceInfo bytes keep the NUL";
+      EXPECT_EQ(std::string(name.c_str()).substr(0, sizeof(f.info.Name) - 1), std::string(f.info.Name));
+    }
+    at += r.Size;
+    while (at % 8 != 0) EXPECT_EQ(out[at++], 0) << "padding";
+  }
+  EXPECT_EQ(at, written);
+  EXPECT_TRUE(has_name);
+
+  // Too small: only the header (with TotalSize), or nothing when even that does not fit.
+  std::vector<unsigned char> small(list.TotalSize - 1, 0xcc);
+  written = 0;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, small.data(), static_cast<uint32_t>(small.size()), &h, sizeof(h),
+                    &written),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  EXPECT_EQ(written, sizeof(GPUP_OCL_INFO_LIST));
+  GPUP_OCL_INFO_LIST header;
+  std::memcpy(&header, small.data(), sizeof(header));
+  EXPECT_EQ(header.TotalSize, list.TotalSize);
+  EXPECT_EQ(header.Count, list.Count);
+  EXPECT_EQ(small[sizeof(header)], 0xcc) << "nothing but the header";
+  std::vector<unsigned char> tiny(sizeof(GPUP_OCL_INFO_LIST) - 1, 0xcc);
+  written = 7;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, tiny.data(), static_cast<uint32_t>(tiny.size()), &h, sizeof(h),
+                    &written),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  EXPECT_EQ(written, 0u);
+  EXPECT_EQ(tiny[0], 0xcc);
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, nullptr, 4096, &h, sizeof(h)), GPUP_STATUS_INVALID_PARAMETER);
+  std::vector<unsigned char> again(list.TotalSize);
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, again.data(), list.TotalSize, &h, sizeof(h)), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(std::memcmp(again.data(), out.data(), list.TotalSize), 0) << "the same answer every time";
+}
+
+TEST_P(Conformance, ProgramInfoDescribesKernelsAndArguments) {
+  KmdFixture::Built b = f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, 4 << 20);
+  ASSERT_EQ(b.status, GPUP_STATUS_SUCCESS) << b.log;
+  ASSERT_TRUE(b.has_info);
+  const ProgramInfo& p = b.info;
+  EXPECT_EQ(p.info.BinaryType, kClBinaryExecutable);
+  EXPECT_EQ(p.info.KernelTableComplete, 1u);
+  ASSERT_EQ(p.info.KernelCount, 4u);
+  for (const char* name : {"add_i32", "copy_i32", "or_null_i32", "spin"}) EXPECT_NE(p.find(name), nullptr) << name;
+  const auto* add = p.find("add_i32");
+  ASSERT_NE(add, nullptr);
+  ASSERT_EQ(add->info.NumArgs, 2u);
+  EXPECT_GE(add->info.WorkGroupSize, 1u);
+  EXPECT_EQ(add->args[0].info.Kind, uint32_t{GPUPDDI_ARG_BUFFER});
+  EXPECT_EQ(add->args[0].info.ValueSize, 8u);
+  EXPECT_EQ(add->args[0].type_name, "int*");
+  EXPECT_EQ(add->args[0].name, "b");
+  EXPECT_EQ(add->args[1].info.Kind, uint32_t{GPUPDDI_ARG_VALUE});
+  EXPECT_EQ(add->args[1].info.ValueSize, 4u);
+  EXPECT_EQ(add->args[1].type_name, "int");
+  EXPECT_EQ(add->args[1].name, "v");
+  const auto* or_null = p.find("or_null_i32");
+  ASSERT_NE(or_null, nullptr);
+  ASSERT_EQ(or_null->args.size(), 3u);
+  EXPECT_EQ(or_null->args[2].info.Kind, uint32_t{GPUPDDI_ARG_LOCAL});
+  EXPECT_EQ(or_null->args[2].info.ValueSize, 0u);
+  const auto* spin = p.find("spin");
+  ASSERT_NE(spin, nullptr);
+  EXPECT_EQ(spin->args[1].info.ValueSize, 8u);
+  EXPECT_GT(p.info.BinarySize, 0u);
+  EXPECT_EQ(p.info.BinaryBytes, p.info.BinarySize) << "the binary fits in 4 MiB";
+  std::cout << "[ info ] " << GetParam() << ": 4-kernel binary " << p.info.BinarySize << " bytes, table "
+            << p.info.KernelTableSize << " bytes\n";
+
+  // A BINARY program from the returned binary builds, describes the same kernels, and runs.
+  KmdFixture::Built again = f.build(b.info.binary, GPUP_OCL_PROGRAM_BINARY, {}, 4 << 20);
+  ASSERT_EQ(again.status, GPUP_STATUS_SUCCESS) << again.log;
+  ASSERT_TRUE(again.has_info);
+  EXPECT_EQ(again.info.info.KernelCount, 4u);
+  const auto* add2 = again.info.find("add_i32");
+  ASSERT_NE(add2, nullptr);
+  ASSERT_EQ(add2->args.size(), 2u);
+  EXPECT_EQ(add2->args[0].info.Kind, uint32_t{GPUPDDI_ARG_BUFFER}) << "argument info survives the binary";
+  EXPECT_EQ(add2->args[1].info.Kind, uint32_t{GPUPDDI_ARG_VALUE});
+  EXPECT_EQ(add2->args[1].info.ValueSize, add->args[1].info.ValueSize);
+  EXPECT_EQ(add2->args[1].type_name, "int");
+  auto buf = f.cpu_buffer(1024 * 4);
+  auto* ctx = f.context();
+  Dispatch d(again.h, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{11}), 1024);
+  ASSERT_EQ(f.run(ctx, {d.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  for (int i = 0; i < 1024; ++i) ASSERT_EQ(ints(buf, i, 1)[0], 11) << "element " << i;
+}
+
+TEST_P(Conformance, ProgramInfoTruncationAndVersion1) {
+  KmdFixture::Built full = f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, 4 << 20);
+  ASSERT_EQ(full.status, GPUP_STATUS_SUCCESS) << full.log;
+  ASSERT_TRUE(full.has_info);
+  const uint64_t table = full.info.info.KernelTableSize;
+  const uint32_t header = sizeof(GPUP_OCL_BUILD_RESULT) + sizeof(GPUP_OCL_PROGRAM_INFO);
+
+  // Room for the table, not for the binary.
+  KmdFixture::Built no_binary =
+      f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, static_cast<uint32_t>(header + table));
+  ASSERT_EQ(no_binary.status, GPUP_STATUS_SUCCESS);
+  ASSERT_TRUE(no_binary.has_info);
+  EXPECT_EQ(no_binary.info.info.KernelTableComplete, 1u);
+  EXPECT_EQ(no_binary.info.info.KernelCount, 4u);
+  EXPECT_EQ(no_binary.info.info.BinaryBytes, 0u);
+  EXPECT_EQ(no_binary.info.info.BinarySize, full.info.info.BinarySize);
+
+  // Room for the header and part of the table.
+  KmdFixture::Built cut =
+      f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, static_cast<uint32_t>(header + table - 8));
+  ASSERT_EQ(cut.status, GPUP_STATUS_SUCCESS);
+  ASSERT_TRUE(cut.has_info);
+  EXPECT_EQ(cut.info.info.KernelTableComplete, 0u);
+  EXPECT_LT(cut.info.info.KernelCount, 4u);
+  EXPECT_EQ(cut.result.LogBytes, 0u);
+  EXPECT_EQ(cut.info.info.BinaryBytes, 0u);
+
+  // Version 1 descriptors still get the version 1 output (the fixture checks the size).
+  KmdFixture::Built v1 = f.build(kPortableKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, 4 << 20, 1);
+  ASSERT_EQ(v1.status, GPUP_STATUS_SUCCESS) << v1.log;
+  EXPECT_FALSE(v1.has_info);
+  EXPECT_EQ(v1.written, sizeof(GPUP_OCL_BUILD_RESULT) + v1.result.LogBytes);
+  const std::string set = set_content({{"", kPortableKernelsSource}});
+  EXPECT_EQ(f.build(set, GPUP_OCL_PROGRAM_COMPILE, {}, 4096, 1).status, GPUP_STATUS_INVALID_PARAMETER)
+      << "COMPILE needs version 2";
+
+  // A failed build: no kernels, no binary.
+  KmdFixture::Built broken = f.build("__kernel void broken(__global int* b) { b[0] = ; }\n");
+  EXPECT_EQ(broken.status, GPUP_STATUS_BUILD_FAILED);
+  ASSERT_TRUE(broken.has_info);
+  EXPECT_EQ(broken.info.info.KernelCount, 0u);
+  EXPECT_EQ(broken.info.info.BinarySize, 0u);
+  EXPECT_GT(broken.result.LogBytes, 0u);
+}
+
+// Two units sharing a header, compiled separately, linked into an executable; and a library.
+constexpr const char* kCommonHeader = "#define ADD_SCALE 1\nint add_helper(int a, int v);\n";
+constexpr const char* kUnitKernel =
+    "#include \"gpup/common.h\"\n"
+    "__kernel void add_i32(__global int* b, int v) {\n"
+    "  b[get_global_id(0)] = add_helper(b[get_global_id(0)], v * ADD_SCALE);\n"
+    "}\n";
+constexpr const char* kUnitHelper = "#include \"gpup/common.h\"\nint add_helper(int a, int v) { return a + v; }\n";
+
+TEST_P(Conformance, CompileAndLinkUnits) {
+  auto compile = [&](const char* unit) {
+    return f.build(set_content({{"", unit}, {"gpup/common.h", kCommonHeader}}), GPUP_OCL_PROGRAM_COMPILE, "-DUNUSED",
+                   4 << 20);
+  };
+  KmdFixture::Built a = compile(kUnitKernel);
+  ASSERT_EQ(a.status, GPUP_STATUS_SUCCESS) << a.log;
+  ASSERT_TRUE(a.has_info);
+  EXPECT_EQ(a.info.info.BinaryType, kClBinaryCompiledObject);
+  EXPECT_EQ(a.info.info.KernelCount, 0u);
+  EXPECT_EQ(a.info.info.KernelTableComplete, 1u);
+  ASSERT_GT(a.info.info.BinaryBytes, 0u);
+  KmdFixture::Built b = compile(kUnitHelper);
+  ASSERT_EQ(b.status, GPUP_STATUS_SUCCESS) << b.log;
+  ASSERT_GT(b.info.info.BinaryBytes, 0u);
+  std::cout << "[ info ] " << GetParam() << ": compiled objects " << a.info.info.BinarySize << " and "
+            << b.info.info.BinarySize << " bytes\n";
+
+  auto buf = f.cpu_buffer(256 * 4);
+  auto* ctx = f.context();
+  Dispatch on_object(a.h, "add_i32", Args().buffer(ref(buf.h, 0, 1024)).value(int32_t{1}), 256);
+  EXPECT_EQ(f.submit(ctx, {on_object.cmd()}, 1), GPUP_STATUS_INVALID_PARAMETER) << "an object is not dispatchable";
+
+  KmdFixture::Built exe = f.build(set_content({{"", a.info.binary}, {"", b.info.binary}}), GPUP_OCL_PROGRAM_LINK, {}, 4 << 20);
+  ASSERT_EQ(exe.status, GPUP_STATUS_SUCCESS) << exe.log;
+  ASSERT_TRUE(exe.has_info);
+  EXPECT_EQ(exe.info.info.BinaryType, kClBinaryExecutable);
+  const auto* add = exe.info.find("add_i32");
+  ASSERT_NE(add, nullptr);
+  ASSERT_EQ(add->args.size(), 2u);
+  EXPECT_EQ(add->args[0].info.Kind, uint32_t{GPUPDDI_ARG_BUFFER}) << "argument info survives compile and link";
+  EXPECT_EQ(add->args[1].info.Kind, uint32_t{GPUPDDI_ARG_VALUE});
+  EXPECT_EQ(add->args[1].type_name, "int");
+  Dispatch d(exe.h, "add_i32", Args().buffer(ref(buf.h, 0, 1024)).value(int32_t{5}), 256);
+  ASSERT_EQ(f.run(ctx, {d.cmd()}), GPUP_STATUS_SUCCESS);
+
+  // The helper as a library, linked with the kernel's object.
+  KmdFixture::Built lib = f.build(set_content({{"", b.info.binary}}), GPUP_OCL_PROGRAM_LINK, "-create-library", 4 << 20);
+  ASSERT_EQ(lib.status, GPUP_STATUS_SUCCESS) << lib.log;
+  EXPECT_EQ(lib.info.info.BinaryType, kClBinaryLibrary);
+  EXPECT_EQ(lib.info.info.KernelCount, 0u);
+  ASSERT_GT(lib.info.info.BinaryBytes, 0u);
+  Dispatch on_lib(lib.h, "add_i32", Args().buffer(ref(buf.h, 0, 1024)).value(int32_t{1}), 256);
+  EXPECT_EQ(f.submit(ctx, {on_lib.cmd()}, 2), GPUP_STATUS_INVALID_PARAMETER) << "a library is not dispatchable";
+  KmdFixture::Built exe2 =
+      f.build(set_content({{"", a.info.binary}, {"", lib.info.binary}}), GPUP_OCL_PROGRAM_LINK, {}, 4 << 20);
+  ASSERT_EQ(exe2.status, GPUP_STATUS_SUCCESS) << exe2.log;
+  Dispatch d2(exe2.h, "add_i32", Args().buffer(ref(buf.h, 0, 1024)).value(int32_t{-2}), 256);
+  ASSERT_EQ(f.run(ctx, {d2.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  for (int i = 0; i < 256; ++i) ASSERT_EQ(ints(buf, i, 1)[0], 3) << "element " << i;
+
+  // A link that cannot resolve add_helper fails with a log, as does garbage.
+  if (GetParam() == "opencl") {
+    KmdFixture::Built unresolved = f.build(set_content({{"", a.info.binary}}), GPUP_OCL_PROGRAM_LINK, {}, 4 << 20);
+    EXPECT_EQ(unresolved.status, GPUP_STATUS_BUILD_FAILED);
+    EXPECT_NE(unresolved.result.BuildError, 0);
+    EXPECT_FALSE(unresolved.log.empty());
+    KmdFixture::Built garbage = f.build(set_content({{"", "\x7fgarbage"}}), GPUP_OCL_PROGRAM_LINK, {}, 4096);
+    EXPECT_EQ(garbage.status, GPUP_STATUS_BUILD_FAILED);
+    EXPECT_NE(garbage.result.BuildError, 0);
+  }
+}
+
+TEST_P(Conformance, HostileSetFramingIsInvalid) {
+  const std::string good_set = set_content({{"", kUnitHelper}, {"gpup/common.h", kCommonHeader}});
+  auto compile_raw = [&](const std::string& content, uint32_t format = GPUP_OCL_PROGRAM_COMPILE) {
+    const std::vector<unsigned char> d = program_desc(format, {}, content);
+    return f.build_raw(d.data(), static_cast<uint32_t>(d.size()));
+  };
+  ASSERT_EQ(compile_raw(good_set), GPUP_STATUS_SUCCESS);
+  auto entry_at = [](const std::string& set, size_t index) {
+    size_t at = sizeof(GPUP_OCL_SET_HEADER);
+    for (size_t i = 0;; ++i) {
+      at = (at + 7) / 8 * 8;
+      if (i == index) return at;
+      GPUP_OCL_SET_ENTRY e;
+      std::memcpy(&e, set.data() + at, sizeof(e));
+      at += sizeof(e) + e.NameSize + e.DataSize;
+    }
+  };
+  auto edit_entry = [&](size_t index, auto edit) {
+    std::string s = good_set;
+    GPUP_OCL_SET_ENTRY e;
+    const size_t at = entry_at(s, index);
+    std::memcpy(&e, s.data() + at, sizeof(e));
+    edit(e);
+    std::memcpy(s.data() + at, &e, sizeof(e));
+    return s;
+  };
+  std::vector<std::pair<const char*, std::string>> bad;
+  bad.emplace_back("empty content", std::string());
+  bad.emplace_back("header only, count 1", good_set.substr(0, sizeof(GPUP_OCL_SET_HEADER)));
+  bad.emplace_back("truncated by one byte", good_set.substr(0, good_set.size() - 1));
+  bad.emplace_back("truncated entry header", good_set.substr(0, entry_at(good_set, 1) + 4));
+  bad.emplace_back("one byte long", good_set + "x");
+  bad.emplace_back("trailing padding", good_set + std::string(8 - good_set.size() % 8 ? 8 - good_set.size() % 8 : 8, '\0'));
+  std::string count0 = good_set;
+  std::memset(count0.data() + 4, 0, 4);
+  bad.emplace_back("count 0", count0);
+  std::string count_big = good_set;
+  const uint32_t big = GPUP_OCL_MAX_SET_ENTRIES + 1;
+  std::memcpy(count_big.data() + 4, &big, 4);
+  bad.emplace_back("count above the limit", count_big);
+  std::string count3 = good_set;
+  const uint32_t three = 3;
+  std::memcpy(count3.data() + 4, &three, 4);
+  bad.emplace_back("count larger than the entries", count3);
+  std::string magic = good_set;
+  magic[0] ^= 1;
+  bad.emplace_back("magic", magic);
+  bad.emplace_back("DataSize 2^64-1", edit_entry(1, [](auto& e) { e.DataSize = UINT64_MAX; }));
+  bad.emplace_back("DataSize wraps to the end", edit_entry(0, [](auto& e) { e.DataSize += 0xfffffffffffff000ull; }));
+  bad.emplace_back("NameSize 2^32-1", edit_entry(1, [](auto& e) { e.NameSize = UINT32_MAX; }));
+  bad.emplace_back("NameSize 256", edit_entry(1, [](auto& e) { e.NameSize = 256; }));
+  bad.emplace_back("Reserved", edit_entry(1, [](auto& e) { e.Reserved = 1; }));
+  bad.emplace_back("DataSize 0", edit_entry(1, [](auto& e) { e.DataSize = 0; }));
+  for (const auto& [what, name] : std::vector<std::pair<const char*, std::string>>{
+           {"name with ..", "../common.h"},
+           {"name with .. inside", "gpup/../../etc/passwd"},
+           {"absolute name", "/tmp/common.h"},
+           {"name with NUL", std::string("com\0mon.h", 9)},
+           {"empty name", ""}}) {
+    bad.emplace_back(what, set_content({{"", kUnitHelper}, {name, kCommonHeader}}));
+  }
+  bad.emplace_back("named main source", set_content({{"main.cl", kUnitHelper}}));
+  bad.emplace_back("NUL inside a text", set_content({{"", std::string("int x;\0int y;", 13)}}));
+  bad.emplace_back("text that is only a NUL", set_content({{"", std::string(1, '\0')}}));
+  // An entry not 8-byte aligned: the header's entry placed right after an odd-sized source.
+  {
+    std::string s;
+    GPUP_OCL_SET_HEADER h{GPUP_OCL_SET_MAGIC, 2};
+    s.append(reinterpret_cast<const char*>(&h), sizeof(h));
+    const std::string src = "int x;";  // 8 + 16 + 6 = 30: the next entry would need 2 bytes of padding
+    GPUP_OCL_SET_ENTRY e0{0, 0, src.size()};
+    s.append(reinterpret_cast<const char*>(&e0), sizeof(e0));
+    s += src;
+    GPUP_OCL_SET_ENTRY e1{1, 0, 6};
+    s.append(reinterpret_cast<const char*>(&e1), sizeof(e1));
+    s += "hint x;";
+    bad.emplace_back("misaligned entry", s);
+  }
+  {
+    std::string s = set_content({{"", "int x;"}, {"h", "int y;"}});
+    s[30] = 1;  // padding before entry 1
+    bad.emplace_back("non-zero padding", s);
+  }
+  for (const auto& [what, content] : bad) {
+    EXPECT_EQ(compile_raw(content), GPUP_STATUS_INVALID_PARAMETER) << what;
+  }
+  EXPECT_EQ(compile_raw(set_content({{"main.cl", "x"}}), GPUP_OCL_PROGRAM_LINK), GPUP_STATUS_INVALID_PARAMETER)
+      << "named link input";
+  EXPECT_EQ(compile_raw(set_content({{"", ""}}), GPUP_OCL_PROGRAM_LINK), GPUP_STATUS_INVALID_PARAMETER)
+      << "empty link input";
+  EXPECT_EQ(compile_raw(count0, GPUP_OCL_PROGRAM_LINK), GPUP_STATUS_INVALID_PARAMETER) << "no link inputs";
+}
+
+// GPUPDDI_GPUMMUCAPS.CacheCoherentMemorySupported (ddi.h): after one Lock, the guest reads and
+// writes the mapping directly around completed work, with no further Lock / Unlock.
+TEST_P(Conformance, CacheCoherentMemoryNeedsNoLockUnlock) {
+  GPUPDDI_GPUMMUCAPS mmu{};
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_GPUMMUCAPS, &mmu, sizeof(mmu)), GPUP_STATUS_SUCCESS);
+  if (!mmu.CacheCoherentMemorySupported) GTEST_SKIP() << "the device does not claim coherent memory";
+  auto prog = program();
+  ASSERT_NE(prog, nullptr);
+  constexpr size_t kCount = 1024;
+  auto a = f.cpu_buffer(kCount * 4);
+  auto b = f.cpu_buffer(kCount * 4);
+  ASSERT_EQ(f.lock(a.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(b.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  for (int round = 0; round < 3; ++round) {
+    std::vector<int32_t> v(kCount);
+    for (size_t i = 0; i < kCount; ++i) v[i] = static_cast<int32_t>(i * 7 + round);
+    set_ints(a, v);  // written straight into the mapping
+    Dispatch add(prog, "add_i32", Args().buffer(ref(b.h, 0, kCount * 4)).value(int32_t{100}), kCount);
+    ASSERT_EQ(f.run(ctx, {copy_cmd(ref(a.h, 0, kCount * 4), ref(b.h, 0, kCount * 4)), add.cmd()}), GPUP_STATUS_SUCCESS);
+    const std::vector<int32_t> got = ints(b, 0, kCount);  // read straight from the mapping
+    for (size_t i = 0; i < kCount; ++i) ASSERT_EQ(got[i], v[i] + 100) << "round " << round << " element " << i;
+    // The device's own writes to a, seen by the guest; then the guest's overwrite, seen by the device.
+    const int32_t pattern = 0x5a5a0000 + round;
+    ASSERT_EQ(f.run(ctx, {fill_cmd(ref(a.h, 0, 64), &pattern, 4)}), GPUP_STATUS_SUCCESS);
+    EXPECT_EQ(ints(a, 15, 1)[0], pattern);
+    EXPECT_EQ(ints(a, 16, 1)[0], v[16]);
+  }
 }
 
 TEST_P(Conformance, DispatchAddOnSubRange) {

@@ -172,10 +172,11 @@ GPUPDDI_COMMAND Dispatch::cmd() const {
   return c;
 }
 
-std::vector<unsigned char> program_desc(uint32_t format, std::string_view options, std::string_view content) {
+std::vector<unsigned char> program_desc(uint32_t format, std::string_view options, std::string_view content,
+                                        uint32_t version) {
   GPUP_OCL_PROGRAM_DESC d{};
   d.Magic = GPUP_OCL_PROGRAM_MAGIC;
-  d.Version = GPUP_OCL_PROGRAM_VERSION;
+  d.Version = version;
   d.Format = format;
   d.OptionsSize = static_cast<uint32_t>(options.size());
   d.ContentSize = static_cast<uint32_t>(content.size());
@@ -185,6 +186,88 @@ std::vector<unsigned char> program_desc(uint32_t format, std::string_view option
   if (!content.empty()) std::memcpy(out.data() + sizeof(d) + options.size(), content.data(), content.size());
   return out;
 }
+
+std::string set_content(const std::vector<std::pair<std::string, std::string>>& entries) {
+  std::string out;
+  GPUP_OCL_SET_HEADER h{GPUP_OCL_SET_MAGIC, static_cast<uint32_t>(entries.size())};
+  out.append(reinterpret_cast<const char*>(&h), sizeof(h));
+  for (const auto& [name, data] : entries) {
+    out.resize((out.size() + 7) / 8 * 8, '\0');
+    GPUP_OCL_SET_ENTRY e{static_cast<uint32_t>(name.size()), 0, data.size()};
+    out.append(reinterpret_cast<const char*>(&e), sizeof(e));
+    out += name;
+    out += data;
+  }
+  return out;
+}
+
+const ProgramInfo::Kernel* ProgramInfo::find(std::string_view name) const {
+  for (const Kernel& k : kernels) {
+    if (k.name == name) return &k;
+  }
+  return nullptr;
+}
+
+namespace {
+
+// Parses out[at..size) as GPUP_OCL_PROGRAM_INFO and what follows; gtest failures for every
+// layout rule broken.
+void parse_program_info(const std::vector<unsigned char>& out, size_t at, size_t size, ProgramInfo* p) {
+  auto take = [&](void* dst, size_t n) {
+    EXPECT_LE(at + n, size) << "program info runs past the written output";
+    if (at + n > size) return false;
+    std::memcpy(dst, out.data() + at, n);
+    at += n;
+    return true;
+  };
+  auto str = [&](std::string* dst, size_t n) {
+    if (at + n > size) {
+      ADD_FAILURE() << "string runs past the written output";
+      return false;
+    }
+    dst->assign(reinterpret_cast<const char*>(out.data()) + at, n);
+    at += n;
+    return true;
+  };
+  auto pad = [&] {
+    while (at % 8 != 0 && at < size) {
+      EXPECT_EQ(out[at], 0) << "padding at " << at;
+      ++at;
+    }
+  };
+  if (!take(&p->info, sizeof(p->info))) return;
+  EXPECT_EQ(p->info.Magic, GPUP_OCL_PROGRAM_INFO_MAGIC);
+  const size_t table_start = at;
+  for (uint32_t k = 0; k < p->info.KernelCount; ++k) {
+    ProgramInfo::Kernel kernel;
+    if (!take(&kernel.info, sizeof(kernel.info)) || !str(&kernel.name, kernel.info.NameSize) ||
+        !str(&kernel.attributes, kernel.info.AttributesSize)) {
+      return;
+    }
+    pad();
+    for (uint32_t a = 0; a < kernel.info.NumArgs; ++a) {
+      ProgramInfo::Arg arg;
+      if (!take(&arg.info, sizeof(arg.info)) || !str(&arg.type_name, arg.info.TypeNameSize) ||
+          !str(&arg.name, arg.info.NameSize)) {
+        return;
+      }
+      EXPECT_EQ(arg.info.Reserved, 0u);
+      pad();
+      kernel.args.push_back(std::move(arg));
+    }
+    p->kernels.push_back(std::move(kernel));
+  }
+  EXPECT_EQ(at - table_start, p->info.KernelTableSize);
+  EXPECT_LE(p->info.BinaryBytes, p->info.BinarySize);
+  if (p->info.BinaryBytes > 0) {
+    EXPECT_EQ(p->info.BinaryBytes, p->info.BinarySize);
+    str(&p->binary, static_cast<size_t>(p->info.BinaryBytes));
+    pad();
+  }
+  EXPECT_EQ(at, size) << "nothing written after the binary";
+}
+
+}  // namespace
 
 // ---------------------------------------------------------------------------------------------
 
@@ -329,8 +412,8 @@ void KmdFixture::destroy_allocation(GPUPDDI_HANDLE h) {
 }
 
 KmdFixture::Built KmdFixture::build(std::string_view content, uint32_t format, std::string_view options,
-                                    uint32_t out_capacity) {
-  const std::vector<unsigned char> desc = program_desc(format, options, content);
+                                    uint32_t out_capacity, uint32_t version) {
+  const std::vector<unsigned char> desc = program_desc(format, options, content, version);
   std::vector<unsigned char> out(out_capacity);
   GPUPDDI_ARG_CREATEALLOCATION a{};
   a.struct_size = sizeof(a);
@@ -346,9 +429,21 @@ KmdFixture::Built KmdFixture::build(std::string_view content, uint32_t format, s
   EXPECT_LE(b.written, out_capacity);
   if (b.written >= sizeof(GPUP_OCL_BUILD_RESULT)) {
     std::memcpy(&b.result, out.data(), sizeof(b.result));
-    EXPECT_EQ(b.written, sizeof(b.result) + b.result.LogBytes);
     b.log.assign(reinterpret_cast<const char*>(out.data()) + sizeof(b.result),
                  std::min<size_t>(b.result.LogBytes, b.written - sizeof(b.result)));
+    const size_t log_end = sizeof(b.result) + b.result.LogBytes;
+    const bool info_expected =
+        version >= 2 && out_capacity >= sizeof(GPUP_OCL_BUILD_RESULT) + sizeof(GPUP_OCL_PROGRAM_INFO);
+    if (info_expected) {
+      const size_t info_at = (log_end + 7) / 8 * 8;
+      EXPECT_GE(b.written, info_at + sizeof(GPUP_OCL_PROGRAM_INFO)) << "version 2 output has the program info";
+      if (b.written >= info_at + sizeof(GPUP_OCL_PROGRAM_INFO)) {
+        b.has_info = true;
+        parse_program_info(out, info_at, b.written, &b.info);
+      }
+    } else {
+      EXPECT_EQ(b.written, log_end);
+    }
   }
   return b;
 }

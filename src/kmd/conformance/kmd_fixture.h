@@ -97,7 +97,27 @@ struct Dispatch {
 };
 
 // The private data of a program allocation.
-std::vector<unsigned char> program_desc(uint32_t format, std::string_view options, std::string_view content);
+std::vector<unsigned char> program_desc(uint32_t format, std::string_view options, std::string_view content,
+                                        uint32_t version = GPUP_OCL_PROGRAM_VERSION);
+// COMPILE / LINK content (GPUP_OCL_SET_HEADER framing): (name, data) entries.
+std::string set_content(const std::vector<std::pair<std::string, std::string>>& entries);
+
+// The version 2 output after the log (GPUP_OCL_PROGRAM_INFO), parsed with every bound checked.
+struct ProgramInfo {
+  struct Arg {
+    GPUP_OCL_KERNEL_ARG_INFO info{};
+    std::string type_name, name;
+  };
+  struct Kernel {
+    GPUP_OCL_KERNEL_INFO info{};
+    std::string name, attributes;
+    std::vector<Arg> args;
+  };
+  GPUP_OCL_PROGRAM_INFO info{};
+  std::vector<Kernel> kernels;
+  std::string binary;
+  const Kernel* find(std::string_view name) const;
+};
 
 class KmdFixture {
  public:
@@ -112,6 +132,8 @@ class KmdFixture {
     uint32_t written = 0;
     GPUP_OCL_BUILD_RESULT result{};
     std::string log;
+    bool has_info = false;  // version 2 output with GPUP_OCL_PROGRAM_INFO
+    ProgramInfo info;
   };
   struct Context {
     GPUPDDI_HANDLE h = nullptr;
@@ -140,7 +162,7 @@ class KmdFixture {
   gpup_status create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args);  // tracked when it succeeds
   void destroy_allocation(GPUPDDI_HANDLE h);
   Built build(std::string_view content, uint32_t format = GPUP_OCL_PROGRAM_SOURCE, std::string_view options = {},
-              uint32_t out_capacity = 64 << 10);
+              uint32_t out_capacity = 64 << 10, uint32_t version = GPUP_OCL_PROGRAM_VERSION);
   gpup_status build_raw(const void* data, uint32_t size);  // destroys the program if it was made
   gpup_status lock(GPUPDDI_HANDLE h);
   gpup_status unlock(GPUPDDI_HANDLE h);

@@ -68,6 +68,7 @@ constexpr uint32_t kMaxCommands = 1u << 16;
 // OpenCL's codes, so a mock build result reads like a real one.
 constexpr int32_t kClBuildProgramFailure = -11;
 constexpr int32_t kClInvalidBinary = -42;
+constexpr int32_t kClLinkProgramFailure = -17;
 
 // ---------------------------------------------------------------------------------------------
 // Kernels
@@ -165,18 +166,26 @@ gpup_status run_spin(const Launch& l) {
 
 gpup_status run_fault(const Launch&) { return GPUP_STATUS_DEVICE_ERROR; }
 
+struct ParamDef {
+  Param kind;
+  const char* type;  // the OpenCL C type, as CL_KERNEL_ARG_TYPE_NAME says it
+  const char* name;
+};
+
 struct KernelDef {
   const char* name;
-  std::initializer_list<Param> params;
+  std::initializer_list<ParamDef> params;
   gpup_status (*run)(const Launch&);
 };
 
 const std::array<KernelDef, 5> kKernels = {{
-    {"add_i32", {Param::kBuffer, Param::kInt}, run_add_i32},
-    {"copy_i32", {Param::kBuffer, Param::kBuffer}, run_copy_i32},
-    {"or_null_i32", {Param::kBuffer, Param::kBuffer, Param::kLocal}, run_or_null_i32},
-    {"spin", {Param::kBuffer, Param::kUlong}, run_spin},
-    {"fault", {Param::kBuffer}, run_fault},
+    {"add_i32", {{Param::kBuffer, "int*", "b"}, {Param::kInt, "int", "v"}}, run_add_i32},
+    {"copy_i32", {{Param::kBuffer, "int*", "src"}, {Param::kBuffer, "int*", "dst"}}, run_copy_i32},
+    {"or_null_i32",
+     {{Param::kBuffer, "int*", "dst"}, {Param::kBuffer, "int*", "src"}, {Param::kLocal, "int*", "scratch"}},
+     run_or_null_i32},
+    {"spin", {{Param::kBuffer, "ulong*", "out"}, {Param::kUlong, "ulong", "iterations"}}, run_spin},
+    {"fault", {{Param::kBuffer, "int*", "b"}}, run_fault},
 }};
 
 const KernelDef* find_kernel(std::string_view name) {
@@ -210,6 +219,102 @@ std::vector<std::string> declared_kernels(std::string_view text) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// What the guest's ICD learns: device info records and program info
+
+// OpenCL's values for the few names used here (the mock does not include the OpenCL headers).
+constexpr uint32_t kClDeviceType = 0x1000, kClDeviceMaxComputeUnits = 0x1002, kClDeviceMaxWorkItemDimensions = 0x1003,
+                   kClDeviceMaxWorkGroupSize = 0x1004, kClDeviceMaxWorkItemSizes = 0x1005, kClDeviceAddressBits = 0x100D,
+                   kClDeviceMaxMemAllocSize = 0x1010, kClDeviceMaxParameterSize = 0x1017,
+                   kClDeviceMemBaseAddrAlign = 0x1019, kClDeviceGlobalMemSize = 0x101F,
+                   kClDeviceMaxConstantBufferSize = 0x1020, kClDeviceLocalMemSize = 0x1023, kClDeviceName = 0x102B,
+                   kClDeviceVendor = 0x102C, kClDriverVersion = 0x102D, kClDeviceProfile = 0x102E,
+                   kClDeviceVersion = 0x102F, kClDeviceExtensions = 0x1030, kClDeviceOpenClCVersion = 0x103D;
+constexpr uint64_t kClDeviceTypeAccelerator = 1 << 3;
+constexpr uint32_t kClArgAddressGlobal = 0x119B, kClArgAddressLocal = 0x119C, kClArgAddressPrivate = 0x119E;
+constexpr uint32_t kClArgAccessNone = 0x11A3;
+constexpr uint32_t kClBinaryCompiledObject = 0x1, kClBinaryLibrary = 0x2, kClBinaryExecutable = 0x4;
+
+template <typename T>
+std::vector<unsigned char> raw(const T& v) {
+  std::vector<unsigned char> out(sizeof(T));
+  std::memcpy(out.data(), &v, sizeof(T));
+  return out;
+}
+std::vector<unsigned char> raw_string(std::string_view s) {  // with its NUL, as clGetDeviceInfo
+  std::vector<unsigned char> out(s.begin(), s.end());
+  out.push_back(0);
+  return out;
+}
+
+// A small, plausible clGetDeviceInfo answer set for the made-up device.
+InfoList synthetic_device_info(const GPUPDDI_DEVICEINFO& info, const GPUP_OCL_UMD_INFO& umd) {
+  std::map<uint32_t, std::vector<unsigned char>> r;
+  r[kClDeviceType] = raw(kClDeviceTypeAccelerator);
+  r[kClDeviceMaxComputeUnits] = raw(info.ComputeUnits);
+  r[kClDeviceMaxWorkItemDimensions] = raw(umd.MaxWorkItemDimensions);
+  r[kClDeviceMaxWorkGroupSize] = raw(uint64_t{info.MaxWorkGroupSize});
+  r[kClDeviceMaxWorkItemSizes] = raw(umd.MaxWorkItemSizes);
+  r[kClDeviceAddressBits] = raw(umd.AddressBits);
+  r[kClDeviceMaxMemAllocSize] = raw(info.MaxAllocSize);
+  r[kClDeviceMaxParameterSize] = raw(umd.MaxParameterSize);
+  r[kClDeviceMemBaseAddrAlign] = raw(info.MemBaseAddrAlignBits);
+  r[kClDeviceGlobalMemSize] = raw(info.GlobalMemSize);
+  r[kClDeviceMaxConstantBufferSize] = raw(umd.MaxConstantBufferSize);
+  r[kClDeviceLocalMemSize] = raw(info.LocalMemSize);
+  r[kClDeviceName] = raw_string(info.Name);
+  r[kClDeviceVendor] = raw_string(info.Vendor);
+  r[kClDriverVersion] = raw_string(info.DriverVersion);
+  r[kClDeviceProfile] = raw_string("FULL_PROFILE");
+  r[kClDeviceVersion] = raw_string(umd.DeviceVersion);
+  r[kClDeviceExtensions] = raw_string(umd.Extensions);
+  r[kClDeviceOpenClCVersion] = raw_string(umd.OpenCLCVersion);
+  return encode_info_list(r);
+}
+
+// GPUP_OCL_PROGRAM_INFO of a mock program: its kernels as the table above declares them, and
+// its text as the binary (a mock "binary" is read as text again).
+ProgramDescription describe_program(uint32_t binary_type, const std::vector<const KernelDef*>& kernels,
+                                    const std::string& text) {
+  ProgramDescription d;
+  d.binary_type = binary_type;
+  for (const KernelDef* k : kernels) {
+    KernelDescription kd;
+    kd.name = k->name;
+    kd.info.WorkGroupSize = kMaxWorkGroup;
+    kd.info.PreferredWorkGroupSizeMultiple = 1;
+    for (const ParamDef& p : k->params) {
+      ArgDescription a;
+      a.type_name = p.type;
+      a.name = p.name;
+      GPUP_OCL_KERNEL_ARG_INFO& ai = a.info;
+      ai.AccessQualifier = kClArgAccessNone;
+      switch (p.kind) {
+        case Param::kBuffer:
+          ai.AddressQualifier = kClArgAddressGlobal;
+          ai.Kind = GPUPDDI_ARG_BUFFER;
+          ai.ValueSize = 8;
+          break;
+        case Param::kLocal:
+          ai.AddressQualifier = kClArgAddressLocal;
+          ai.Kind = GPUPDDI_ARG_LOCAL;
+          break;
+        case Param::kInt:
+        case Param::kUlong:
+          ai.AddressQualifier = kClArgAddressPrivate;
+          ai.Kind = GPUPDDI_ARG_VALUE;
+          ai.ValueSize = p.kind == Param::kInt ? 4 : 8;  // the mock takes exactly the type's size
+          break;
+      }
+      kd.args.push_back(std::move(a));
+    }
+    d.kernels.push_back(std::move(kd));
+  }
+  d.binary.assign(text.begin(), text.end());
+  d.binary_size = d.binary.size();
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Objects
 
 class Device;
@@ -226,6 +331,7 @@ class Allocation final : public KmdObject {
   unsigned char* base = nullptr;  // the backing store or owned_
   unsigned char* owned_ = nullptr;
   std::vector<std::string> kernels;  // programs: the declared kernel names
+  bool executable = false;           // programs: not a compiled object or library
 };
 
 // A command resolved to host pointers, ready for the worker.
@@ -392,6 +498,7 @@ class Adapter final : public KmdObject {
 
   GPUPDDI_DEVICEINFO info{};
   GPUP_OCL_UMD_INFO umd{};
+  InfoList device_info_list;  // GPUP_OCL_QUERY_DEVICE_INFO
   std::atomic<uint64_t> memory_used{0};
   ProcessTable processes;
 
@@ -408,7 +515,7 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
   if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = 0;
   switch (args->Type) {
     case GPUPDDI_QAITYPE_UMDRIVERPRIVATE:
-      return handle_umd_private_query(args, umd);
+      return handle_umd_private_query(args, umd, device_info_list);
     case GPUPDDI_QAITYPE_DRIVERCAPS: {
       GPUPDDI_DRIVERCAPS caps{};
       caps.WDDMVersion = 0x3000;
@@ -464,7 +571,8 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
   GPUP_OCL_UMD_INFO& umd = a->umd;
   umd.ContractVersion = GPUP_OCL_CONTRACT_VERSION;
   umd.ProgramFormats =
-      GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_SOURCE) | GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_BINARY);
+      GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_SOURCE) | GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_BINARY) |
+      GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_COMPILE) | GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_LINK);
   umd.AddressBits = 64;
   umd.MaxWorkItemDimensions = 3;
   for (auto& s : umd.MaxWorkItemSizes) s = kMaxWorkGroup;
@@ -472,6 +580,7 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
   umd.MaxConstantBufferSize = 64 << 10;
   copy_fixed_string(umd.DeviceVersion, "OpenCL 1.2 gpup-mock");
   copy_fixed_string(umd.OpenCLCVersion, "OpenCL C 1.2");
+  a->device_info_list = synthetic_device_info(info, umd);
   logf(GPUPDDI_LOG_INFO, "mock adapter started: '{}', {} MiB", info.Name, memory >> 20);
   return a;
 }
@@ -499,26 +608,62 @@ gpup_status Device::create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args) {
       logf(GPUPDDI_LOG_WARN, "CreateAllocation: {}", image.error().message);
       return image.error().status;
     }
-    const std::string_view text(reinterpret_cast<const char*>(image->content.data()), image->content.size());
-    std::vector<std::string> names = declared_kernels(text);
-    std::string log;
-    for (const std::string& n : names) {
-      if (find_kernel(n) == nullptr) {
-        log += fmt::format("mock: kernel '{}' is not one the mock device can run\n", printable(n));
-      }
+    // What the mock "builds": SOURCE and BINARY content is text; COMPILE keeps the texts of
+    // the headers and the main source, in that order, as its object; LINK joins its inputs.
+    std::string text;
+    uint32_t binary_type = kClBinaryExecutable;
+    switch (image->format) {
+      case GPUP_OCL_PROGRAM_SOURCE:
+      case GPUP_OCL_PROGRAM_BINARY:
+        text.assign(image->content.begin(), image->content.end());
+        break;
+      case GPUP_OCL_PROGRAM_COMPILE:
+        for (size_t i = 1; i <= image->entries.size(); ++i) {
+          const auto& data = image->entries[i % image->entries.size()].data;  // headers, then entry 0
+          text.append(data.begin(), data.end());
+          text.push_back('\n');
+        }
+        binary_type = kClBinaryCompiledObject;
+        break;
+      case GPUP_OCL_PROGRAM_LINK:
+        for (const auto& e : image->entries) {
+          text.append(e.data.begin(), e.data.end());
+          text.push_back('\n');
+        }
+        if (image->options.find("-create-library") != std::string::npos) binary_type = kClBinaryLibrary;
+        break;
     }
-    if (names.empty()) log += "mock: no kernel declarations found\n";
+    std::vector<std::string> names;
+    std::string log;
+    if (binary_type == kClBinaryExecutable) {
+      names = declared_kernels(text);
+      for (const std::string& n : names) {
+        if (find_kernel(n) == nullptr) {
+          log += fmt::format("mock: kernel '{}' is not one the mock device can run\n", printable(n));
+        }
+      }
+      if (names.empty()) log += "mock: no kernel declarations found\n";
+    }
     const bool failed = !log.empty();
-    const int32_t build_error =
-        !failed ? 0 : (image->format == GPUP_OCL_PROGRAM_BINARY ? kClInvalidBinary : kClBuildProgramFailure);
+    const int32_t build_error = !failed                                    ? 0
+                                : image->format == GPUP_OCL_PROGRAM_BINARY ? kClInvalidBinary
+                                : image->format == GPUP_OCL_PROGRAM_LINK   ? kClLinkProgramFailure
+                                                                           : kClBuildProgramFailure;
     if (failed) {
       log += fmt::format("mock: known kernels:");
       for (const KernelDef& k : kKernels) log += fmt::format(" {}", k.name);
       log += "\n";
+      args->OutputDataWritten =
+          write_program_output(args->pOutputData, args->OutputDataSize, image->version, build_error, log, nullptr);
+      return GPUP_STATUS_BUILD_FAILED;
     }
-    args->OutputDataWritten = write_build_result(args->pOutputData, args->OutputDataSize, build_error, log);
-    if (failed) return GPUP_STATUS_BUILD_FAILED;
+    std::vector<const KernelDef*> defs;
+    for (const std::string& n : names) defs.push_back(find_kernel(n));
+    const ProgramDescription described = describe_program(binary_type, defs, text);
+    args->OutputDataWritten =
+        write_program_output(args->pOutputData, args->OutputDataSize, image->version, 0, log, &described);
     alloc->kernels = std::move(names);
+    alloc->executable = binary_type == kClBinaryExecutable;
   } else {
     if (args->Size == 0 || args->Size > adapter->info.MaxAllocSize) return GPUP_STATUS_INVALID_PARAMETER;
     if (args->PrivateDriverDataSize != 0) return GPUP_STATUS_INVALID_PARAMETER;
@@ -607,6 +752,7 @@ Status Context::prepare(const GPUPDDI_COMMAND& in, Command* out) {
       Allocation* prog = device_->find_allocation(d.hProgram);
       if (prog == nullptr) return Error(GPUP_STATUS_INVALID_HANDLE, "dispatch: hProgram is not an allocation");
       if (!prog->flags.Program) return invalid("dispatch: hProgram is not a program");
+      if (!prog->executable) return invalid("dispatch: the program is a compiled object or library, not an executable");
       if (d.pKernelName == nullptr) return invalid("dispatch: no kernel name");
       const size_t len = strnlen(d.pKernelName, kMaxKernelName);
       if (len == 0 || len == kMaxKernelName) return invalid("dispatch: kernel name empty or too long");
@@ -641,7 +787,8 @@ Status Context::prepare(const GPUPDDI_COMMAND& in, Command* out) {
       if (nparams > 0 && d.pArgs == nullptr) return invalid("dispatch: no argument array");
       uint64_t local_bytes = 0;
       size_t i = 0;
-      for (Param p : k->params) {
+      for (const ParamDef& def : k->params) {
+        const Param p = def.kind;
         const GPUPDDI_KERNEL_ARG& a = d.pArgs[i];
         switch (p) {
           case Param::kBuffer:

@@ -160,6 +160,93 @@ size_t nul_rule_length(const unsigned char* data, size_t size) {
 
 }  // namespace
 
+namespace {
+
+// The text rules of SOURCE content and of COMPILE set texts: no NUL but a terminating one, not
+// empty. Copies the text without its NUL into out; false (with why) when a rule is broken.
+bool take_text(const unsigned char* data, size_t size, std::vector<unsigned char>* out, std::string* why) {
+  const size_t n = nul_rule_length(data, size);
+  if (n == SIZE_MAX) {
+    *why = "contains a NUL byte before its end";
+    return false;
+  }
+  if (n == 0) {
+    *why = "is empty";
+    return false;
+  }
+  out->assign(data, data + n);
+  return true;
+}
+
+// A COMPILE header's include name: 1..255 bytes, no NUL, no "..", not starting with '/' (PoCL
+// writes the headers into a directory under these names).
+bool valid_include_name(std::string_view name) {
+  return !name.empty() && name.size() <= 255 && name.find('\0') == std::string_view::npos &&
+         name.find("..") == std::string_view::npos && name.front() != '/';
+}
+
+// Parses the GPUP_OCL_SET_HEADER framing of COMPILE / LINK content (kmd_opencl.h).
+Status parse_set(uint32_t format, const unsigned char* content, uint64_t size, std::vector<ProgramImage::Entry>* out) {
+  auto bad = [&](std::string m) {
+    return Error(GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("program descriptor: {} set: {}", format == GPUP_OCL_PROGRAM_COMPILE ? "COMPILE" : "LINK", m));
+  };
+  if (size < sizeof(GPUP_OCL_SET_HEADER)) return bad(fmt::format("{} bytes cannot hold the set header", size));
+  GPUP_OCL_SET_HEADER header;
+  std::memcpy(&header, content, sizeof(header));
+  if (header.Magic != GPUP_OCL_SET_MAGIC) return bad(fmt::format("bad magic {:#010x}", header.Magic));
+  if (header.Count == 0 || header.Count > GPUP_OCL_MAX_SET_ENTRIES) {
+    return bad(fmt::format("Count {} outside 1..{}", header.Count, GPUP_OCL_MAX_SET_ENTRIES));
+  }
+  out->clear();
+  out->reserve(header.Count);
+  uint64_t at = sizeof(header);  // at <= size throughout
+  for (uint32_t i = 0; i < header.Count; ++i) {
+    const uint64_t aligned = (at + 7) & ~uint64_t{7};  // at <= 64 MiB: no overflow
+    if (aligned > size) return bad(fmt::format("entry {} starts past the end", i));
+    for (uint64_t p = at; p < aligned; ++p) {
+      if (content[p] != 0) return bad(fmt::format("padding before entry {} is not zero", i));
+    }
+    at = aligned;
+    if (size - at < sizeof(GPUP_OCL_SET_ENTRY)) return bad(fmt::format("entry {} header is truncated", i));
+    GPUP_OCL_SET_ENTRY e;
+    std::memcpy(&e, content + at, sizeof(e));
+    at += sizeof(e);
+    if (e.Reserved != 0) return bad(fmt::format("entry {} Reserved is not zero", i));
+    const bool named = format == GPUP_OCL_PROGRAM_COMPILE && i > 0;
+    if (!named && e.NameSize != 0) return bad(fmt::format("entry {} must have no name", i));
+    if (named && (e.NameSize == 0 || e.NameSize > 255)) {
+      return bad(fmt::format("entry {} NameSize {} outside 1..255", i, e.NameSize));
+    }
+    if (e.NameSize > size - at) return bad(fmt::format("entry {} name is truncated", i));
+    const std::string_view name(reinterpret_cast<const char*>(content + at), e.NameSize);
+    if (named && !valid_include_name(name)) {
+      return bad(fmt::format("entry {} name '{}' is not a plain include name", i, printable(name)));
+    }
+    at += e.NameSize;
+    if (e.DataSize > size - at) {
+      return bad(fmt::format("entry {} DataSize {} exceeds the {} bytes left", i, e.DataSize, size - at));
+    }
+    ProgramImage::Entry entry;
+    entry.name.assign(name);
+    const unsigned char* data = content + at;
+    const size_t data_size = static_cast<size_t>(e.DataSize);
+    if (format == GPUP_OCL_PROGRAM_COMPILE) {
+      std::string why;
+      if (!take_text(data, data_size, &entry.data, &why)) return bad(fmt::format("entry {} text {}", i, why));
+    } else {
+      if (data_size == 0) return bad(fmt::format("entry {} binary is empty", i));
+      entry.data.assign(data, data + data_size);
+    }
+    at += e.DataSize;
+    out->push_back(std::move(entry));
+  }
+  if (at != size) return bad(fmt::format("{} bytes follow the last entry", size - at));
+  return {};
+}
+
+}  // namespace
+
 Result<ProgramImage> parse_program_desc(const void* data, uint32_t size) {
   auto bad = [](std::string m) { return Error(GPUP_STATUS_INVALID_PARAMETER, "program descriptor: " + m); };
   if (data == nullptr || size < sizeof(GPUP_OCL_PROGRAM_DESC)) {
@@ -169,10 +256,14 @@ Result<ProgramImage> parse_program_desc(const void* data, uint32_t size) {
   GPUP_OCL_PROGRAM_DESC desc;  // read the header exactly once
   std::memcpy(&desc, data, sizeof(desc));
   if (desc.Magic != GPUP_OCL_PROGRAM_MAGIC) return bad(fmt::format("bad magic {:#010x}", desc.Magic));
-  if (desc.Version != GPUP_OCL_PROGRAM_VERSION) return bad(fmt::format("unsupported version {}", desc.Version));
+  if (desc.Version != 1 && desc.Version != GPUP_OCL_PROGRAM_VERSION) {
+    return bad(fmt::format("unsupported version {}", desc.Version));
+  }
   if (desc.Reserved != 0) return bad("Reserved is not zero");
-  if (desc.Format != GPUP_OCL_PROGRAM_SOURCE && desc.Format != GPUP_OCL_PROGRAM_BINARY) {
-    return bad(fmt::format("unknown format {}", desc.Format));
+  const bool v1_format = desc.Format == GPUP_OCL_PROGRAM_SOURCE || desc.Format == GPUP_OCL_PROGRAM_BINARY;
+  const bool v2_format = desc.Format == GPUP_OCL_PROGRAM_COMPILE || desc.Format == GPUP_OCL_PROGRAM_LINK;
+  if (!v1_format && !(v2_format && desc.Version >= 2)) {
+    return bad(fmt::format("unknown format {} for version {}", desc.Format, desc.Version));
   }
   if (desc.OptionsSize > GPUP_OCL_MAX_OPTIONS_SIZE) {
     return bad(fmt::format("OptionsSize {} exceeds {}", desc.OptionsSize, GPUP_OCL_MAX_OPTIONS_SIZE));
@@ -191,19 +282,25 @@ Result<ProgramImage> parse_program_desc(const void* data, uint32_t size) {
   const unsigned char* content = options + desc.OptionsSize;
 
   ProgramImage image;
+  image.version = desc.Version;
   image.format = desc.Format;
   if (desc.OptionsSize > 0) {
     const size_t n = nul_rule_length(options, desc.OptionsSize);
     if (n == SIZE_MAX) return bad("options contain a NUL byte before their end");
     image.options.assign(reinterpret_cast<const char*>(options), n);
   }
-  if (desc.Format == GPUP_OCL_PROGRAM_SOURCE) {
-    const size_t n = nul_rule_length(content, desc.ContentSize);
-    if (n == SIZE_MAX) return bad("source contains a NUL byte before its end");
-    if (n == 0) return bad("source is empty");
-    image.content.assign(content, content + n);
-  } else {
-    image.content.assign(content, content + desc.ContentSize);
+  switch (desc.Format) {
+    case GPUP_OCL_PROGRAM_SOURCE: {
+      std::string why;
+      if (!take_text(content, desc.ContentSize, &image.content, &why)) return bad("source " + why);
+      break;
+    }
+    case GPUP_OCL_PROGRAM_BINARY:
+      image.content.assign(content, content + desc.ContentSize);
+      break;
+    default:
+      if (Status s = parse_set(desc.Format, content, desc.ContentSize, &image.entries); !s) return s.error();
+      break;
   }
   return image;
 }
@@ -223,6 +320,107 @@ uint32_t write_build_result(void* out, uint32_t capacity, int32_t build_error, s
   std::memcpy(dst, &header, sizeof(header));
   if (n > 0) std::memcpy(dst + sizeof(header), log.data(), n);
   return static_cast<uint32_t>(sizeof(header)) + n;
+}
+
+namespace {
+
+constexpr uint64_t align8(uint64_t v) { return (v + 7) & ~uint64_t{7}; }
+
+uint64_t kernel_size(const KernelDescription& k) {
+  uint64_t n = align8(sizeof(GPUP_OCL_KERNEL_INFO) + uint64_t{k.name.size()} + k.attributes.size());
+  for (const ArgDescription& a : k.args) {
+    n += align8(sizeof(GPUP_OCL_KERNEL_ARG_INFO) + uint64_t{a.type_name.size()} + a.name.size());
+  }
+  return n;
+}
+
+// Appends bytes at *at and zero-pads to 8; the caller checked the room.
+void put(unsigned char* out, uint64_t* at, const void* bytes, size_t n) {
+  if (n > 0) std::memcpy(out + *at, bytes, n);
+  *at += n;
+}
+void pad(unsigned char* out, uint64_t* at) {
+  const uint64_t end = align8(*at);
+  std::memset(out + *at, 0, static_cast<size_t>(end - *at));
+  *at = end;
+}
+
+uint32_t clamp32(size_t n) { return static_cast<uint32_t>(std::min<size_t>(n, UINT32_MAX)); }
+
+}  // namespace
+
+uint64_t kernel_table_size(const ProgramDescription& program) {
+  uint64_t n = 0;
+  for (const KernelDescription& k : program.kernels) n += kernel_size(k);
+  return n;
+}
+
+uint32_t write_program_output(void* out, uint32_t capacity, uint32_t version, int32_t build_error,
+                              std::string_view log, const ProgramDescription* program) {
+  constexpr uint64_t kResult = sizeof(GPUP_OCL_BUILD_RESULT);
+  constexpr uint64_t kInfo = sizeof(GPUP_OCL_PROGRAM_INFO);
+  if (version < 2 || out == nullptr || capacity < kResult + kInfo) {
+    return write_build_result(out, capacity, build_error, log);
+  }
+  while (!log.empty() && log.back() == '\0') log.remove_suffix(1);
+  static const ProgramDescription kFailed;
+  const ProgramDescription& p = program != nullptr ? *program : kFailed;
+  const uint64_t table = kernel_table_size(p);
+
+  // The log gets what the header and the whole table leave (the largest L with
+  // align8(kResult + L) + kInfo + table <= capacity), or nothing when they do not fit.
+  uint64_t log_room = 0;
+  if (kResult + kInfo + table <= capacity) {
+    log_room = ((capacity - kInfo - table) & ~uint64_t{7}) - kResult;
+  }
+  const uint32_t written_log = write_build_result(out, static_cast<uint32_t>(kResult + std::min<uint64_t>(log_room, log.size())),
+                                                  build_error, log);
+  auto* dst = static_cast<unsigned char*>(out);
+  uint64_t at = written_log;
+  pad(dst, &at);
+  const uint64_t info_at = at;
+  at += kInfo;
+
+  GPUP_OCL_PROGRAM_INFO info{};
+  info.Magic = GPUP_OCL_PROGRAM_INFO_MAGIC;
+  info.BinaryType = p.binary_type;
+  info.KernelTableComplete = 1;
+  for (const KernelDescription& k : p.kernels) {
+    if (at + kernel_size(k) > capacity) {
+      info.KernelTableComplete = 0;
+      break;
+    }
+    GPUP_OCL_KERNEL_INFO ki = k.info;
+    ki.NameSize = clamp32(k.name.size());
+    ki.AttributesSize = clamp32(k.attributes.size());
+    ki.NumArgs = clamp32(k.args.size());
+    ki.Reserved = 0;
+    put(dst, &at, &ki, sizeof(ki));
+    put(dst, &at, k.name.data(), k.name.size());
+    put(dst, &at, k.attributes.data(), k.attributes.size());
+    pad(dst, &at);
+    for (const ArgDescription& a : k.args) {
+      GPUP_OCL_KERNEL_ARG_INFO ai = a.info;
+      ai.TypeNameSize = clamp32(a.type_name.size());
+      ai.NameSize = clamp32(a.name.size());
+      ai.Reserved = 0;
+      put(dst, &at, &ai, sizeof(ai));
+      put(dst, &at, a.type_name.data(), a.type_name.size());
+      put(dst, &at, a.name.data(), a.name.size());
+      pad(dst, &at);
+    }
+    ++info.KernelCount;
+  }
+  info.KernelTableSize = at - info_at - kInfo;
+  info.BinarySize = p.binary_size;
+  if (info.KernelTableComplete && p.binary_size > 0 && p.binary.size() == p.binary_size &&
+      p.binary_size <= capacity && at + align8(p.binary_size) <= capacity) {
+    put(dst, &at, p.binary.data(), p.binary.size());
+    pad(dst, &at);
+    info.BinaryBytes = p.binary_size;
+  }
+  std::memcpy(dst + info_at, &info, sizeof(info));
+  return static_cast<uint32_t>(at);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -289,7 +487,29 @@ gpup_status handle_escape(const GPUPDDI_ARG_ESCAPE* args, const GPUPDDI_DEVICEIN
   }
 }
 
-gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info) {
+InfoList encode_info_list(const std::map<uint32_t, std::vector<unsigned char>>& records) {
+  uint64_t total = sizeof(GPUP_OCL_INFO_LIST);
+  for (const auto& [param, value] : records) total += sizeof(GPUP_OCL_INFO_RECORD) + align8(value.size());
+  if (total > UINT32_MAX) throw std::length_error("device info list exceeds 4 GiB");
+  InfoList out(static_cast<size_t>(total), 0);
+  GPUP_OCL_INFO_LIST header{};
+  header.Magic = GPUP_OCL_INFO_LIST_MAGIC;
+  header.Count = static_cast<uint32_t>(records.size());
+  header.TotalSize = static_cast<uint32_t>(total);
+  std::memcpy(out.data(), &header, sizeof(header));
+  size_t at = sizeof(header);
+  for (const auto& [param, value] : records) {
+    const GPUP_OCL_INFO_RECORD r{param, static_cast<uint32_t>(value.size())};
+    std::memcpy(out.data() + at, &r, sizeof(r));
+    at += sizeof(r);
+    if (!value.empty()) std::memcpy(out.data() + at, value.data(), value.size());
+    at += static_cast<size_t>(align8(value.size()));
+  }
+  return out;
+}
+
+gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info,
+                                     const InfoList& device_info) {
   if (args->pInputData == nullptr || args->InputDataSize != sizeof(GPUP_OCL_PRIVATE_HEADER)) {
     logf(GPUPDDI_LOG_WARN, "UMD-private query: {} bytes of input, need exactly {}", args->InputDataSize,
          sizeof(GPUP_OCL_PRIVATE_HEADER));
@@ -304,6 +524,20 @@ gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, c
   switch (header.Code) {
     case GPUP_OCL_QUERY_UMD_INFO:
       return write_query_output(args, info);
+    case GPUP_OCL_QUERY_DEVICE_INFO: {
+      if (args->pOutputData == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+      if (device_info.size() < sizeof(GPUP_OCL_INFO_LIST)) return GPUP_STATUS_INTERNAL;  // never encoded
+      if (args->OutputDataSize < device_info.size()) {
+        // Only the header, so the UMD learns TotalSize.
+        if (args->OutputDataSize < sizeof(GPUP_OCL_INFO_LIST)) return GPUP_STATUS_BUFFER_TOO_SMALL;
+        std::memcpy(args->pOutputData, device_info.data(), sizeof(GPUP_OCL_INFO_LIST));
+        if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = sizeof(GPUP_OCL_INFO_LIST);
+        return GPUP_STATUS_BUFFER_TOO_SMALL;
+      }
+      std::memcpy(args->pOutputData, device_info.data(), device_info.size());
+      if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = static_cast<uint32_t>(device_info.size());
+      return GPUP_STATUS_SUCCESS;
+    }
     default:
       logf(GPUPDDI_LOG_WARN, "UMD-private query: unknown code {:#010x}", header.Code);
       return GPUP_STATUS_NOT_SUPPORTED;

@@ -202,19 +202,57 @@ bool parse_u64(std::string_view s, uint64_t* out);
 // Programs (GPUP_OCL_PROGRAM_DESC)
 
 struct ProgramImage {
-  uint32_t format = 0;            // GPUP_OCL_PROGRAM_SOURCE or GPUP_OCL_PROGRAM_BINARY
-  std::string options;            // without a terminating NUL
-  std::vector<unsigned char> content;  // SOURCE: without a terminating NUL; never empty
+  // One entry of a COMPILE or LINK set (GPUP_OCL_SET_ENTRY).
+  struct Entry {
+    std::string name;                // COMPILE headers: the include name; empty otherwise
+    std::vector<unsigned char> data; // texts: without a terminating NUL; never empty
+  };
+  uint32_t version = 0;                // GPUP_OCL_PROGRAM_DESC.Version: 1 or 2
+  uint32_t format = 0;                 // GPUP_OCL_PROGRAM_*
+  std::string options;                 // without a terminating NUL
+  std::vector<unsigned char> content;  // SOURCE (without a terminating NUL) and BINARY; never empty
+  std::vector<Entry> entries;          // COMPILE (entry 0 is the main source) and LINK
 };
 
 // Validates a program allocation's private data completely (magic, version, reserved, format,
-// sizes summing exactly to size without overflow, the NUL rules of kmd_opencl.h) and copies it
-// out. Every failure is INVALID_PARAMETER with a message saying what was wrong.
+// sizes summing exactly to size without overflow, the NUL rules of kmd_opencl.h, the framing of
+// COMPILE / LINK sets) and copies it out. Every failure is INVALID_PARAMETER with a message
+// saying what was wrong.
 Result<ProgramImage> parse_program_desc(const void* data, uint32_t size);
 
 // Writes GPUP_OCL_BUILD_RESULT and as much of log as fits into out[0..capacity). Returns the
 // bytes written (0 when out is NULL or capacity is below the header size).
 uint32_t write_build_result(void* out, uint32_t capacity, int32_t build_error, std::string_view log);
+
+// What a KMD knows about a built program, for the version 2 output (GPUP_OCL_PROGRAM_INFO). The
+// size fields of the GPUP_OCL_* structures are filled in by write_program_output from the strings.
+struct ArgDescription {
+  GPUP_OCL_KERNEL_ARG_INFO info{};
+  std::string type_name;
+  std::string name;
+};
+struct KernelDescription {
+  GPUP_OCL_KERNEL_INFO info{};  // NumArgs is taken from args.size()
+  std::string name;
+  std::string attributes;
+  std::vector<ArgDescription> args;
+};
+struct ProgramDescription {
+  uint32_t binary_type = 0;  // CL_PROGRAM_BINARY_TYPE_*
+  std::vector<KernelDescription> kernels;
+  uint64_t binary_size = 0;                // 0: none
+  std::vector<unsigned char> binary;       // binary_size bytes, or empty when not fetched
+};
+
+// Bytes the kernel table of program takes in the version 2 output.
+uint64_t kernel_table_size(const ProgramDescription& program);
+
+// The whole output of a program allocation for a descriptor of the given version: version 1 is
+// write_build_result; version 2 adds GPUP_OCL_PROGRAM_INFO after the log as kmd_opencl.h lays it
+// out (program NULL: a failed build, no kernels, no binary). The binary is written only when
+// program->binary holds it. Returns the bytes written.
+uint32_t write_program_output(void* out, uint32_t capacity, uint32_t version, int32_t build_error,
+                              std::string_view log, const ProgramDescription* program);
 
 // ---------------------------------------------------------------------------------------------
 // Escapes and queries
@@ -224,9 +262,18 @@ uint64_t fnv1a64(std::span<const unsigned char> bytes);
 // pfnEscape for the GPUP_OCL_ESCAPE_* codes, answering DEVICE_INFO with info.
 gpup_status handle_escape(const GPUPDDI_ARG_ESCAPE* args, const GPUPDDI_DEVICEINFO& info);
 
+// A GPUP_OCL_INFO_LIST (device info records), ready to be copied out.
+using InfoList = std::vector<unsigned char>;
+// Encodes records (cl_device_info param -> raw value bytes) as a GPUP_OCL_INFO_LIST: sorted by
+// param (the map's order), each value padded to 8. Throws std::length_error when the list would
+// not fit the 32-bit TotalSize.
+InfoList encode_info_list(const std::map<uint32_t, std::vector<unsigned char>>& records);
+
 // GPUPDDI_QAITYPE_UMDRIVERPRIVATE: checks the GPUP_OCL_PRIVATE_HEADER input and answers
-// GPUP_OCL_QUERY_UMD_INFO with info.
-gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info);
+// GPUP_OCL_QUERY_UMD_INFO with info and GPUP_OCL_QUERY_DEVICE_INFO with device_info (an
+// encode_info_list result).
+gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info,
+                                     const InfoList& device_info);
 
 // Copies a fixed-size answer into a query's output: INVALID_PARAMETER without an output buffer,
 // BUFFER_TOO_SMALL when it cannot hold a T; sets *pOutputDataWritten when given.

@@ -53,6 +53,9 @@ const char* cl_error_name(cl_int err) {
     GPUP_CL_ERR_(CL_INVALID_OPERATION)
     GPUP_CL_ERR_(CL_INVALID_BUFFER_SIZE)
     GPUP_CL_ERR_(CL_INVALID_GLOBAL_WORK_SIZE)
+    GPUP_CL_ERR_(CL_INVALID_COMPILER_OPTIONS)
+    GPUP_CL_ERR_(CL_INVALID_LINKER_OPTIONS)
+    GPUP_CL_ERR_(CL_LINKER_NOT_AVAILABLE)
 #undef GPUP_CL_ERR_
     default:
       return "CL_UNKNOWN_ERROR";
@@ -158,7 +161,8 @@ DeviceFacts read_facts(cl_platform_id platform, cl_device_id device) {
   GPUP_OCL_UMD_INFO& umd = f.umd;
   umd.ContractVersion = GPUP_OCL_CONTRACT_VERSION;
   umd.ProgramFormats =
-      GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_SOURCE) | GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_BINARY);
+      GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_SOURCE) | GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_BINARY) |
+      GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_COMPILE) | GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_LINK);
   umd.AddressBits = device_value<cl_uint>(device, CL_DEVICE_ADDRESS_BITS, 64);
   umd.MaxWorkItemDimensions = f.max_dims;
   for (uint32_t i = 0; i < 3; ++i) umd.MaxWorkItemSizes[i] = f.max_work_item_sizes[i];
@@ -167,6 +171,7 @@ DeviceFacts read_facts(cl_platform_id platform, cl_device_id device) {
   copy_fixed_string(umd.DeviceVersion, device_string(device, CL_DEVICE_VERSION));
   copy_fixed_string(umd.OpenCLCVersion, device_string(device, CL_DEVICE_OPENCL_C_VERSION));
   copy_fixed_string(umd.Extensions, cut_at_space(device_string(device, CL_DEVICE_EXTENSIONS), sizeof(umd.Extensions)));
+  f.device_info = read_device_info_list(device);
   return f;
 }
 
@@ -249,8 +254,10 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
     return Error(status_from_cl(err), fmt::format("clCreateContext: {} ({})", cl_error_name(err), err));
   }
   const GPUPDDI_DEVICEINFO& info = adapter->facts.info;
-  logf(GPUPDDI_LOG_INFO, "adapter started on '{}' device #{} '{}': {} MiB global, {} MiB max alloc, {} CUs",
-       info.Platform, index, info.Name, info.GlobalMemSize >> 20, info.MaxAllocSize >> 20, info.ComputeUnits);
+  logf(GPUPDDI_LOG_INFO,
+       "adapter started on '{}' device #{} '{}': {} MiB global, {} MiB max alloc, {} CUs, {}-byte device info list",
+       info.Platform, index, info.Name, info.GlobalMemSize >> 20, info.MaxAllocSize >> 20, info.ComputeUnits,
+       adapter->facts.device_info.size());
   return adapter;
 }
 
@@ -272,7 +279,7 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
   // Adding a query type: a case here and in the mock, a conformance test. Others are refused.
   switch (args->Type) {
     case GPUPDDI_QAITYPE_UMDRIVERPRIVATE:
-      return handle_umd_private_query(args, facts.umd);
+      return handle_umd_private_query(args, facts.umd, facts.device_info);
     case GPUPDDI_QAITYPE_DRIVERCAPS: {
       GPUPDDI_DRIVERCAPS caps{};
       caps.WDDMVersion = 0x3000;

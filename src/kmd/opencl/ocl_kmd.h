@@ -51,7 +51,11 @@ struct DeviceFacts {
   uint64_t max_work_item_sizes[3] = {1, 1, 1};
   uint64_t max_parameter_size = 256;
   bool unified_memory = false;        // CL_DEVICE_HOST_UNIFIED_MEMORY
+  InfoList device_info;               // GPUP_OCL_QUERY_DEVICE_INFO's answer
 };
+
+// Every clGetDeviceInfo parameter the device answers, as GPUP_OCL_QUERY_DEVICE_INFO lists them.
+InfoList read_device_info_list(cl_device_id device);
 
 class Device;
 class Context;
@@ -66,15 +70,24 @@ struct Kernel {
   std::mutex set_mu;            // held across clSetKernelArg... + clEnqueueNDRangeKernel
 };
 
+// A built program: an executable (SOURCE, BINARY, LINK), or a compiled object or library (COMPILE,
+// LINK -create-library), which exist only to be linked by the guest and cannot be dispatched.
 class Program {
  public:
-  explicit Program(ClProgram program) : program_(std::move(program)) {}
+  Program(ClProgram program, cl_program_binary_type binary_type)
+      : program_(std::move(program)), binary_type_(binary_type) {}
   // The kernel named name, created on first use and cached. NOT_FOUND when the program has no
-  // such kernel.
+  // such kernel, INVALID_PARAMETER when the program is not an executable.
   Result<std::shared_ptr<Kernel>> kernel(const std::string& name, cl_device_id device);
+  // What GPUP_OCL_PROGRAM_INFO says about the program: every kernel of an executable (which this
+  // also creates and caches for dispatches), and the binary when it is at most max_binary bytes.
+  Result<ProgramDescription> describe(cl_device_id device, const DeviceFacts& facts, uint64_t max_binary);
 
  private:
+  void add_kernel(std::shared_ptr<Kernel> kernel);
+
   ClProgram program_;
+  const cl_program_binary_type binary_type_;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Kernel>> kernels_;
 };
@@ -161,6 +174,7 @@ class Device final : public KmdObject {
   Process* const process;
 
  private:
+  // Flags.Program allocations (ocl_program.cpp).
   gpup_status create_program(GPUPDDI_ARG_CREATEALLOCATION* args, Allocation* alloc);
 
   std::mutex mu_;        // allocations_, contexts_
