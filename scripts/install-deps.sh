@@ -14,6 +14,8 @@ PACKAGES=(
   ocl-icd-opencl-dev ocl-icd-libopencl1 opencl-c-headers opencl-clhpp-headers pocl-opencl-icd clinfo
   # tests and benchmarks
   libgtest-dev libgmock-dev googletest libbenchmark-dev
+  # differential tests: PyOpenCL workloads natively and as gpup guests
+  python3-pyopencl
 )
 
 missing=()
