@@ -1,7 +1,9 @@
 // gpup run --vm NAME -- CMD [ARGS...]: runs a guest program in a partition.
 //
 // The guest finds its partition through the environment: GPUP_VRD=unix:<endpoint> (the VM's VRD
-// endpoint, where its gpup-vmwp listens) and GPUP_VM=<name>. gpup waits for it and exits with its
+// endpoint, where its gpup-vmwp listens) and GPUP_VM=<name>, and its OpenCL ICD loader is pointed at
+// gpup's ICD (OCL_ICD_VENDORS=<the gpup-icd directory>, or $GPUP_ICD_DIR), so unmodified OpenCL
+// programs see the partition as their one platform and device. gpup waits for it and exits with its
 // exit status, or 128+signal when it was killed (127/126 when it cannot be executed).
 #include <fcntl.h>
 #include <signal.h>
@@ -9,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 
@@ -67,6 +70,9 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   }
   launch.env["GPUP_VRD"] = "unix:" + endpoint;
   launch.env["GPUP_VM"] = vm_name;
+  // The guest's OpenCL is the partition: its ICD loader sees gpup's ICD and no host platform.
+  const char* icd_dir = std::getenv("GPUP_ICD_DIR");
+  launch.env["OCL_ICD_VENDORS"] = icd_dir && *icd_dir ? icd_dir : GPUP_DEFAULT_ICD_DIR;
 
   Sandbox sandbox;
   sandbox.prepare(launch);
