@@ -51,6 +51,10 @@ exec 5>&- 6>&-
 wait $a || rc=1
 wait $b || rc=1
 
+say "An unmodified OpenCL program (build/bin/gpup-sample-opencl-saxpy, linked to libOpenCL only) in partition beta"
+"$GPUP" run --vm beta -- "$BIN/gpup-sample-opencl-saxpy" 4194304 || rc=1
+"$GPUP" run --vm beta -- clinfo -l || rc=1
+
 say "A guest asking for more than its partition allows is refused (alpha has 256 MiB; 3 x 128 MiB buffers)"
 if "$GPUP" run --vm alpha -- "$BIN/gpup-sample-vector-add" 33554432 > "$DEMO_DIR/over.out" 2>&1; then
   echo "unexpected: the over-budget run succeeded"; rc=1

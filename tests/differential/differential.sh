@@ -15,6 +15,8 @@
 #   --kmd-dir DIR       GPUP_KMD_PATH for gpupd (default: <build>/lib)
 #   --build-dir DIR     the build tree, for POCL_CACHE_DIR=<build>/pocl-cache (default: ./build)
 #   --keep              keep the temporary directory (logs, outputs) for inspection
+#   --preload LIBS      LD_PRELOAD for guest runs: a sanitizer build's ICD loaded into a program
+#                       that was not built with the sanitizers (clinfo, python3) needs their runtime
 #
 # Only stdout is compared, and only the lines a test program prints as results: lines starting
 # with "[", two spaces, "SUMMARY " or "RESULT " (so log lines of the implementations, which go
@@ -25,12 +27,14 @@ BUILD_DIR="${BUILD_DIR:-$PWD/build}"
 GPUP=""
 KMD_DIR=""
 KEEP=0
+PRELOAD=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --gpup) GPUP="$2"; shift 2 ;;
     --kmd-dir) KMD_DIR="$2"; shift 2 ;;
     --build-dir) BUILD_DIR="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
+    --preload) PRELOAD="$2"; shift 2 ;;
     native|compare|guest|clinfo) break ;;
     *) echo "differential.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -90,7 +94,11 @@ EOF
 
 # gpup run sets OCL_ICD_VENDORS for the guest itself.
 run_guest() {
-  host_env timeout 300 "$GPUP" run --vm a -- "$@"
+  if [ -n "$PRELOAD" ]; then
+    host_env timeout 300 "$GPUP" run --vm a -- env LD_PRELOAD="$PRELOAD" "$@"
+  else
+    host_env timeout 300 "$GPUP" run --vm a -- "$@"
+  fi
 }
 
 filter() { grep -E '^(\[|  |SUMMARY |RESULT )' "$1" || true; }

@@ -1,7 +1,10 @@
-// The ICD's crossing budget (docs/OPENCL.md), measured: an OpenCL program run as a gpup guest
-// counts the messages and round trips libgpupkmt sent for each group of calls. The ICD and this
-// program share the one libgpupkmt of the process, so GpupKmtGetChannelStats sees the ICD's
-// traffic. Run it with `differential.sh guest -- icd_crossings_test` (ctest: icd_crossings).
+// The ICD as a guest sees it, in a partition of 256 MiB (ctest icd_guest runs it with
+// `differential.sh guest`):
+//  - the crossing budget (docs/OPENCL.md), measured: this program and the ICD share the one
+//    libgpupkmt of the process, so GpupKmtGetChannelStats counts the ICD's messages and round
+//    trips for each group of calls;
+//  - the device is the partition: its memory is the budget, and going past it fails like a
+//    device out of memory, without disturbing what is already allocated.
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -146,6 +149,64 @@ TEST_F(Crossings, LargeTransfersUseTheSharedSectionNotMessages) {
   // 1 MiB each way, eight times the message limit, with at most a submit and a wait per call.
   EXPECT_LE(d.messages, 4u);
   EXPECT_EQ(back, data);
+}
+
+TEST(Partition, TheDeviceIsThePartition) {
+  cl_platform_id platform;
+  cl_device_id device;
+  ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
+  ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
+  cl_ulong global = 0, max_alloc = 0;
+  ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof global, &global, nullptr), CL_SUCCESS);
+  ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr), CL_SUCCESS);
+  EXPECT_EQ(global, 256ull << 20);
+  EXPECT_LE(max_alloc, global);
+  char vendor[256] = {};
+  ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_VENDOR, sizeof vendor, vendor, nullptr), CL_SUCCESS);
+  EXPECT_EQ(std::strncmp(vendor, "gpup (", 6), 0) << vendor;
+  char platform_name[64] = {};
+  ASSERT_EQ(clGetPlatformInfo(platform, CL_PLATFORM_NAME, sizeof platform_name, platform_name, nullptr), CL_SUCCESS);
+  EXPECT_STREQ(platform_name, "gpup");
+}
+
+TEST(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
+  cl_platform_id platform;
+  cl_device_id device;
+  cl_int err;
+  ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
+  ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
+  cl_context context = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_command_queue queue = clCreateCommandQueueWithProperties(context, device, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  const size_t chunk = 100u << 20;
+  cl_mem a = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_mem b = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  const int pattern = 0x5a5a5a5a;
+  ASSERT_EQ(clEnqueueFillBuffer(queue, a, &pattern, sizeof pattern, 0, chunk, 0, nullptr, nullptr), CL_SUCCESS);
+  // 300 MiB in a 256 MiB partition.
+  cl_mem c = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
+  EXPECT_EQ(c, nullptr);
+  EXPECT_EQ(err, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  // Larger than the device allows at all.
+  cl_ulong max_alloc = 0;
+  clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr);
+  EXPECT_EQ(clCreateBuffer(context, CL_MEM_READ_WRITE, max_alloc + 1, nullptr, &err), nullptr);
+  EXPECT_EQ(err, CL_INVALID_BUFFER_SIZE);
+  // What was there is intact, and freed memory can be used again.
+  int back[4] = {};
+  ASSERT_EQ(clEnqueueReadBuffer(queue, a, CL_TRUE, chunk - sizeof back, sizeof back, back, 0, nullptr, nullptr),
+            CL_SUCCESS);
+  for (int v : back) EXPECT_EQ(v, pattern);
+  ASSERT_EQ(clReleaseMemObject(b), CL_SUCCESS);
+  c = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
+  EXPECT_EQ(err, CL_SUCCESS);
+  if (c) clReleaseMemObject(c);
+  clReleaseMemObject(a);
+  clReleaseCommandQueue(queue);
+  clReleaseContext(context);
 }
 
 }  // namespace
