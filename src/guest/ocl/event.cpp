@@ -90,6 +90,11 @@ void event_retain(cl_event e) { e->refs.fetch_add(1, std::memory_order_relaxed);
 
 void event_release(cl_event e) {
   if (e->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  if (e->profiling && e->queue) {
+    std::lock_guard lock(e->queue->mu);
+    auto& list = e->queue->profiled;
+    list.erase(std::remove(list.begin(), list.end(), e), list.end());
+  }
   if (e->user_fence != 0) {
     GPUPKMT_DESTROYSYNCHRONIZATIONOBJECT d{e->user_fence};
     GpupKmtDestroySynchronizationObject(&d);
@@ -106,6 +111,11 @@ cl_int event_status(cl_event e) {
   if (e->queue == nullptr) return e->user_status.load();
   if (cl_int f = e->failed.load(); f < 0) return f;
   cl_command_queue q = e->queue;
+  {
+    std::lock_guard lock(q->mu);
+    for (const auto& [first, last] : q->failed)
+      if (e->value >= first && e->value <= last) return q->error;
+  }
   if (q->completed() >= e->value) return CL_COMPLETE;
   GPUPKMT_GETDEVICESTATE ds{q->device->device, 0, GPUP_STATUS_SUCCESS};
   if (GPUP_SUCCEEDED(GpupKmtGetDeviceState(&ds)) && ds.State != GPUPKMT_DEVICESTATE_NORMAL) return CL_OUT_OF_RESOURCES;

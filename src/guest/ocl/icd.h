@@ -172,7 +172,6 @@ struct Retained {
   uint64_t value = 0;
   std::vector<cl_mem> mems;
   std::vector<cl_kernel> kernels;
-  std::vector<cl_event> events;
 };
 
 }  // namespace gpup::ocl
@@ -284,7 +283,8 @@ struct _cl_command_queue : gpup::ocl::IcdObject {
   uint64_t submitted_ns = 0;             // when submitted_value was submitted
   uint64_t last_end_ns = 0;              // profiling: the end of the last stamped command
   std::deque<gpup::ocl::Retained> retained;
-  std::vector<cl_event> profiled;        // events waiting for their end timestamp (retained)
+  std::vector<cl_event> profiled;        // events waiting for their end timestamp (not retained)
+  std::vector<std::pair<uint64_t, uint64_t>> failed;  // fence values of batches that never ran
   cl_int error = CL_SUCCESS;             // set when the device reported this queue's work failed
   uint64_t user_gate = 0;                // last value recorded behind a wait for an unset user event
   GPUPKMT_HANDLE host_fence = 0;         // deferred host commands (created on first use)

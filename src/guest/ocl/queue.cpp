@@ -30,7 +30,7 @@ cl_int queue_failure(cl_command_queue q, gpup_status s, const char* what) {
 
 // Everything below runs with q->mu held unless it says otherwise.
 
-void stamp_profiles_locked(cl_command_queue q, std::vector<cl_event>* done) {
+void stamp_profiles_locked(cl_command_queue q) {
   if (q->profiled.empty()) return;
   const uint64_t reached = q->completed();
   const uint64_t now = now_ns();
@@ -44,30 +44,26 @@ void stamp_profiles_locked(cl_command_queue q, std::vector<cl_event>* done) {
     uint64_t expected = 0;
     e->t_end.compare_exchange_strong(expected, std::max(now, e->t_start));
     q->last_end_ns = e->t_end.load();
-    done->push_back(e);
   }
   q->profiled.erase(q->profiled.begin(), it);
 }
 
 // Takes what completed work kept alive; the caller releases it with the lock dropped.
-void retire_locked(cl_command_queue q, std::vector<Retained>* out, std::vector<cl_event>* stamped) {
+void retire_locked(cl_command_queue q, std::vector<Retained>* out) {
   const uint64_t reached = q->completed();
   while (!q->retained.empty() && q->retained.front().value <= reached) {
     out->push_back(std::move(q->retained.front()));
     q->retained.pop_front();
   }
-  stamp_profiles_locked(q, stamped);
+  stamp_profiles_locked(q);
 }
 
-void release_retired(std::vector<Retained>& retired, std::vector<cl_event>& stamped) {
+void release_retired(std::vector<Retained>& retired) {
   for (auto& r : retired) {
     for (cl_mem m : r.mems) mem_release(m);
     for (cl_kernel k : r.kernels) kernel_release(k);
-    for (cl_event e : r.events) event_release(e);
   }
-  for (cl_event e : stamped) event_release(e);
   retired.clear();
-  stamped.clear();
 }
 
 cl_int flush_locked(cl_command_queue q) {
@@ -83,8 +79,7 @@ cl_int flush_locked(cl_command_queue q) {
   if (GPUP_FAILED(s)) {
     // Nothing of the batch runs: fail its events and release their waiters.
     q->error = queue_failure(q, s, "submitting a command buffer");
-    for (cl_event e : q->profiled)
-      if (e->value >= first_unsubmitted) e->failed.store(q->error);
+    q->failed.emplace_back(first_unsubmitted, q->next_value);
     GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT sig{q->fence, q->next_value, 0};
     GpupKmtSignalSynchronizationObjectFromCpu(&sig);
     return q->error;
@@ -156,8 +151,7 @@ cl_event new_event(cl_command_queue q, cl_command_type type, uint64_t value) {
   e->profiling = (q->properties & CL_QUEUE_PROFILING_ENABLE) != 0;
   if (e->profiling) {
     e->t_queued = now_ns();
-    event_retain(e);  // held by q->profiled until stamped
-    q->profiled.push_back(e);
+    q->profiled.push_back(e);  // not retained: event_release takes it out
   }
   return e;
 }
@@ -168,7 +162,7 @@ cl_int end_command_locked(cl_command_queue q, cl_command_type type, Retained kee
   if (gpup_status s = GpupKmtCmdSignal(q->cmdbuf, q->fence, value); GPUP_FAILED(s))
     return queue_failure(q, s, "recording a fence signal");
   q->next_value = value;
-  if (!keep.mems.empty() || !keep.kernels.empty() || !keep.events.empty()) {
+  if (!keep.mems.empty() || !keep.kernels.empty()) {
     keep.value = value;
     q->retained.push_back(std::move(keep));
   }
@@ -186,11 +180,10 @@ cl_int enqueue_device(cl_command_queue q, cl_command_type type, cl_uint n, const
   if (cl_int e = check_wait_list(q, n, list); e != CL_SUCCESS) return e;
   flush_dependencies(q, n, list);
   std::vector<Retained> retired;
-  std::vector<cl_event> stamped;
   cl_int err = CL_SUCCESS;
   {
     std::lock_guard lock(q->mu);
-    retire_locked(q, &retired, &stamped);
+    retire_locked(q, &retired);
     Retained keep;
     err = append_waits_locked(q, n, list);
     if (err == CL_SUCCESS) err = body(keep);
@@ -201,7 +194,7 @@ cl_int enqueue_device(cl_command_queue q, cl_command_type type, cl_uint n, const
       for (cl_kernel k : keep.kernels) kernel_release(k);
     }
   }
-  release_retired(retired, stamped);
+  release_retired(retired);
   return err;
 }
 
@@ -276,7 +269,9 @@ bool has_pending_user_event(cl_uint n, const cl_event* list) {
   return false;
 }
 
-cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn fn, cl_event* event_out) {
+// The command's event comes back in *ev (the caller releases it, outside the queue's lock, when
+// the application did not ask for it).
+cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn fn, cl_event* ev_out) {
   if (q->host_fence == 0) {
     GPUPKMT_CREATESYNCHRONIZATIONOBJECT cs{};
     cs.hDevice = q->device->device;
@@ -293,10 +288,8 @@ cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn f
   ++q->host_seq;
   cl_event ev = nullptr;
   if (cl_int e = end_command_locked(q, type, {}, &ev); e != CL_SUCCESS) return e;
-  if (cl_int e = flush_locked(q); e != CL_SUCCESS) {
-    event_release(ev);
-    return e;
-  }
+  *ev_out = ev;
+  if (cl_int e = flush_locked(q); e != CL_SUCCESS) return e;
   event_retain(ev);
   queue_retain(q);
   mem_retain(m);
@@ -310,8 +303,6 @@ cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn f
     h.ops.push_back(DeferredOp{q, ready, q->host_seq, std::move(fn), m, ev});
   }
   h.cv.notify_one();
-  if (event_out) *event_out = ev;
-  else event_release(ev);
   return CL_SUCCESS;
 }
 
@@ -320,27 +311,27 @@ cl_int enqueue_host(cl_command_queue q, cl_command_type type, cl_bool blocking, 
   if (cl_int e = check_wait_list(q, n, list); e != CL_SUCCESS) return e;
   flush_dependencies(q, n, list);
   std::vector<Retained> retired;
-  std::vector<cl_event> stamped;
   cl_int err = CL_SUCCESS;
+  cl_event ev = nullptr;
   {
     std::lock_guard lock(q->mu);
-    retire_locked(q, &retired, &stamped);
+    retire_locked(q, &retired);
     const bool gated = has_pending_user_event(n, list) || q->completed() < q->user_gate;
     err = append_waits_locked(q, n, list);
     if (err == CL_SUCCESS && !blocking && gated) {
-      err = defer_locked(q, type, m, std::move(fn), event_out);
+      err = defer_locked(q, type, m, std::move(fn), &ev);
     } else if (err == CL_SUCCESS) {
-      cl_event ev = nullptr;
-      err = end_command_locked(q, type, {}, &ev);
+      err = end_command_locked(q, type, {}, event_out ? &ev : nullptr);
       if (err == CL_SUCCESS) err = wait_value_locked(q, q->next_value);
       if (err == CL_SUCCESS) err = fn();
-      retire_locked(q, &retired, &stamped);
+      retire_locked(q, &retired);
       if (err != CL_SUCCESS && ev) ev->failed.store(err);
-      if (event_out && err == CL_SUCCESS) *event_out = ev;
-      else if (ev) event_release(ev);
     }
   }
-  release_retired(retired, stamped);
+  // Events are released outside the queue's lock: the last release of a profiled event takes it.
+  if (event_out && err == CL_SUCCESS) *event_out = ev;
+  else if (ev) event_release(ev);
+  release_retired(retired);
   return err;
 }
 
@@ -400,15 +391,14 @@ void queue_retain(cl_command_queue q) { q->refs.fetch_add(1, std::memory_order_r
 void queue_release(cl_command_queue q) {
   if (q->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   std::vector<Retained> retired;
-  std::vector<cl_event> stamped;
   {
     std::lock_guard lock(q->mu);
     wait_value_locked(q, q->next_value);  // a released queue still finishes its work
-    retire_locked(q, &retired, &stamped);
+    retire_locked(q, &retired);
     for (auto& r : q->retained) retired.push_back(std::move(r));
     q->retained.clear();
   }
-  release_retired(retired, stamped);
+  release_retired(retired);
   GPUPKMT_DESTROYCONTEXT dc{q->hw_context};
   GpupKmtDestroyContext(&dc);
   GPUPKMT_DESTROYSYNCHRONIZATIONOBJECT ds{q->fence};
@@ -426,25 +416,23 @@ void queue_release(cl_command_queue q) {
 
 void queue_retire(cl_command_queue q) {
   std::vector<Retained> retired;
-  std::vector<cl_event> stamped;
   {
     std::lock_guard lock(q->mu);
-    retire_locked(q, &retired, &stamped);
+    retire_locked(q, &retired);
   }
-  release_retired(retired, stamped);
+  release_retired(retired);
 }
 
 // Flushes q up to `value` and waits for it (events of the queue).
 cl_int queue_wait(cl_command_queue q, uint64_t value) {
   std::vector<Retained> retired;
-  std::vector<cl_event> stamped;
   cl_int err;
   {
     std::lock_guard lock(q->mu);
     err = wait_value_locked(q, value);
-    retire_locked(q, &retired, &stamped);
+    retire_locked(q, &retired);
   }
-  release_retired(retired, stamped);
+  release_retired(retired);
   return err;
 }
 
