@@ -110,6 +110,7 @@ struct _cl_device_id : gpup::ocl::IcdObject {
   GPUPKMT_HANDLE device = 0;  // the thunk device every context of this process shares
   uint64_t budget = 0;        // the partition's max VRAM
   bool coherent = false;      // CacheCoherentMemorySupported: the mapping is the device memory
+  bool persistent_maps = false;  // coherent and on shared memory: buffers stay locked
   std::map<cl_device_info, std::vector<uint8_t>> info;  // what clGetDeviceInfo answers
 
   // Cached scalars of `info`, used by validation.
@@ -163,8 +164,14 @@ struct Backing {
   std::mutex mu;
   uint8_t* mapping = nullptr;  // after the first host access: the locked bytes
   ~Backing();
-  // The shared mapping, locking the allocation on first use.
+  // The shared mapping, locking the allocation on first use (coherent devices on shared memory).
   cl_int map(uint8_t** out);
+  // Host access to the bytes, bracketing it: on a coherent device over shared memory the mapping
+  // stays locked and begin/end cost nothing; otherwise (a stream transport, a device keeping its
+  // own copy) each access is a Lock, which makes the bytes current, and an Unlock, which
+  // publishes them.
+  cl_int begin(uint8_t** out);
+  cl_int end();
 };
 
 // Something a submitted command keeps alive until the fence passes its value.
@@ -193,6 +200,7 @@ struct _cl_mem : gpup::ocl::IcdObject {
     void* pointer;
     size_t offset, size;
     cl_map_flags flags;
+    bool locked;  // holds a Lock of the backing until the unmap
   };
   std::vector<MapRecord> maps;  // outstanding maps, for unmap
   std::vector<std::pair<void(CL_CALLBACK*)(cl_mem, void*), void*>> destructors;

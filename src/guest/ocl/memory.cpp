@@ -32,6 +32,27 @@ cl_int Backing::map(uint8_t** out) {
   return CL_SUCCESS;
 }
 
+cl_int Backing::begin(uint8_t** out) {
+  if (device->persistent_maps) return map(out);
+  GPUPKMT_LOCK l{device->device, allocation, nullptr, 0};
+  if (gpup_status s = GpupKmtLock(&l); GPUP_FAILED(s)) {
+    log_failure("locking a buffer", s);
+    return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  }
+  *out = static_cast<uint8_t*>(l.pData);
+  return CL_SUCCESS;
+}
+
+cl_int Backing::end() {
+  if (device->persistent_maps) return CL_SUCCESS;
+  GPUPKMT_UNLOCK u{device->device, allocation};
+  if (gpup_status s = GpupKmtUnlock(&u); GPUP_FAILED(s)) {
+    log_failure("unlocking a buffer", s);
+    return cl_error_from_status(s);
+  }
+  return CL_SUCCESS;
+}
+
 void mem_retain(cl_mem m) { m->refs.fetch_add(1, std::memory_order_relaxed); }
 
 void mem_release(cl_mem m) {
@@ -108,8 +129,9 @@ cl_mem CreateBufferWithProperties(cl_context c, const cl_mem_properties* props, 
   }
   if (wants_ptr) {
     uint8_t* p = nullptr;
-    if (cl_int e = backing->map(&p); e != CL_SUCCESS) return fail(errcode_ret, e);
+    if (cl_int e = backing->begin(&p); e != CL_SUCCESS) return fail(errcode_ret, e);
     std::memcpy(p, host_ptr, size);
+    if (cl_int e = backing->end(); e != CL_SUCCESS) return fail(errcode_ret, e);
   }
 
   auto* m = new _cl_mem();

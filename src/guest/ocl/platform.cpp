@@ -227,6 +227,8 @@ cl_int open_device(cl_device_id d, const GPUPKMT_ADAPTERINFO& adapter) {
     return CL_DEVICE_NOT_AVAILABLE;
   }
   d->coherent = mmu.CacheCoherentMemorySupported != 0;
+  GPUPKMT_CHANNELSTATS channel{};
+  d->persistent_maps = d->coherent && GPUP_SUCCEEDED(GpupKmtGetChannelStats(&channel)) && channel.SharedMemory != 0;
 
   GPUP_OCL_UMD_INFO umd{};
   GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_UMD_INFO};

@@ -346,12 +346,13 @@ cl_int check_buffer(cl_command_queue q, cl_mem m) {
 
 bool in_range(size_t offset, size_t size, size_t total) { return offset <= total && size <= total - offset; }
 
-// The shared bytes of a buffer, at its origin.
-cl_int buffer_bytes(cl_mem m, uint8_t** out) {
+// Runs fn on the bytes of a buffer (at its origin), bracketed by the backing's begin and end.
+template <typename Fn>
+cl_int with_bytes(cl_mem m, Fn&& fn) {
   uint8_t* base = nullptr;
-  if (cl_int e = m->backing->map(&base); e != CL_SUCCESS) return e;
-  *out = base + m->origin;
-  return CL_SUCCESS;
+  if (cl_int e = m->backing->begin(&base); e != CL_SUCCESS) return e;
+  fn(base + m->origin);
+  return m->backing->end();
 }
 
 struct Rect {
@@ -592,10 +593,9 @@ cl_int EnqueueReadBuffer(cl_command_queue q, cl_mem m, cl_bool blocking, size_t 
   if (ptr == nullptr || !in_range(offset, size, m->size)) return CL_INVALID_VALUE;
   if (!readable_by_host(m)) return CL_INVALID_OPERATION;
   return enqueue_host(q, CL_COMMAND_READ_BUFFER, blocking, m, n, list, ev, [=]() -> cl_int {
-    uint8_t* p;
-    if (cl_int e = buffer_bytes(m, &p); e != CL_SUCCESS) return e;
-    std::memcpy(ptr, p + offset, size);
-    return CL_SUCCESS;
+    return with_bytes(m, [&](uint8_t* p) {
+      std::memcpy(ptr, p + offset, size);
+    });
   });
 }
 
@@ -606,10 +606,9 @@ cl_int EnqueueWriteBuffer(cl_command_queue q, cl_mem m, cl_bool blocking, size_t
   if (ptr == nullptr || !in_range(offset, size, m->size)) return CL_INVALID_VALUE;
   if (!writable_by_host(m)) return CL_INVALID_OPERATION;
   return enqueue_host(q, CL_COMMAND_WRITE_BUFFER, blocking, m, n, list, ev, [=]() -> cl_int {
-    uint8_t* p;
-    if (cl_int e = buffer_bytes(m, &p); e != CL_SUCCESS) return e;
-    std::memcpy(p + offset, ptr, size);
-    return CL_SUCCESS;
+    return with_bytes(m, [&](uint8_t* p) {
+      std::memcpy(p + offset, ptr, size);
+    });
   });
 }
 
@@ -626,10 +625,9 @@ cl_int EnqueueReadBufferRect(cl_command_queue q, cl_mem m, cl_bool blocking, con
   if (b.extent() > m->size) return CL_INVALID_VALUE;
   if (!readable_by_host(m)) return CL_INVALID_OPERATION;
   return enqueue_host(q, CL_COMMAND_READ_BUFFER_RECT, blocking, m, n, list, ev, [=]() -> cl_int {
-    uint8_t* p;
-    if (cl_int e = buffer_bytes(m, &p); e != CL_SUCCESS) return e;
-    for_each_row(b, h, [&](size_t bo, size_t ho, size_t len) { std::memcpy(static_cast<uint8_t*>(ptr) + ho, p + bo, len); });
-    return CL_SUCCESS;
+    return with_bytes(m, [&](uint8_t* p) {
+      for_each_row(b, h, [&](size_t bo, size_t ho, size_t len) { std::memcpy(static_cast<uint8_t*>(ptr) + ho, p + bo, len); });
+    });
   });
 }
 
@@ -646,10 +644,9 @@ cl_int EnqueueWriteBufferRect(cl_command_queue q, cl_mem m, cl_bool blocking, co
   if (b.extent() > m->size) return CL_INVALID_VALUE;
   if (!writable_by_host(m)) return CL_INVALID_OPERATION;
   return enqueue_host(q, CL_COMMAND_WRITE_BUFFER_RECT, blocking, m, n, list, ev, [=]() -> cl_int {
-    uint8_t* p;
-    if (cl_int e = buffer_bytes(m, &p); e != CL_SUCCESS) return e;
-    for_each_row(b, h, [&](size_t bo, size_t ho, size_t len) { std::memcpy(p + bo, static_cast<const uint8_t*>(ptr) + ho, len); });
-    return CL_SUCCESS;
+    return with_bytes(m, [&](uint8_t* p) {
+      for_each_row(b, h, [&](size_t bo, size_t ho, size_t len) { std::memcpy(p + bo, static_cast<const uint8_t*>(ptr) + ho, len); });
+    });
   });
 }
 
@@ -737,33 +734,32 @@ void* EnqueueMapBuffer(cl_command_queue q, cl_mem m, cl_bool blocking, cl_map_fl
   if ((flags & CL_MAP_READ) && !readable_by_host(m)) return fail(CL_INVALID_OPERATION);
   if ((flags & (CL_MAP_WRITE | CL_MAP_WRITE_INVALIDATE_REGION)) && !writable_by_host(m))
     return fail(CL_INVALID_OPERATION);
-  uint8_t* p = nullptr;
-  if (cl_int e = buffer_bytes(m, &p); e != CL_SUCCESS) return fail(e);
-  // The shared section is the mapping; a USE_HOST_PTR buffer maps to the application's memory,
-  // made current when the map command runs.
+  // A USE_HOST_PTR buffer maps to the application's memory, made current when the map command
+  // runs. Otherwise the buffer's own bytes are the map: on a coherent device over shared memory
+  // the persistent mapping; else a Lock taken when the command runs (after the work before it, so
+  // such a map completes before it returns) and held until the unmap.
   uint8_t* h = static_cast<uint8_t*>(m->host_ptr);
-  void* result = h ? h + offset : p + offset;
-  const bool refresh = h != nullptr && ((flags & CL_MAP_READ) || !(flags & CL_MAP_WRITE_INVALIDATE_REGION));
-  {
-    std::lock_guard lock(m->mu);
-    ++m->map_count;
-    m->maps.push_back({result, offset, size, flags});
+  const bool persistent = m->backing->device->persistent_maps;
+  const bool hold_lock = h == nullptr && !persistent;
+  uint8_t* p = nullptr;
+  if (h == nullptr && persistent) {
+    if (cl_int e = m->backing->map(&p); e != CL_SUCCESS) return fail(e);
+    p += m->origin;
   }
-  cl_int err = enqueue_host(q, CL_COMMAND_MAP_BUFFER, blocking, m, n, list, ev, [=]() -> cl_int {
-    if (refresh) std::memcpy(h + offset, p + offset, size);
+  const bool refresh = h != nullptr && ((flags & CL_MAP_READ) || !(flags & CL_MAP_WRITE_INVALIDATE_REGION));
+  auto locked = std::make_shared<uint8_t*>(nullptr);
+  cl_int err = enqueue_host(q, CL_COMMAND_MAP_BUFFER, hold_lock ? CL_TRUE : blocking, m, n, list, ev, [=]() -> cl_int {
+    if (refresh) return with_bytes(m, [&](uint8_t* bytes) { std::memcpy(h + offset, bytes + offset, size); });
+    if (hold_lock) return m->backing->begin(locked.get());
     return CL_SUCCESS;
   });
-  if (err != CL_SUCCESS) {
+  void* result = h ? h + offset : hold_lock ? (*locked ? *locked + m->origin + offset : nullptr) : p + offset;
+  if (err == CL_SUCCESS) {
     std::lock_guard lock(m->mu);
-    --m->map_count;
-    for (auto it = m->maps.rbegin(); it != m->maps.rend(); ++it) {
-      if (it->pointer == result) {
-        m->maps.erase(std::next(it).base());
-        break;
-      }
-    }
-    return fail(err);
+    ++m->map_count;
+    m->maps.push_back({result, offset, size, flags, hold_lock});
   }
+  if (err != CL_SUCCESS) return fail(err);
   if (errcode_ret) *errcode_ret = CL_SUCCESS;
   return result;
 }
@@ -781,15 +777,18 @@ cl_int EnqueueUnmapMemObject(cl_command_queue q, cl_mem m, void* mapped, cl_uint
     rec = *it;
     m->maps.erase(it);
   }
-  uint8_t* base = nullptr;
-  if (cl_int e = buffer_bytes(m, &base); e != CL_SUCCESS) return e;
-  // USE_HOST_PTR: publish what the application wrote into the mapped range of its memory.
+  // USE_HOST_PTR: publish what the application wrote into the mapped range of its memory; a map
+  // that holds a Lock publishes by unlocking.
   const bool publish = m->host_ptr != nullptr && (rec.flags & (CL_MAP_WRITE | CL_MAP_WRITE_INVALIDATE_REGION)) != 0;
   return enqueue_host(q, CL_COMMAND_UNMAP_MEM_OBJECT, CL_FALSE, m, n, list, ev, [=]() -> cl_int {
-    if (publish) std::memcpy(base + rec.offset, rec.pointer, rec.size);
+    cl_int err = CL_SUCCESS;
+    if (publish)
+      err = with_bytes(m, [&](uint8_t* bytes) { std::memcpy(bytes + rec.offset, rec.pointer, rec.size); });
+    else if (rec.locked)
+      err = m->backing->end();
     std::lock_guard lock(m->mu);
     if (m->map_count > 0) --m->map_count;
-    return CL_SUCCESS;
+    return err;
   });
 }
 
