@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define GPUPDDI_VERSION_MAJOR 1u
-#define GPUPDDI_VERSION_MINOR 0u
+#define GPUPDDI_VERSION_MINOR 1u /* 1.1: image allocations, image and sampler arguments */
 #define GPUPDDI_VERSION ((GPUPDDI_VERSION_MAJOR << 16) | GPUPDDI_VERSION_MINOR)
 
 #define GPUPDDI_DRIVERENTRY_SYMBOL "GpupKmdDriverEntry"
@@ -338,7 +338,11 @@ typedef struct GPUPDDI_ALLOCATIONFLAGS {
   uint32_t CpuVisible : 1;  /* pSystemMemory is the guest-mappable backing store */
   uint32_t Program : 1;     /* holds kernel code described by the private data; no device memory */
   uint32_t ReadOnly : 1;    /* device may only read it */
-  uint32_t Reserved : 29;
+  /* (1.1) also an image, described by the private data (KMD-defined; kmd_opencl: a
+   * GPUP_OCL_IMAGE_DESC), over the same bytes in a linear layout: always CpuVisible, and still
+   * usable as a buffer by COPY and FILL. Dispatch arguments of kind GPUPDDI_ARG_IMAGE name it. */
+  uint32_t Image : 1;
+  uint32_t Reserved : 28;
 } GPUPDDI_ALLOCATIONFLAGS;
 
 typedef struct GPUPDDI_ARG_CREATEALLOCATION {
@@ -420,6 +424,9 @@ typedef enum GPUPDDI_KERNEL_ARG_KIND {
   GPUPDDI_ARG_BUFFER = 2,      /* Buffer: a range of the caller's own allocation */
   GPUPDDI_ARG_LOCAL = 3,       /* Size bytes of work-group local memory */
   GPUPDDI_ARG_NULL_BUFFER = 4, /* a NULL buffer argument */
+  GPUPDDI_ARG_IMAGE = 5,       /* (1.1) Buffer: the whole of an allocation made with Flags.Image */
+  GPUPDDI_ARG_SAMPLER = 6,     /* (1.1) Size bytes at pValue describing a sampler (KMD-defined;
+                                  kmd_opencl: a GPUP_OCL_SAMPLER_DESC) */
 } GPUPDDI_KERNEL_ARG_KIND;
 
 typedef struct GPUPDDI_KERNEL_ARG {

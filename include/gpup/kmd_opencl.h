@@ -31,7 +31,7 @@
 extern "C" {
 #endif
 
-#define GPUP_OCL_CONTRACT_VERSION 2u
+#define GPUP_OCL_CONTRACT_VERSION 3u /* 3: images and samplers */
 
 /* Four-character tags, stored little-endian so the bytes read "GOCL", "GOCE", "GOCQ". */
 #define GPUP_OCL_FOURCC(a, b, c, d) \
@@ -197,6 +197,43 @@ typedef struct GPUP_OCL_KERNEL_ARG_INFO {
 } GPUP_OCL_KERNEL_ARG_INFO;
 
 /* ------------------------------------------------------------------------------------------ */
+/* Images and samplers (contract version 3)                                                    */
+
+/* The private data of an allocation created with Flags.Image (and CpuVisible): the image the
+ * KMD makes over the allocation's bytes, in a linear layout the guest also reads and writes
+ * directly: pixel (x, y, z) of array slice a starts at byte
+ *   x * element size + y * RowPitch + (z + a) * SlicePitch
+ * (1D arrays use RowPitch as their slice pitch, as OpenCL does). The allocation's Size must be
+ * at least the last byte of the image. ImageType is a CL_MEM_OBJECT_IMAGE* value other than
+ * IMAGE1D_BUFFER; unused dimensions are 0; pitches are never 0 for the dimensions that use them
+ * and at least width * element size (row) and height * RowPitch (slice). The host device must
+ * support the format for the image type (GPUP_OCL_QUERY_IMAGE_FORMATS); anything else is
+ * INVALID_PARAMETER. Flags: the cl_mem_flags access bits (CL_MEM_READ_WRITE, _READ_ONLY,
+ * _WRITE_ONLY) only. */
+typedef struct GPUP_OCL_IMAGE_DESC {
+  uint32_t Magic;             /* GPUP_OCL_IMAGE_MAGIC */
+  uint32_t ImageType;         /* CL_MEM_OBJECT_IMAGE1D, _IMAGE2D, _IMAGE3D, _IMAGE1D_ARRAY, _IMAGE2D_ARRAY */
+  uint32_t ChannelOrder;      /* cl_channel_order */
+  uint32_t ChannelDataType;   /* cl_channel_type */
+  uint64_t Flags;             /* cl_mem_flags access bits */
+  uint64_t Width, Height, Depth, ArraySize;
+  uint64_t RowPitch, SlicePitch;
+} GPUP_OCL_IMAGE_DESC;
+#define GPUP_OCL_IMAGE_MAGIC GPUP_OCL_FOURCC('G', 'O', 'C', 'M')
+
+/* The value of a GPUPDDI_ARG_SAMPLER argument (Size == sizeof). */
+typedef struct GPUP_OCL_SAMPLER_DESC {
+  uint32_t NormalizedCoords; /* CL_TRUE / CL_FALSE */
+  uint32_t AddressingMode;   /* cl_addressing_mode */
+  uint32_t FilterMode;       /* cl_filter_mode */
+  uint32_t Reserved;         /* 0 */
+} GPUP_OCL_SAMPLER_DESC;
+
+/* GPUP_OCL_KERNEL_ARG_INFO.Kind for image and sampler parameters (version 3 KMDs): the kinds
+ * GPUPDDI_ARG_IMAGE and GPUPDDI_ARG_SAMPLER; ValueSize is the host's sizeof(cl_mem) for images
+ * and sizeof(cl_sampler) for samplers (what clSetKernelArg takes), ValueSizeAlt 0. */
+
+/* ------------------------------------------------------------------------------------------ */
 /* Escapes and UMD-private queries                                                             */
 
 typedef struct GPUP_OCL_PRIVATE_HEADER {
@@ -238,6 +275,13 @@ typedef struct GPUP_OCL_ESCAPE_CHECKSUM_OUT {
 /* UMD-private query codes (input is exactly the header). */
 #define GPUP_OCL_QUERY_UMD_INFO 0x00000001u    /* output: GPUP_OCL_UMD_INFO */
 #define GPUP_OCL_QUERY_DEVICE_INFO 0x00000002u /* (v2) output: GPUP_OCL_INFO_LIST of device info */
+/* (v3) output: GPUP_OCL_INFO_LIST whose records are keyed by image type and access: Param is
+ * GPUP_OCL_IMAGE_FORMATS_KEY(type, flags) and the value an array of cl_image_format, as
+ * clGetSupportedImageFormats answers for that CL_MEM_OBJECT_IMAGE* type and exactly one of
+ * CL_MEM_READ_WRITE, CL_MEM_READ_ONLY, CL_MEM_WRITE_ONLY (and CL_MEM_KERNEL_READ_AND_WRITE where
+ * the host knows it). Empty when the device has no image support. */
+#define GPUP_OCL_QUERY_IMAGE_FORMATS 0x00000003u
+#define GPUP_OCL_IMAGE_FORMATS_KEY(type, flags) ((uint32_t)(((type) & 0xffffu) << 16) | (uint32_t)((flags) & 0xffffu))
 
 /* GPUP_OCL_QUERY_DEVICE_INFO: every clGetDeviceInfo parameter of OpenCL 1.0 to 3.0 that the host
  * device answers with CL_SUCCESS, exactly as it answers it, except the parameters whose values
@@ -304,6 +348,8 @@ GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_INFO) == 72, "GPUP_OCL_KERNEL_INF
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_KERNEL_ARG_INFO) == 40, "GPUP_OCL_KERNEL_ARG_INFO layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_INFO_LIST) == 16, "GPUP_OCL_INFO_LIST layout");
 GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_INFO_RECORD) == 8, "GPUP_OCL_INFO_RECORD layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_IMAGE_DESC) == 72, "GPUP_OCL_IMAGE_DESC layout");
+GPUP_OCL_STATIC_ASSERT_(sizeof(GPUP_OCL_SAMPLER_DESC) == 16, "GPUP_OCL_SAMPLER_DESC layout");
 #undef GPUP_OCL_STATIC_ASSERT_
 
 #ifdef __cplusplus

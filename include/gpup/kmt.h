@@ -162,6 +162,8 @@ gpup_status GpupKmtDestroyContext(const GPUPKMT_DESTROYCONTEXT* pArgs);
 #define GPUPKMT_ALLOCATION_CPU_VISIBLE 0x1u /* may be locked (mapped) by the guest */
 #define GPUPKMT_ALLOCATION_PROGRAM 0x2u     /* kernel code described by the private data */
 #define GPUPKMT_ALLOCATION_READ_ONLY 0x4u
+#define GPUPKMT_ALLOCATION_IMAGE 0x8u       /* with CPU_VISIBLE: also an image, described by the
+                                               private data (the KMD's; needs DDI 1.1) */
 
 typedef struct GPUPKMT_CREATEALLOCATION {
   GPUPKMT_HANDLE hDevice;
@@ -242,10 +244,11 @@ gpup_status GpupKmtCmdFill(GPUPKMT_CMDBUF* pCmdBuf, uint64_t DstVa, uint64_t Siz
                            uint32_t PatternSize);
 
 typedef struct GPUPKMT_KERNEL_ARG {
-  uint32_t Kind;          /* GPUPDDI_ARG_VALUE / BUFFER / LOCAL / NULL_BUFFER */
-  uint32_t Size;          /* VALUE: bytes at pValue; LOCAL: bytes of local memory */
+  uint32_t Kind;          /* GPUPDDI_ARG_VALUE / BUFFER / LOCAL / NULL_BUFFER / IMAGE / SAMPLER */
+  uint32_t Size;          /* VALUE, SAMPLER: bytes at pValue; LOCAL: bytes of local memory */
   const void* pValue;
-  uint64_t VirtualAddress; /* BUFFER: a range of the caller's own mapped allocations */
+  uint64_t VirtualAddress; /* BUFFER: a range of the caller's own mapped allocations;
+                              IMAGE: the whole of one of its image allocations */
   uint64_t BufferSize;
 } GPUPKMT_KERNEL_ARG;
 

@@ -165,13 +165,15 @@ Status CommandWriter::dispatch(u32 program, std::string_view kernel, u32 work_di
     const Arg& a = args[i];
     switch (a.kind) {
       case GPUPDDI_ARG_VALUE:
+      case GPUPDDI_ARG_SAMPLER:
         if (a.size == 0 || a.size > kMaxKernelArgValueSize || !a.value)
-          return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument {}: VALUE of {} bytes at {} (1..{} bytes)", i,
+          return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument {}: value of {} bytes at {} (1..{} bytes)", i,
                                                                   a.size, a.value, kMaxKernelArgValueSize));
         break;
       case GPUPDDI_ARG_BUFFER:
       case GPUPDDI_ARG_LOCAL:
       case GPUPDDI_ARG_NULL_BUFFER:
+      case GPUPDDI_ARG_IMAGE:
         break;
       default:
         return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("kernel argument {}: unknown kind {}", i, a.kind));
@@ -194,7 +196,7 @@ Status CommandWriter::dispatch(u32 program, std::string_view kernel, u32 work_di
   for (const Arg& a : args) {
     KernelArg k{a.kind, a.size, a.va, a.range};
     append(&k, sizeof k);
-    if (a.kind == GPUPDDI_ARG_VALUE && a.size) {
+    if ((a.kind == GPUPDDI_ARG_VALUE || a.kind == GPUPDDI_ARG_SAMPLER) && a.size) {
       append(a.value, a.size);
       pad8();
     }
@@ -267,7 +269,8 @@ Result<DispatchView> parse_dispatch(const CommandView& view) {
     std::memcpy(&a.desc, tail.data(), sizeof a.desc);
     tail = tail.subspan(sizeof(KernelArg));
     switch (a.desc.kind) {
-      case GPUPDDI_ARG_VALUE: {
+      case GPUPDDI_ARG_VALUE:
+      case GPUPDDI_ARG_SAMPLER: {
         if (a.desc.size == 0 || a.desc.size > kMaxKernelArgValueSize)
           return protocol_error(fmt::format("dispatch: argument {} value size {} (1..{})", i, a.desc.size, kMaxKernelArgValueSize));
         const size_t room = align8(a.desc.size);
@@ -279,6 +282,7 @@ Result<DispatchView> parse_dispatch(const CommandView& view) {
       case GPUPDDI_ARG_BUFFER:
       case GPUPDDI_ARG_LOCAL:
       case GPUPDDI_ARG_NULL_BUFFER:
+      case GPUPDDI_ARG_IMAGE:
         break;
       default:
         return protocol_error(fmt::format("dispatch: argument {} has unknown kind {}", i, a.desc.kind));

@@ -84,7 +84,7 @@ GPUPKMT_EXPORT gpup_status GpupKmtCmdDispatch(GPUPKMT_CMDBUF* pCmdBuf, const GPU
       args[i].size = in.Size;
       args[i].va = in.VirtualAddress;
       args[i].range = in.BufferSize;
-      args[i].value = in.Kind == GPUPDDI_ARG_VALUE ? in.pValue : nullptr;
+      args[i].value = in.Kind == GPUPDDI_ARG_VALUE || in.Kind == GPUPDDI_ARG_SAMPLER ? in.pValue : nullptr;
     }
     auto st = pCmdBuf->writer.dispatch(d.hProgram, std::string_view(d.pKernelName, name_len), d.WorkDim,
                                        d.GlobalOffset, d.GlobalSize, d.LocalSize, args);

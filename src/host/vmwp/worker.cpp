@@ -532,11 +532,17 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       auto req = m.as<CreateAllocationRequest>();
       auto dev = handles_.get<Device>(req.device, ObjectType::Device);
       if (!dev.ok()) return dev.error();
-      const uint32_t known = GPUPKMT_ALLOCATION_CPU_VISIBLE | GPUPKMT_ALLOCATION_PROGRAM | GPUPKMT_ALLOCATION_READ_ONLY;
+      const uint32_t known = GPUPKMT_ALLOCATION_CPU_VISIBLE | GPUPKMT_ALLOCATION_PROGRAM | GPUPKMT_ALLOCATION_READ_ONLY |
+                             GPUPKMT_ALLOCATION_IMAGE;
       if (req.flags & ~known) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("allocation flags {:#x}", req.flags));
       const bool program = req.flags & GPUPKMT_ALLOCATION_PROGRAM;
       const bool cpu_visible = req.flags & GPUPKMT_ALLOCATION_CPU_VISIBLE;
+      const bool image = req.flags & GPUPKMT_ALLOCATION_IMAGE;
       if (program && cpu_visible) return Error(GPUP_STATUS_INVALID_PARAMETER, "a program allocation cannot be CPU visible");
+      if (image && (!cpu_visible || program))
+        return Error(GPUP_STATUS_INVALID_PARAMETER, "an image allocation is CPU visible and not a program");
+      if (image && (w_.driver_->ddi().DdiVersion & 0xffffu) < 1)
+        return Error(GPUP_STATUS_NOT_SUPPORTED, "the adapter's KMD predates image allocations (DDI 1.1)");
       if (!program && req.size == 0) return Error(GPUP_STATUS_INVALID_PARAMETER, "allocation of 0 bytes");
       if (m.tail.size() > max_tail(Op::CreateAllocation, false)) return Error(GPUP_STATUS_INVALID_PARAMETER, "private data too large");
       std::shared_ptr<Section> out_section;
@@ -575,6 +581,7 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       a.Flags.CpuVisible = cpu_visible;
       a.Flags.Program = program;
       a.Flags.ReadOnly = (req.flags & GPUPKMT_ALLOCATION_READ_ONLY) != 0;
+      a.Flags.Image = image;
       a.Size = size;
       a.pSystemMemory = alloc->backing;
       a.pPrivateDriverData = priv->empty() ? nullptr : priv->data();
@@ -1121,11 +1128,13 @@ void GuestProcess::submit_locked(const Message& m) {
           GPUPDDI_KERNEL_ARG& k = oc.args[i];
           k.Kind = a.desc.kind;
           k.Size = a.desc.size;
-          if (a.desc.kind == GPUPDDI_ARG_VALUE) {
+          if (a.desc.kind == GPUPDDI_ARG_VALUE || a.desc.kind == GPUPDDI_ARG_SAMPLER) {
             oc.values[i].assign(a.value.begin(), a.value.end());
-          } else if (a.desc.kind == GPUPDDI_ARG_BUFFER) {
+          } else if (a.desc.kind == GPUPDDI_ARG_BUFFER || a.desc.kind == GPUPDDI_ARG_IMAGE) {
             if (auto s = resolve(a.desc.va, a.desc.range, true, k.Buffer); !s.ok())
               return fail(s.status(), fmt::format("command {} (dispatch argument {}): {}", idx, i, s.error().message));
+            if (a.desc.kind == GPUPDDI_ARG_IMAGE && (w_.driver_->ddi().DdiVersion & 0xffffu) < 1)
+              return fail(GPUP_STATUS_NOT_SUPPORTED, fmt::format("command {}: image arguments need DDI 1.1", idx));
           } else if (a.desc.kind == GPUPDDI_ARG_LOCAL) {
             if (a.desc.size == 0 || (w_.caps_.info.LocalMemSize && a.desc.size > w_.caps_.info.LocalMemSize))
               return fail(GPUP_STATUS_INVALID_PARAMETER, fmt::format("command {}: local argument {} of {} bytes", idx, i, a.desc.size));

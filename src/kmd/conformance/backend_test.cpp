@@ -76,6 +76,35 @@ TEST(MockKmd, DeviceMemoryIsAccounted) {
   (void)b;
 }
 
+// The mock accepts image allocations and runs its two image kernels, but does not claim
+// CL_DEVICE_IMAGE_SUPPORT to the guest's ICD.
+TEST(MockKmd, DoesNotClaimImageSupport) {
+  KmdFixture f;
+  f.open("mock");
+  ASSERT_FALSE(HasFatalFailure());
+  const GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_DEVICE_INFO};
+  std::vector<unsigned char> out(64 << 10);
+  uint32_t written = 0;
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, out.data(), static_cast<uint32_t>(out.size()), &h, sizeof(h),
+                    &written),
+            GPUP_STATUS_SUCCESS);
+  GPUP_OCL_INFO_LIST list;
+  std::memcpy(&list, out.data(), sizeof(list));
+  size_t at = sizeof(list);
+  for (uint32_t i = 0; i < list.Count; ++i) {
+    GPUP_OCL_INFO_RECORD r;
+    std::memcpy(&r, out.data() + at, sizeof(r));
+    at += sizeof(r);
+    if (r.Param == CL_DEVICE_IMAGE_SUPPORT) {
+      cl_bool v = CL_FALSE;
+      std::memcpy(&v, out.data() + at, std::min<size_t>(r.Size, sizeof(v)));
+      EXPECT_EQ(v, CL_FALSE);
+    }
+    EXPECT_NE(r.Param, uint32_t{CL_DEVICE_MAX_READ_IMAGE_ARGS});
+    at += (r.Size + 7) / 8 * 8;
+  }
+}
+
 TEST(MockKmd, ConfigIsChecked) {
   KmdFixture f;
   f.open("mock");
@@ -199,23 +228,169 @@ TEST(OpenClKmd, BinaryProgramsRoundTrip) {
   EXPECT_EQ(v, 9);
 }
 
-TEST(OpenClKmd, UnsupportedArgumentKindsAreRefused) {
+TEST(OpenClKmd, ArgumentKindsOfImagesAndSamplers) {
   KmdFixture f;
   f.open("opencl");
   ASSERT_FALSE(HasFatalFailure());
   auto built = f.build(
       "__kernel void with_sampler(sampler_t s, __global int* b) { b[0] = 1; }\n"
-      "__kernel void with_image(__read_only image2d_t img, __global int* b) { b[0] = 1; }\n");
+      "__kernel void with_image(__read_only image2d_t img, __global int* b) { b[0] = 1; }\n"
+      "__kernel void with_image3d(__write_only image3d_t img, __global int* b) { b[0] = 1; }\n"
+      "__kernel void with_image_buffer(__read_only image1d_buffer_t img, __global int* b) { b[0] = 1; }\n",
+      GPUP_OCL_PROGRAM_SOURCE, {}, 1 << 20);
   ASSERT_EQ(built.status, GPUP_STATUS_SUCCESS) << built.log;
+  const auto* sampler_k = built.info.find("with_sampler");
+  const auto* image_k = built.info.find("with_image");
+  const auto* image3d_k = built.info.find("with_image3d");
+  const auto* image_buffer_k = built.info.find("with_image_buffer");
+  ASSERT_TRUE(sampler_k && image_k && image3d_k && image_buffer_k);
+  EXPECT_EQ(sampler_k->args[0].info.Kind, uint32_t{GPUPDDI_ARG_SAMPLER});
+  EXPECT_EQ(sampler_k->args[0].info.ValueSize, sizeof(cl_sampler));
+  EXPECT_EQ(image_k->args[0].info.Kind, uint32_t{GPUPDDI_ARG_IMAGE});
+  EXPECT_EQ(image_k->args[0].info.ValueSize, sizeof(cl_mem));
+  EXPECT_EQ(image3d_k->args[0].info.Kind, uint32_t{GPUPDDI_ARG_IMAGE});
+  EXPECT_EQ(image3d_k->args[0].info.AccessQualifier, uint32_t{CL_KERNEL_ARG_ACCESS_WRITE_ONLY});
+  EXPECT_EQ(image_buffer_k->args[0].info.Kind, uint32_t{GPUP_OCL_ARG_UNSUPPORTED});
+  EXPECT_EQ(image_buffer_k->args[0].info.ValueSize, 0u);
+
   auto buf = f.cpu_buffer(4096);
+  gpup_status s = GPUP_STATUS_INTERNAL;
+  auto img2d = f.image(image_desc(CL_MEM_OBJECT_IMAGE2D, CL_R, CL_UNSIGNED_INT32, 16, 16, 0, 0, 64, 0), 4096, &s);
+  ASSERT_EQ(s, GPUP_STATUS_SUCCESS);
   auto* c = f.context();
-  // The guest cannot name a sampler or an image: whatever it passes must not reach OpenCL.
-  Dispatch sampler(built.h, "with_sampler", Args().value(uint64_t{0x4141414141414141}).buffer(ref(buf.h, 0, 4096)), 1);
-  EXPECT_EQ(f.submit(c, {sampler.cmd()}, 1), GPUP_STATUS_NOT_SUPPORTED);
-  Dispatch image(built.h, "with_image", Args().value(uint64_t{0x4141414141414141}).buffer(ref(buf.h, 0, 4096)), 1);
-  EXPECT_EQ(f.submit(c, {image.cmd()}, 2), GPUP_STATUS_NOT_SUPPORTED);
+  // Whatever the guest passes for an image buffer must not reach OpenCL.
+  Dispatch image_buffer(built.h, "with_image_buffer", Args().image(ref(img2d.h, 0, 4096)).buffer(ref(buf.h, 0, 4096)), 1);
+  EXPECT_EQ(f.submit(c, {image_buffer.cmd()}, 1), GPUP_STATUS_NOT_SUPPORTED);
+  Dispatch sampler_as_value(built.h, "with_sampler", Args().value(uint64_t{0x4141414141414141}).buffer(ref(buf.h, 0, 4096)), 1);
+  EXPECT_EQ(f.submit(c, {sampler_as_value.cmd()}, 2), GPUP_STATUS_INVALID_PARAMETER);
   Dispatch image_as_buffer(built.h, "with_image", Args().buffer(ref(buf.h, 0, 4096)).buffer(ref(buf.h, 0, 4096)), 1);
-  EXPECT_EQ(f.submit(c, {image_as_buffer.cmd()}, 3), GPUP_STATUS_NOT_SUPPORTED);
+  EXPECT_EQ(f.submit(c, {image_as_buffer.cmd()}, 3), GPUP_STATUS_INVALID_PARAMETER);
+  // A 2D image for a 3D parameter: the kernel would read a layout the image does not have.
+  Dispatch wrong_type(built.h, "with_image3d", Args().image(ref(img2d.h, 0, 4096)).buffer(ref(buf.h, 0, 4096)), 1);
+  EXPECT_EQ(f.submit(c, {wrong_type.cmd()}, 4), GPUP_STATUS_INVALID_PARAMETER);
+  Dispatch good(built.h, "with_image", Args().image(ref(img2d.h, 0, 4096)).buffer(ref(buf.h, 0, 4096)), 1);
+  ASSERT_EQ(f.run(c, {good.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(buf.h), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(buf.mem[0], 1);
+}
+
+// Every access flag and type the device answers natively, answered by the query (2D read-write
+// at least), and the image layout of kmd_opencl.h as PoCL reads it for arrays.
+TEST(OpenClKmd, ImageFormatsMatchNativeAndArraysUseTheContractLayout) {
+  KmdFixture f;
+  f.open("opencl");
+  ASSERT_FALSE(HasFatalFailure());
+  const GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_IMAGE_FORMATS};
+  std::vector<unsigned char> out(64 << 10);
+  uint32_t written = 0;
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, out.data(), static_cast<uint32_t>(out.size()), &h, sizeof(h),
+                    &written),
+            GPUP_STATUS_SUCCESS);
+  GPUP_OCL_INFO_LIST list;
+  std::memcpy(&list, out.data(), sizeof(list));
+  ASSERT_GT(list.Count, 0u);
+  std::vector<cl_image_format> got;
+  size_t at = sizeof(list);
+  for (uint32_t i = 0; i < list.Count; ++i) {
+    GPUP_OCL_INFO_RECORD r;
+    std::memcpy(&r, out.data() + at, sizeof(r));
+    at += sizeof(r);
+    if (r.Param == GPUP_OCL_IMAGE_FORMATS_KEY(CL_MEM_OBJECT_IMAGE2D, CL_MEM_READ_WRITE)) {
+      got.resize(r.Size / sizeof(cl_image_format));
+      std::memcpy(got.data(), out.data() + at, got.size() * sizeof(cl_image_format));
+    }
+    at += (r.Size + 7) / 8 * 8;
+  }
+  ASSERT_FALSE(got.empty()) << "PoCL has 2D read-write image formats";
+
+  cl_platform_id platforms[16];
+  cl_uint n = 0;
+  ASSERT_EQ(clGetPlatformIDs(16, platforms, &n), CL_SUCCESS);
+  cl_device_id device = nullptr;
+  for (cl_uint i = 0; i < n && i < 16 && device == nullptr; ++i) {
+    cl_device_id d;
+    char name[256] = {};
+    if (clGetDeviceIDs(platforms[i], CL_DEVICE_TYPE_ALL, 1, &d, nullptr) != CL_SUCCESS) continue;
+    clGetDeviceInfo(d, CL_DEVICE_NAME, sizeof(name) - 1, name, nullptr);
+    if (std::string(name).substr(0, sizeof(f.info.Name) - 1) == f.info.Name) device = d;
+  }
+  ASSERT_NE(device, nullptr);
+  cl_int err;
+  cl_context ctx = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_uint count = 0;
+  ASSERT_EQ(clGetSupportedImageFormats(ctx, CL_MEM_READ_WRITE, CL_MEM_OBJECT_IMAGE2D, 0, nullptr, &count), CL_SUCCESS);
+  std::vector<cl_image_format> native(count);
+  ASSERT_EQ(clGetSupportedImageFormats(ctx, CL_MEM_READ_WRITE, CL_MEM_OBJECT_IMAGE2D, count, native.data(), nullptr),
+            CL_SUCCESS);
+  clReleaseContext(ctx);
+  ASSERT_EQ(got.size(), native.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    EXPECT_EQ(got[i].image_channel_order, native[i].image_channel_order) << i;
+    EXPECT_EQ(got[i].image_channel_data_type, native[i].image_channel_data_type) << i;
+  }
+
+  // Arrays: pixel (x, y) of layer a at x * 4 + y * RowPitch + a * SlicePitch (1D arrays: RowPitch).
+  auto built = f.build(
+      "__kernel void read_1d_array(read_only image1d_array_t img, __global uint* out) {\n"
+      "  int x = get_global_id(0), a = get_global_id(1);\n"
+      "  out[a * get_image_width(img) + x] = read_imageui(img, (int2)(x, a)).x;\n"
+      "}\n"
+      "__kernel void read_2d_array(read_only image2d_array_t img, __global uint* out) {\n"
+      "  int x = get_global_id(0), y = get_global_id(1), a = get_global_id(2);\n"
+      "  int w = get_image_width(img), h = get_image_height(img);\n"
+      "  out[(a * h + y) * w + x] = read_imageui(img, (int4)(x, y, a, 0)).x;\n"
+      "}\n");
+  ASSERT_EQ(built.status, GPUP_STATUS_SUCCESS) << built.log;
+  auto* c = f.context();
+  auto result = f.cpu_buffer(4096);
+  ASSERT_EQ(f.lock(result.h), GPUP_STATUS_SUCCESS);
+  gpup_status s = GPUP_STATUS_INTERNAL;
+  {
+    constexpr uint32_t kW = 5, kA = 3, kPitch = 32;
+    auto img = f.image(image_desc(CL_MEM_OBJECT_IMAGE1D_ARRAY, CL_R, CL_UNSIGNED_INT32, kW, 0, 0, kA, kPitch, 0),
+                       (kA - 1) * kPitch + kW * 4, &s);
+    ASSERT_EQ(s, GPUP_STATUS_SUCCESS);
+    for (uint32_t a = 0; a < kA; ++a) {
+      for (uint32_t x = 0; x < kW; ++x) {
+        const uint32_t v = 100 * a + x;
+        std::memcpy(img.mem + a * kPitch + x * 4, &v, 4);
+      }
+    }
+    Dispatch d(built.h, "read_1d_array", Args().image(ref(img.h, 0, img.size)).buffer(ref(result.h, 0, 4096)), kW);
+    d.dims = 2;
+    d.global[1] = kA;
+    ASSERT_EQ(f.run(c, {d.cmd()}), GPUP_STATUS_SUCCESS);
+    for (uint32_t i = 0; i < kW * kA; ++i) {
+      uint32_t v;
+      std::memcpy(&v, result.mem + i * 4, 4);
+      EXPECT_EQ(v, 100 * (i / kW) + i % kW) << "1D array pixel " << i;
+    }
+  }
+  {
+    constexpr uint32_t kW = 3, kH = 2, kA = 4, kPitch = 16, kSlice = 48;
+    auto img = f.image(image_desc(CL_MEM_OBJECT_IMAGE2D_ARRAY, CL_R, CL_UNSIGNED_INT32, kW, kH, 0, kA, kPitch, kSlice),
+                       (kA - 1) * kSlice + (kH - 1) * kPitch + kW * 4, &s);
+    ASSERT_EQ(s, GPUP_STATUS_SUCCESS);
+    for (uint32_t a = 0; a < kA; ++a) {
+      for (uint32_t y = 0; y < kH; ++y) {
+        for (uint32_t x = 0; x < kW; ++x) {
+          const uint32_t v = 1000 * a + 10 * y + x;
+          std::memcpy(img.mem + a * kSlice + y * kPitch + x * 4, &v, 4);
+        }
+      }
+    }
+    Dispatch d(built.h, "read_2d_array", Args().image(ref(img.h, 0, img.size)).buffer(ref(result.h, 0, 4096)), kW);
+    d.dims = 3;
+    d.global[1] = kH;
+    d.global[2] = kA;
+    ASSERT_EQ(f.run(c, {d.cmd()}), GPUP_STATUS_SUCCESS);
+    for (uint32_t i = 0; i < kW * kH * kA; ++i) {
+      uint32_t v;
+      std::memcpy(&v, result.mem + i * 4, 4);
+      EXPECT_EQ(v, 1000 * (i / (kW * kH)) + 10 * (i / kW % kH) + i % kW) << "2D array pixel " << i;
+    }
+  }
 }
 
 // ValueSize / ValueSizeAlt let the guest ICD answer clSetKernelArg's CL_INVALID_ARG_SIZE exactly

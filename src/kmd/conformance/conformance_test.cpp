@@ -2,7 +2,9 @@
 // here must hold for any gpup KMD; backend-specific checks live in backend_test.cpp.
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <array>
+#include <map>
 #include <iostream>
 #include <atomic>
 #include <numeric>
@@ -15,6 +17,7 @@
 namespace gpup::kmd::test {
 namespace {
 
+using mock::kPortableImageKernelsSource;
 using mock::kPortableKernelsSource;
 using namespace std::chrono_literals;
 
@@ -58,6 +61,7 @@ class Conformance : public ::testing::TestWithParam<std::string> {
 TEST_P(Conformance, DriverEntryChecksVersionAndSizes) {
   EXPECT_GT(std::strlen(f.ddi().DriverName), 0u);
   EXPECT_EQ(f.ddi().DdiVersion >> 16, GPUPDDI_VERSION_MAJOR);
+  EXPECT_EQ(f.ddi().DdiVersion & 0xffffu, 1u) << "DDI 1.1: images";
   void* dl = dlopen(f.driver->path().c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
   ASSERT_NE(dl, nullptr);
   auto entry = reinterpret_cast<GPUPDDI_PFN_DRIVERENTRY>(dlsym(dl, GPUPDDI_DRIVERENTRY_SYMBOL));
@@ -1236,6 +1240,353 @@ TEST_P(Conformance, ResetEngineWhenSupported) {
   EXPECT_EQ(done[1], std::make_pair(uint64_t{2}, gpup_status{GPUP_STATUS_CONTEXT_RESET_GUILTY}));
   Dispatch add(prog, "add_i32", Args().buffer(ref(buf.h, 0, 4096)).value(int32_t{1}), 1024);
   EXPECT_EQ(f.run(ctx, {add.cmd()}), GPUP_STATUS_SUCCESS) << "the context survives a reset";
+}
+
+// ---------------------------------------------------------------------------------------------
+// DDI 1.1 / contract version 3: images and samplers
+
+constexpr uint32_t kImage2D = 0x10F1, kImage3D = 0x10F2, kImage1D = 0x10F4, kImage1DBuffer = 0x10F6;
+constexpr uint32_t kClR = 0x10B0, kClRGBA = 0x10B5, kClDepthStencil = 0x10BE, kClBGRA = 0x10B6;
+constexpr uint32_t kClUnsignedInt32 = 0x10DC, kClUnormInt8 = 0x10D2, kClFloat = 0x10DE, kClUnormInt24 = 0x10DF,
+                   kClSignedInt8 = 0x10D7;
+constexpr uint32_t kClReadWrite = 1, kClWriteOnly = 2, kClReadOnly = 4;
+constexpr uint32_t kClAddressClampToEdge = 0x1131, kClAddressRepeat = 0x1133, kClFilterNearest = 0x1140;
+
+// GPUP_OCL_QUERY_IMAGE_FORMATS, parsed with every bound checked: key -> (order, type) list.
+std::map<uint32_t, std::vector<std::pair<uint32_t, uint32_t>>> image_formats(KmdFixture& f) {
+  std::map<uint32_t, std::vector<std::pair<uint32_t, uint32_t>>> out;
+  const GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_IMAGE_FORMATS};
+  std::vector<unsigned char> buf(64 << 10, 0xcc);
+  uint32_t written = 0;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, buf.data(), static_cast<uint32_t>(buf.size()), &h, sizeof(h),
+                    &written),
+            GPUP_STATUS_SUCCESS);
+  GPUP_OCL_INFO_LIST list{};
+  if (written < sizeof(list)) {
+    ADD_FAILURE() << "no list header";
+    return out;
+  }
+  std::memcpy(&list, buf.data(), sizeof(list));
+  EXPECT_EQ(list.Magic, GPUP_OCL_INFO_LIST_MAGIC);
+  EXPECT_EQ(list.TotalSize, written);
+  size_t at = sizeof(list);
+  int64_t previous = -1;
+  for (uint32_t i = 0; i < list.Count; ++i) {
+    GPUP_OCL_INFO_RECORD r;
+    if (at + sizeof(r) > written) {
+      ADD_FAILURE() << "record " << i << " past the end";
+      return out;
+    }
+    std::memcpy(&r, buf.data() + at, sizeof(r));
+    at += sizeof(r);
+    EXPECT_GT(int64_t{r.Param}, previous) << "sorted and unique";
+    previous = r.Param;
+    EXPECT_EQ(r.Size % 8, 0u) << "an array of cl_image_format";
+    if (at + r.Size > written) {
+      ADD_FAILURE() << "record " << i << " value past the end";
+      return out;
+    }
+    auto& formats = out[r.Param];
+    for (uint32_t k = 0; k + 8 <= r.Size; k += 8) {
+      uint32_t order, type;
+      std::memcpy(&order, buf.data() + at + k, 4);
+      std::memcpy(&type, buf.data() + at + k + 4, 4);
+      formats.emplace_back(order, type);
+    }
+    at += (r.Size + 7) / 8 * 8;
+  }
+  EXPECT_EQ(at, written);
+  return out;
+}
+
+bool has_format(const std::map<uint32_t, std::vector<std::pair<uint32_t, uint32_t>>>& formats, uint32_t type,
+                uint32_t access, uint32_t order, uint32_t data_type) {
+  auto it = formats.find(GPUP_OCL_IMAGE_FORMATS_KEY(type, access));
+  if (it == formats.end()) return false;
+  return std::find(it->second.begin(), it->second.end(), std::make_pair(order, data_type)) != it->second.end();
+}
+
+GPUP_OCL_SAMPLER_DESC nearest_sampler() {
+  GPUP_OCL_SAMPLER_DESC s{};
+  s.NormalizedCoords = 0;
+  s.AddressingMode = kClAddressClampToEdge;
+  s.FilterMode = kClFilterNearest;
+  return s;
+}
+
+TEST_P(Conformance, ImageFormatsQueryListsR32UiFor2D) {
+  const auto formats = image_formats(f);
+  for (uint32_t access : {kClReadWrite, kClReadOnly, kClWriteOnly}) {
+    EXPECT_TRUE(has_format(formats, kImage2D, access, kClR, kClUnsignedInt32)) << "access " << access;
+  }
+  std::cout << "[ info ] " << GetParam() << ": " << formats.size() << " image format lists, 2D read-write has "
+            << (formats.count(GPUP_OCL_IMAGE_FORMATS_KEY(kImage2D, kClReadWrite))
+                    ? formats.at(GPUP_OCL_IMAGE_FORMATS_KEY(kImage2D, kClReadWrite)).size()
+                    : 0)
+            << " formats\n";
+  // Too small: the header alone, with TotalSize.
+  const GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_IMAGE_FORMATS};
+  GPUP_OCL_INFO_LIST header{};
+  uint32_t written = 0;
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, &header, sizeof(header), &h, sizeof(h), &written),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  EXPECT_EQ(written, sizeof(header));
+  EXPECT_GT(header.TotalSize, sizeof(header));
+  EXPECT_EQ(f.query(GPUPDDI_QAITYPE_UMDRIVERPRIVATE, nullptr, 4096, &h, sizeof(h)), GPUP_STATUS_INVALID_PARAMETER);
+}
+
+TEST_P(Conformance, HostileImageDescriptorsAreInvalid) {
+  const auto formats = image_formats(f);
+  // 37 x 9 pixels of 4 bytes, rows 256 bytes apart: the last byte is 8 * 256 + 148 - 1.
+  const GPUP_OCL_IMAGE_DESC good = image_desc(kImage2D, kClR, kClUnsignedInt32, 37, 9, 0, 0, 256, 0);
+  const uint64_t need = 8 * 256 + 37 * 4;
+  gpup_status s = GPUP_STATUS_INTERNAL;
+  auto ok = f.image(good, need, &s);
+  ASSERT_EQ(s, GPUP_STATUS_SUCCESS) << "the image may end exactly at the allocation's end";
+  ASSERT_NE(ok.h, nullptr);
+
+  std::vector<std::pair<std::string, GPUP_OCL_IMAGE_DESC>> bad;
+  auto with = [&](const char* what, auto change) {
+    GPUP_OCL_IMAGE_DESC d = good;
+    change(d);
+    bad.emplace_back(what, d);
+  };
+  with("bad magic", [](auto& d) { d.Magic = GPUP_OCL_PROGRAM_MAGIC; });
+  with("width 0", [](auto& d) { d.Width = 0; });
+  with("height 0 for 2D", [](auto& d) { d.Height = 0; });
+  with("depth for 2D", [](auto& d) { d.Depth = 1; });
+  with("array size for 2D", [](auto& d) { d.ArraySize = 2; });
+  with("slice pitch for 2D", [](auto& d) { d.SlicePitch = 9 * 256; });
+  with("1D with a height", [](auto& d) { d.ImageType = kImage1D; });
+  with("1D buffer type", [](auto& d) { d.ImageType = kImage1DBuffer; });
+  with("type 0", [](auto& d) { d.ImageType = 0; });
+  with("unknown channel order", [](auto& d) { d.ChannelOrder = 0x1234; });
+  with("unknown channel type", [](auto& d) { d.ChannelDataType = 0x10FF; });
+  with("order and type that make no format", [](auto& d) { d.ChannelOrder = kClDepthStencil; d.ChannelDataType = kClUnsignedInt32; });
+  with("CL_MEM_USE_HOST_PTR in flags", [](auto& d) { d.Flags = 1 | (1 << 3); });
+  with("two access flags", [](auto& d) { d.Flags = kClReadWrite | kClReadOnly; });
+  with("a high flag bit", [](auto& d) { d.Flags = uint64_t{1} << 40; });
+  with("row pitch below width", [](auto& d) { d.RowPitch = 37 * 4 - 4; });
+  with("row pitch not a multiple of the element", [](auto& d) { d.RowPitch = 258; });
+  with("image past the allocation", [](auto& d) { d.Height = 10; });
+  with("width * element overflows", [](auto& d) { d.Width = uint64_t{1} << 62; d.RowPitch = UINT64_MAX - 3; });
+  with("rows * pitch overflows", [](auto& d) { d.RowPitch = uint64_t{1} << 62; });
+  with("huge width", [](auto& d) { d.Width = uint64_t{1} << 40; d.RowPitch = uint64_t{1} << 42; });
+  // A real format the device does not offer for 2D read-write images.
+  for (auto [order, type] : {std::pair{kClRGBA, kClUnormInt8}, std::pair{kClBGRA, kClSignedInt8},
+                             std::pair{kClDepthStencil, kClUnormInt24}, std::pair{kClDepthStencil, kClFloat}}) {
+    if (!has_format(formats, kImage2D, kClReadWrite, order, type)) {
+      with("unsupported format", [&](auto& d) {
+        d.ChannelOrder = order;
+        d.ChannelDataType = type;
+        d.Width = 8;  // 8 pixels of at most 8 bytes fit the 256-byte rows
+      });
+      break;
+    }
+  }
+  for (const auto& [what, d] : bad) {
+    clear_log();
+    auto img = f.image(d, need, &s);
+    EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << what;
+    EXPECT_EQ(img.h, nullptr) << what;
+    if (what == "unsupported format") {
+      EXPECT_TRUE(log_contains("not supported")) << "a log line says why";
+    }
+  }
+  EXPECT_EQ(std::count_if(bad.begin(), bad.end(), [](const auto& b) { return b.first == "unsupported format"; }), 1)
+      << "found a format the device lacks";
+  f.image(good, need - 1, &s);
+  EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "one byte short";
+  f.image(good, need, &s, {}, sizeof(good) - 1);
+  EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "short descriptor";
+  f.image(good, need, &s, {}, sizeof(good) + 8);
+  EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "long descriptor";
+  GPUPDDI_ALLOCATIONFLAGS read_only{};
+  read_only.ReadOnly = 1;
+  f.image(good, need, &s, read_only);
+  EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "a read-write image in a read-only allocation";
+  GPUP_OCL_IMAGE_DESC ro = good;
+  ro.Flags = kClReadOnly;
+  f.image(ro, need, &s, read_only);
+  EXPECT_EQ(s, GPUP_STATUS_SUCCESS) << "a read-only image in a read-only allocation";
+  GPUPDDI_ALLOCATIONFLAGS program{};
+  program.Program = 1;
+  f.image(good, need, &s, program);
+  EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "image and program";
+
+  // Not CpuVisible, or no backing store.
+  GPUPDDI_ARG_CREATEALLOCATION a{};
+  a.struct_size = sizeof(a);
+  a.Flags.Image = 1;
+  a.Size = need;
+  a.pPrivateDriverData = &good;
+  a.PrivateDriverDataSize = sizeof(good);
+  EXPECT_EQ(f.create_allocation(&a), GPUP_STATUS_INVALID_PARAMETER) << "not CpuVisible";
+  a.Flags.CpuVisible = 1;
+  EXPECT_EQ(f.create_allocation(&a), GPUP_STATUS_INVALID_PARAMETER) << "no pSystemMemory";
+  std::vector<unsigned char> backing(8192);
+  a.pSystemMemory = backing.data();
+  a.pPrivateDriverData = nullptr;
+  EXPECT_EQ(f.create_allocation(&a), GPUP_STATUS_INVALID_PARAMETER) << "no descriptor";
+
+  // 3D images: slice pitch rules, where the device has a 3D format.
+  if (has_format(formats, kImage3D, kClReadWrite, kClR, kClUnsignedInt32)) {
+    const GPUP_OCL_IMAGE_DESC vol = image_desc(kImage3D, kClR, kClUnsignedInt32, 8, 4, 3, 0, 32, 128);
+    f.image(vol, 3 * 128, &s);
+    EXPECT_EQ(s, GPUP_STATUS_SUCCESS);
+    for (uint64_t slice : {uint64_t{0}, uint64_t{96}, uint64_t{144}}) {
+      GPUP_OCL_IMAGE_DESC d = vol;
+      d.SlicePitch = slice;
+      f.image(d, 4 * 144, &s);
+      EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "slice pitch " << slice;
+    }
+    f.image(vol, 3 * 128 - 1, &s);
+    EXPECT_EQ(s, GPUP_STATUS_INVALID_PARAMETER) << "the last slice one byte short";
+  }
+}
+
+// Written through the mapping, read by a kernel through a sampler, written by another kernel,
+// read back through the mapping: after one Lock, with no other Lock or Unlock.
+TEST_P(Conformance, ImageRoundTripThroughTheMapping) {
+  GPUPDDI_GPUMMUCAPS mmu{};
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_GPUMMUCAPS, &mmu, sizeof(mmu)), GPUP_STATUS_SUCCESS);
+  if (!mmu.CacheCoherentMemorySupported) GTEST_SKIP() << "the device does not claim coherent memory";
+  KmdFixture::Built built = f.build(kPortableImageKernelsSource, GPUP_OCL_PROGRAM_SOURCE, {}, 1 << 20);
+  ASSERT_EQ(built.status, GPUP_STATUS_SUCCESS) << built.log;
+  const auto* read = built.info.find("image_read_u32");
+  ASSERT_NE(read, nullptr);
+  ASSERT_EQ(read->args.size(), 3u);
+  EXPECT_EQ(read->args[0].info.Kind, uint32_t{GPUPDDI_ARG_IMAGE});
+  EXPECT_EQ(read->args[0].info.ValueSize, 8u);
+  EXPECT_EQ(read->args[0].info.AccessQualifier, 0x11A0u) << "read_only";
+  EXPECT_EQ(read->args[0].type_name, "image2d_t");
+  EXPECT_EQ(read->args[1].info.Kind, uint32_t{GPUPDDI_ARG_SAMPLER});
+  EXPECT_EQ(read->args[1].info.ValueSize, 8u);
+  EXPECT_EQ(read->args[1].info.ValueSizeAlt, 0u);
+  EXPECT_EQ(read->args[1].type_name, "sampler_t");
+  EXPECT_EQ(read->args[2].info.Kind, uint32_t{GPUPDDI_ARG_BUFFER});
+
+  constexpr uint32_t kW = 37, kH = 9, kPitch = 256;
+  constexpr uint64_t kSize = 4096;
+  gpup_status s = GPUP_STATUS_INTERNAL;
+  auto img = f.image(image_desc(kImage2D, kClR, kClUnsignedInt32, kW, kH, 0, 0, kPitch, 0), kSize, &s);
+  ASSERT_EQ(s, GPUP_STATUS_SUCCESS);
+  auto out = f.cpu_buffer(kW * kH * 4);
+  auto in = f.cpu_buffer(kW * kH * 4);
+  ASSERT_EQ(f.lock(img.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(out.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(in.h), GPUP_STATUS_SUCCESS);
+  auto pixel = [&](uint32_t x, uint32_t y) {
+    uint32_t v;
+    std::memcpy(&v, img.mem + y * kPitch + x * 4, 4);
+    return v;
+  };
+  std::memset(img.mem, 0xab, kSize);  // row padding must survive everything below
+  for (uint32_t y = 0; y < kH; ++y) {
+    for (uint32_t x = 0; x < kW; ++x) {
+      const uint32_t v = y * 1000 + x;
+      std::memcpy(img.mem + y * kPitch + x * 4, &v, 4);
+    }
+  }
+  auto* ctx = f.context();
+  Dispatch rd(built.h, "image_read_u32",
+              Args().image(ref(img.h, 0, kSize)).sampler(nearest_sampler()).buffer(ref(out.h, 0, kW * kH * 4)), kW * kH);
+  ASSERT_EQ(f.run(ctx, {rd.cmd()}), GPUP_STATUS_SUCCESS);
+  for (uint32_t i = 0; i < kW * kH; ++i) {
+    uint32_t v;
+    std::memcpy(&v, out.mem + i * 4, 4);
+    ASSERT_EQ(v, (i / kW) * 1000 + i % kW) << "pixel " << i;
+  }
+  for (uint32_t i = 0; i < kW * kH; ++i) {
+    const uint32_t v = 7 * i;
+    std::memcpy(in.mem + i * 4, &v, 4);
+  }
+  Dispatch wr(built.h, "image_write_u32",
+              Args().image(ref(img.h, 0, kSize)).buffer(ref(in.h, 0, kW * kH * 4)).value(uint32_t{5}), kW * kH);
+  ASSERT_EQ(f.run(ctx, {wr.cmd()}), GPUP_STATUS_SUCCESS);
+  for (uint32_t y = 0; y < kH; ++y) {
+    for (uint32_t x = 0; x < kW; ++x) ASSERT_EQ(pixel(x, y), 7 * (y * kW + x) + 5) << x << "," << y;
+    for (uint32_t b = kW * 4; b < kPitch && y + 1 < kH; ++b) ASSERT_EQ(img.mem[y * kPitch + b], 0xab) << "row padding";
+  }
+  // The same bytes are a buffer: a FILL of row 2 is what the next read sees.
+  const uint32_t pattern = 0x600dcafe;
+  std::vector<GPUPDDI_COMMAND> cmds = {fill_cmd(ref(img.h, 2 * kPitch, kPitch), &pattern, 4), rd.cmd()};
+  ASSERT_EQ(f.run(ctx, cmds), GPUP_STATUS_SUCCESS);
+  for (uint32_t i = 0; i < kW * kH; ++i) {
+    uint32_t v;
+    std::memcpy(&v, out.mem + i * 4, 4);
+    ASSERT_EQ(v, i / kW == 2 ? pattern : 7 * i + 5) << "pixel " << i;
+  }
+}
+
+TEST_P(Conformance, ImageAndSamplerArgumentsAreChecked) {
+  KmdFixture::Built built = f.build(kPortableImageKernelsSource);
+  ASSERT_EQ(built.status, GPUP_STATUS_SUCCESS) << built.log;
+  constexpr uint32_t kW = 16, kH = 4;
+  constexpr uint64_t kSize = kW * kH * 4;
+  gpup_status s = GPUP_STATUS_INTERNAL;
+  auto img = f.image(image_desc(kImage2D, kClR, kClUnsignedInt32, kW, kH, 0, 0, kW * 4, 0), kSize, &s);
+  ASSERT_EQ(s, GPUP_STATUS_SUCCESS);
+  GPUP_OCL_IMAGE_DESC wo_desc = image_desc(kImage2D, kClR, kClUnsignedInt32, kW, kH, 0, 0, kW * 4, 0);
+  wo_desc.Flags = kClWriteOnly;
+  auto write_only = f.image(wo_desc, kSize, &s);
+  ASSERT_EQ(s, GPUP_STATUS_SUCCESS);
+  auto plain = f.cpu_buffer(kSize);
+  auto out = f.cpu_buffer(kSize);
+  for (uint32_t i = 0; i < kW * kH; ++i) std::memcpy(img.mem + i * 4, &i, 4);
+  ASSERT_EQ(f.unlock(img.h), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.unlock(out.h), GPUP_STATUS_SUCCESS);
+  auto* ctx = f.context();
+  const GPUP_OCL_SAMPLER_DESC smp = nearest_sampler();
+  auto read_with = [&](Args a) { return Dispatch(built.h, "image_read_u32", std::move(a), kW * kH); };
+  const Dispatch good = read_with(Args().image(ref(img.h, 0, kSize)).sampler(smp).buffer(ref(out.h, 0, kSize)));
+
+  std::vector<std::pair<std::string, Dispatch>> bad;
+  bad.emplace_back("part of the allocation", read_with(Args().image(ref(img.h, 0, kSize - 64)).sampler(smp).buffer(ref(out.h, 0, kSize))));
+  bad.emplace_back("an offset into the allocation",
+                   read_with(Args().image(ref(img.h, 64, kSize - 64)).sampler(smp).buffer(ref(out.h, 0, kSize))));
+  bad.emplace_back("a non-image allocation", read_with(Args().image(ref(plain.h, 0, kSize)).sampler(smp).buffer(ref(out.h, 0, kSize))));
+  bad.emplace_back("a buffer for an image", read_with(Args().buffer(ref(img.h, 0, kSize)).sampler(smp).buffer(ref(out.h, 0, kSize))));
+  bad.emplace_back("a value for an image", read_with(Args().value(uint64_t{0x4141414141414141}).sampler(smp).buffer(ref(out.h, 0, kSize))));
+  bad.emplace_back("an image for a buffer", read_with(Args().image(ref(img.h, 0, kSize)).sampler(smp).image(ref(img.h, 0, kSize))));
+  bad.emplace_back("a write-only image for read_only",
+                   read_with(Args().image(ref(write_only.h, 0, kSize)).sampler(smp).buffer(ref(out.h, 0, kSize))));
+  bad.emplace_back("a value for a sampler", read_with(Args().image(ref(img.h, 0, kSize)).value(smp).buffer(ref(out.h, 0, kSize))));
+  auto with_sampler = [&](const char* what, auto change, uint32_t size = sizeof(GPUP_OCL_SAMPLER_DESC)) {
+    GPUP_OCL_SAMPLER_DESC d = smp;
+    change(d);
+    unsigned char bytes[32] = {};
+    std::memcpy(bytes, &d, sizeof(d));
+    bad.emplace_back(what, read_with(Args().image(ref(img.h, 0, kSize)).sampler_bytes(bytes, size).buffer(ref(out.h, 0, kSize))));
+  };
+  with_sampler("sampler too short", [](auto&) {}, sizeof(GPUP_OCL_SAMPLER_DESC) - 4);
+  with_sampler("sampler too long", [](auto&) {}, sizeof(GPUP_OCL_SAMPLER_DESC) + 4);
+  with_sampler("NormalizedCoords 2", [](auto& d) { d.NormalizedCoords = 2; });
+  with_sampler("unknown addressing", [](auto& d) { d.AddressingMode = 0x1135; });
+  with_sampler("addressing 0", [](auto& d) { d.AddressingMode = 0; });
+  with_sampler("unknown filter", [](auto& d) { d.FilterMode = 0x1142; });
+  with_sampler("Reserved set", [](auto& d) { d.Reserved = 1; });
+  with_sampler("repeat without normalized coordinates", [](auto& d) { d.AddressingMode = kClAddressRepeat; });
+  for (const auto& [what, d] : bad) {
+    EXPECT_EQ(f.submit(ctx, {good.cmd(), d.cmd()}, 100), GPUP_STATUS_INVALID_PARAMETER) << what;
+  }
+  GPUPDDI_COMMAND null_sampler = good.cmd();
+  std::vector<GPUPDDI_KERNEL_ARG> args = good.args.list();
+  args[1].pValue = nullptr;
+  null_sampler.u.Dispatch.pArgs = args.data();
+  EXPECT_EQ(f.submit(ctx, {null_sampler}, 101), GPUP_STATUS_INVALID_PARAMETER) << "no sampler bytes";
+  EXPECT_EQ(f.run(ctx, {}), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(ctx->sink->count(), 1u) << "refused submissions complete nothing";
+  ASSERT_EQ(f.lock(out.h), GPUP_STATUS_SUCCESS);
+  for (uint32_t i = 0; i < kW * kH; ++i) ASSERT_EQ(out.mem[i * 4], 0) << "nothing ran, element " << i;
+  // And the good one runs.
+  ASSERT_EQ(f.run(ctx, {good.cmd()}), GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(f.lock(out.h), GPUP_STATUS_SUCCESS);
+  for (uint32_t i = 0; i < kW * kH; ++i) {
+    uint32_t v;
+    std::memcpy(&v, out.mem + i * 4, 4);
+    ASSERT_EQ(v, i);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ Args& Args::operator=(const Args& o) {
   list_ = o.list_;
   size_t v = 0;
   for (GPUPDDI_KERNEL_ARG& a : list_) {
-    if (a.Kind == GPUPDDI_ARG_VALUE && a.pValue != nullptr) a.pValue = values_[v++].data();
+    if ((a.Kind == GPUPDDI_ARG_VALUE || a.Kind == GPUPDDI_ARG_SAMPLER) && a.pValue != nullptr) {
+      a.pValue = values_[v++].data();
+    }
   }
   return *this;
 }
@@ -147,6 +149,39 @@ Args& Args::null_buffer() {
   a.Kind = GPUPDDI_ARG_NULL_BUFFER;
   list_.push_back(a);
   return *this;
+}
+
+Args& Args::image(const GPUPDDI_BUFFER_REF& r) {
+  GPUPDDI_KERNEL_ARG a{};
+  a.Kind = GPUPDDI_ARG_IMAGE;
+  a.Buffer = r;
+  list_.push_back(a);
+  return *this;
+}
+
+Args& Args::sampler(const GPUP_OCL_SAMPLER_DESC& d) { return sampler_bytes(&d, sizeof(d)); }
+
+Args& Args::sampler_bytes(const void* p, uint32_t size) {
+  bytes(p, size);
+  list_.back().Kind = GPUPDDI_ARG_SAMPLER;
+  return *this;
+}
+
+GPUP_OCL_IMAGE_DESC image_desc(uint32_t type, uint32_t order, uint32_t data_type, uint64_t width, uint64_t height,
+                               uint64_t depth, uint64_t array_size, uint64_t row_pitch, uint64_t slice_pitch) {
+  GPUP_OCL_IMAGE_DESC d{};
+  d.Magic = GPUP_OCL_IMAGE_MAGIC;
+  d.ImageType = type;
+  d.ChannelOrder = order;
+  d.ChannelDataType = data_type;
+  d.Flags = 1;  // CL_MEM_READ_WRITE
+  d.Width = width;
+  d.Height = height;
+  d.Depth = depth;
+  d.ArraySize = array_size;
+  d.RowPitch = row_pitch;
+  d.SlicePitch = slice_pitch;
+  return d;
 }
 
 Dispatch::Dispatch(GPUPDDI_HANDLE program, std::string name, Args args, uint64_t global_size, uint64_t local_size)
@@ -401,6 +436,31 @@ KmdFixture::Buffer KmdFixture::device_buffer(uint64_t size) {
   const gpup_status s = create_allocation(&a);
   EXPECT_EQ(s, GPUP_STATUS_SUCCESS);
   return {s == GPUP_STATUS_SUCCESS ? a.hAllocation : nullptr, nullptr, size};
+}
+
+KmdFixture::Buffer KmdFixture::image(const GPUP_OCL_IMAGE_DESC& desc, uint64_t size, gpup_status* status,
+                                     GPUPDDI_ALLOCATIONFLAGS extra_flags, uint32_t desc_size) {
+  const uint64_t rounded = (size + 4095) / 4096 * 4096;
+  auto* mem = static_cast<unsigned char*>(std::aligned_alloc(4096, rounded));
+  std::memset(mem, 0, rounded);
+  std::vector<unsigned char> data(desc_size, 0);
+  std::memcpy(data.data(), &desc, std::min<size_t>(desc_size, sizeof(desc)));
+  GPUPDDI_ARG_CREATEALLOCATION a{};
+  a.struct_size = sizeof(a);
+  a.Flags = extra_flags;
+  a.Flags.Image = 1;
+  a.Flags.CpuVisible = 1;
+  a.Size = size;
+  a.pSystemMemory = mem;
+  a.pPrivateDriverData = data.data();
+  a.PrivateDriverDataSize = desc_size;
+  *status = create_allocation(&a);
+  if (*status != GPUP_STATUS_SUCCESS) {
+    std::free(mem);
+    return {};
+  }
+  allocations_.back().mem = mem;
+  return {a.hAllocation, mem, size};
 }
 
 void KmdFixture::destroy_allocation(GPUPDDI_HANDLE h) {

@@ -75,6 +75,9 @@ class Args {
   Args& buffer(const GPUPDDI_BUFFER_REF& r);
   Args& local(uint32_t size);
   Args& null_buffer();
+  Args& image(const GPUPDDI_BUFFER_REF& r);  // GPUPDDI_ARG_IMAGE
+  Args& sampler(const GPUP_OCL_SAMPLER_DESC& d);  // GPUPDDI_ARG_SAMPLER with a copy of d
+  Args& sampler_bytes(const void* p, uint32_t size);  // GPUPDDI_ARG_SAMPLER with any bytes
   const std::vector<GPUPDDI_KERNEL_ARG>& list() const { return list_; }
 
  private:
@@ -95,6 +98,10 @@ struct Dispatch {
   uint64_t global[3] = {1, 1, 1};
   uint64_t local[3] = {};
 };
+
+// A GPUP_OCL_IMAGE_DESC (Magic set, Flags READ_WRITE).
+GPUP_OCL_IMAGE_DESC image_desc(uint32_t type, uint32_t order, uint32_t data_type, uint64_t width, uint64_t height,
+                               uint64_t depth, uint64_t array_size, uint64_t row_pitch, uint64_t slice_pitch);
 
 // The private data of a program allocation.
 std::vector<unsigned char> program_desc(uint32_t format, std::string_view options, std::string_view content,
@@ -159,6 +166,10 @@ class KmdFixture {
 
   Buffer cpu_buffer(uint64_t size);   // zeroed backing store; asserts success
   Buffer device_buffer(uint64_t size);
+  // An image allocation (Flags.Image | CpuVisible, plus extra_flags) of size bytes over a zeroed,
+  // page-aligned backing store, described by desc_size bytes of desc; *status gets the result.
+  Buffer image(const GPUP_OCL_IMAGE_DESC& desc, uint64_t size, gpup_status* status,
+               GPUPDDI_ALLOCATIONFLAGS extra_flags = {}, uint32_t desc_size = sizeof(GPUP_OCL_IMAGE_DESC));
   gpup_status create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args);  // tracked when it succeeds
   void destroy_allocation(GPUPDDI_HANDLE h);
   Built build(std::string_view content, uint32_t format = GPUP_OCL_PROGRAM_SOURCE, std::string_view options = {},

@@ -7,6 +7,12 @@
 // counted against the device memory size (NO_MEMORY beyond it). Copy and fill are memcpy and
 // pattern stores; dispatch runs the fixed kernel set of mock_kernels.h.
 //
+// Images (DDI 1.1): image allocations are checked like kmd_opencl's (parse_image_desc, and a
+// format from the mock's small list: CL_R / CL_UNSIGNED_INT32 2D images) and are plain memory in
+// the linear layout of kmd_opencl.h; the image kernels of mock_kernels.h read and write them.
+// The mock does not claim CL_DEVICE_IMAGE_SUPPORT in its device info: it cannot run arbitrary
+// image code, only those kernels.
+//
 // Submission checks match kmd_opencl's (ocl_kmd.h): allocations of the context's device only,
 // non-empty ranges, at most 65536 commands, sub-buffer offsets aligned to 128 bytes, everything
 // checked before anything is queued; an empty submission is a fence.
@@ -73,11 +79,17 @@ constexpr int32_t kClLinkProgramFailure = -17;
 // ---------------------------------------------------------------------------------------------
 // Kernels
 
-enum class Param { kBuffer, kInt, kUlong, kLocal };
+enum class Param { kBuffer, kInt, kUlong, kLocal, kImageRead, kImageWrite, kSampler };
 
 struct BufferView {
   unsigned char* base = nullptr;  // NULL for a NULL buffer
   uint64_t size = 0;
+};
+
+// An image argument: the allocation's memory and its checked layout.
+struct ImageView {
+  unsigned char* base = nullptr;
+  ImageLayout layout;
 };
 
 struct Launch {
@@ -86,6 +98,8 @@ struct Launch {
   uint64_t global[3] = {1, 1, 1};
   BufferView buffers[4];
   uint64_t values[4] = {};
+  ImageView images[4];
+  GPUP_OCL_SAMPLER_DESC samplers[4] = {};
   const std::atomic<gpup_status>* reset = nullptr;
 };
 
@@ -164,6 +178,45 @@ gpup_status run_spin(const Launch& l) {
   });
 }
 
+// Pixel (x, y) of a 2D CL_R / CL_UNSIGNED_INT32 image, or nullptr when the image is not one or
+// the pixel is outside it (a device fault).
+unsigned char* pixel_u32(const ImageView& v, uint64_t x, uint64_t y) {
+  const ImageLayout& l = v.layout;
+  if (v.base == nullptr || l.image_type != cl_values::kImage2D || l.channel_order != cl_values::kR ||
+      l.channel_type != cl_values::kUnsignedInt32 || x >= l.width || y >= l.height) {
+    return nullptr;
+  }
+  return v.base + y * l.row_pitch + x * 4;  // inside l.bytes, checked at allocation
+}
+
+gpup_status run_image_read_u32(const Launch& l) {
+  const GPUP_OCL_SAMPLER_DESC& s = l.samplers[1];
+  if (s.NormalizedCoords != 0 || s.FilterMode != cl_values::kFilterNearest) return GPUP_STATUS_DEVICE_ERROR;
+  const uint64_t w = l.images[0].layout.width;
+  return for_each_item(l, [&](uint64_t gid) -> gpup_status {
+    const unsigned char* px = w != 0 ? pixel_u32(l.images[0], gid % w, gid / w) : nullptr;
+    uint32_t* out = element<uint32_t>(l.buffers[2], gid);
+    if (px == nullptr || out == nullptr) return GPUP_STATUS_DEVICE_ERROR;
+    std::memcpy(out, px, 4);
+    return GPUP_STATUS_SUCCESS;
+  });
+}
+
+gpup_status run_image_write_u32(const Launch& l) {
+  const uint32_t add = static_cast<uint32_t>(l.values[2]);
+  const uint64_t w = l.images[0].layout.width;
+  return for_each_item(l, [&](uint64_t gid) -> gpup_status {
+    unsigned char* px = w != 0 ? pixel_u32(l.images[0], gid % w, gid / w) : nullptr;
+    const uint32_t* in = element<uint32_t>(l.buffers[1], gid);
+    if (px == nullptr || in == nullptr) return GPUP_STATUS_DEVICE_ERROR;
+    uint32_t v;
+    std::memcpy(&v, in, 4);
+    v += add;
+    std::memcpy(px, &v, 4);
+    return GPUP_STATUS_SUCCESS;
+  });
+}
+
 gpup_status run_fault(const Launch&) { return GPUP_STATUS_DEVICE_ERROR; }
 
 struct ParamDef {
@@ -178,7 +231,7 @@ struct KernelDef {
   gpup_status (*run)(const Launch&);
 };
 
-const std::array<KernelDef, 5> kKernels = {{
+const std::array<KernelDef, 7> kKernels = {{
     {"add_i32", {{Param::kBuffer, "int*", "b"}, {Param::kInt, "int", "v"}}, run_add_i32},
     {"copy_i32", {{Param::kBuffer, "int*", "src"}, {Param::kBuffer, "int*", "dst"}}, run_copy_i32},
     {"or_null_i32",
@@ -186,6 +239,12 @@ const std::array<KernelDef, 5> kKernels = {{
      run_or_null_i32},
     {"spin", {{Param::kBuffer, "ulong*", "out"}, {Param::kUlong, "ulong", "iterations"}}, run_spin},
     {"fault", {{Param::kBuffer, "int*", "b"}}, run_fault},
+    {"image_read_u32",
+     {{Param::kImageRead, "image2d_t", "img"}, {Param::kSampler, "sampler_t", "s"}, {Param::kBuffer, "uint*", "out"}},
+     run_image_read_u32},
+    {"image_write_u32",
+     {{Param::kImageWrite, "image2d_t", "img"}, {Param::kBuffer, "uint*", "in"}, {Param::kInt, "uint", "add"}},
+     run_image_write_u32},
 }};
 
 const KernelDef* find_kernel(std::string_view name) {
@@ -231,7 +290,7 @@ constexpr uint32_t kClDeviceType = 0x1000, kClDeviceMaxComputeUnits = 0x1002, kC
                    kClDeviceVersion = 0x102F, kClDeviceExtensions = 0x1030, kClDeviceOpenClCVersion = 0x103D;
 constexpr uint64_t kClDeviceTypeAccelerator = 1 << 3;
 constexpr uint32_t kClArgAddressGlobal = 0x119B, kClArgAddressLocal = 0x119C, kClArgAddressPrivate = 0x119E;
-constexpr uint32_t kClArgAccessNone = 0x11A3;
+constexpr uint32_t kClArgAccessReadOnly = 0x11A0, kClArgAccessWriteOnly = 0x11A1, kClArgAccessNone = 0x11A3;
 constexpr uint32_t kClBinaryCompiledObject = 0x1, kClBinaryLibrary = 0x2, kClBinaryExecutable = 0x4;
 
 template <typename T>
@@ -298,6 +357,18 @@ ProgramDescription describe_program(uint32_t binary_type, const std::vector<cons
           ai.AddressQualifier = kClArgAddressLocal;
           ai.Kind = GPUPDDI_ARG_LOCAL;
           break;
+        case Param::kImageRead:
+        case Param::kImageWrite:
+          ai.AddressQualifier = kClArgAddressGlobal;  // images are __global objects, as PoCL says
+          ai.AccessQualifier = p.kind == Param::kImageRead ? kClArgAccessReadOnly : kClArgAccessWriteOnly;
+          ai.Kind = GPUPDDI_ARG_IMAGE;
+          ai.ValueSize = 8;
+          break;
+        case Param::kSampler:
+          ai.AddressQualifier = kClArgAddressPrivate;
+          ai.Kind = GPUPDDI_ARG_SAMPLER;
+          ai.ValueSize = 8;
+          break;
         case Param::kInt:
         case Param::kUlong:
           ai.AddressQualifier = kClArgAddressPrivate;
@@ -332,6 +403,7 @@ class Allocation final : public KmdObject {
   unsigned char* owned_ = nullptr;
   std::vector<std::string> kernels;  // programs: the declared kernel names
   bool executable = false;           // programs: not a compiled object or library
+  ImageLayout layout;                // Flags.Image
 };
 
 // A command resolved to host pointers, ready for the worker.
@@ -499,6 +571,8 @@ class Adapter final : public KmdObject {
   GPUPDDI_DEVICEINFO info{};
   GPUP_OCL_UMD_INFO umd{};
   InfoList device_info_list;  // GPUP_OCL_QUERY_DEVICE_INFO
+  ImageFormats image_formats; // what image allocations may use
+  InfoList image_formats_list;  // GPUP_OCL_QUERY_IMAGE_FORMATS
   std::atomic<uint64_t> memory_used{0};
   ProcessTable processes;
 
@@ -515,7 +589,7 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
   if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = 0;
   switch (args->Type) {
     case GPUPDDI_QAITYPE_UMDRIVERPRIVATE:
-      return handle_umd_private_query(args, umd, device_info_list);
+      return handle_umd_private_query(args, umd, device_info_list, image_formats_list);
     case GPUPDDI_QAITYPE_DRIVERCAPS: {
       GPUPDDI_DRIVERCAPS caps{};
       caps.WDDMVersion = 0x3000;
@@ -581,6 +655,11 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
   copy_fixed_string(umd.DeviceVersion, "OpenCL 1.2 gpup-mock");
   copy_fixed_string(umd.OpenCLCVersion, "OpenCL C 1.2");
   a->device_info_list = synthetic_device_info(info, umd);
+  // The one format the mock's image kernels handle, for 2D images of every access.
+  for (uint64_t access : {cl_values::kMemReadWrite, cl_values::kMemReadOnly, cl_values::kMemWriteOnly}) {
+    a->image_formats.set(cl_values::kImage2D, access, {{cl_values::kR, cl_values::kUnsignedInt32}});
+  }
+  a->image_formats_list = a->image_formats.encode();
   logf(GPUPDDI_LOG_INFO, "mock adapter started: '{}', {} MiB", info.Name, memory >> 20);
   return a;
 }
@@ -601,7 +680,24 @@ gpup_status Device::create_allocation(GPUPDDI_ARG_CREATEALLOCATION* args) {
   if (f.Reserved != 0) return GPUP_STATUS_INVALID_PARAMETER;
   auto alloc = std::make_unique<Allocation>();
   alloc->flags = f;
-  if (f.Program) {
+  if (f.Image) {
+    if (f.Program || !f.CpuVisible || args->pSystemMemory == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+    if (args->Size == 0 || args->Size > adapter->info.MaxAllocSize) return GPUP_STATUS_INVALID_PARAMETER;
+    auto layout = parse_image_desc(args->pPrivateDriverData, args->PrivateDriverDataSize, args->Size, f.ReadOnly != 0);
+    if (!layout) {
+      logf(GPUPDDI_LOG_WARN, "CreateAllocation: {}", layout.error().message);
+      return layout.error().status;
+    }
+    if (!adapter->image_formats.supports(layout->image_type, layout->access, layout->channel_order,
+                                         layout->channel_type)) {
+      logf(GPUPDDI_LOG_WARN, "CreateAllocation: image format (order {:#x}, type {:#x}) of type {:#x} not supported",
+           layout->channel_order, layout->channel_type, layout->image_type);
+      return GPUP_STATUS_INVALID_PARAMETER;
+    }
+    alloc->layout = *layout;
+    alloc->base = static_cast<unsigned char*>(args->pSystemMemory);
+    alloc->size = args->Size;
+  } else if (f.Program) {
     if (f.CpuVisible || args->pSystemMemory != nullptr) return GPUP_STATUS_INVALID_PARAMETER;
     auto image = parse_program_desc(args->pPrivateDriverData, args->PrivateDriverDataSize);
     if (!image) {
@@ -827,6 +923,33 @@ Status Context::prepare(const GPUPDDI_COMMAND& in, Command* out) {
             }
             local_bytes += a.Size;
             break;
+          case Param::kImageRead:
+          case Param::kImageWrite: {
+            if (a.Kind != GPUPDDI_ARG_IMAGE) return invalid(fmt::format("dispatch '{}': argument {} must be an image", name, i));
+            Allocation* img = device_->find_allocation(a.Buffer.hAllocation);
+            if (img == nullptr) {
+              return Error(GPUP_STATUS_INVALID_HANDLE, fmt::format("dispatch '{}': argument {}: not an allocation", name, i));
+            }
+            if (!img->flags.Image) return invalid(fmt::format("dispatch '{}': argument {} is not an image allocation", name, i));
+            if (a.Buffer.Offset != 0 || a.Buffer.Size != img->size) {
+              return invalid(fmt::format("dispatch '{}': image argument {} is not the whole allocation", name, i));
+            }
+            const uint64_t access = img->layout.access;
+            const bool allowed = p == Param::kImageRead ? access != cl_values::kMemWriteOnly
+                                                        : access != cl_values::kMemReadOnly;
+            if (img->layout.image_type != cl_values::kImage2D || !allowed) {
+              return invalid(fmt::format("dispatch '{}': image argument {} has the wrong type or access", name, i));
+            }
+            l.images[i] = ImageView{img->base, img->layout};
+            break;
+          }
+          case Param::kSampler: {
+            if (a.Kind != GPUPDDI_ARG_SAMPLER) return invalid(fmt::format("dispatch '{}': argument {} must be a sampler", name, i));
+            auto desc = parse_sampler_desc(a.pValue, a.Size);
+            if (!desc) return invalid(fmt::format("dispatch '{}': argument {}: {}", name, i, desc.error().message));
+            l.samplers[i] = *desc;
+            break;
+          }
         }
         ++i;
       }

@@ -21,6 +21,16 @@
 //                                                        1442695040888963407; out[gid] = x.
 //                                                        Checks for an engine reset as it goes.
 //   fault(__global int* b)                               mock only: always a device fault
+//
+// Image kernels (DDI 1.1), over a 2D CL_R / CL_UNSIGNED_INT32 image of width w, one work item
+// per pixel in row order (gid = y * w + x):
+//   image_read_u32(read_only image2d_t img, sampler_t s, __global uint* out)
+//                                                        out[gid] = read_imageui(img, s, (x, y)).x
+//                                                        (the mock takes only unnormalized,
+//                                                        nearest samplers)
+//   image_write_u32(write_only image2d_t img, __global const uint* in, uint add)
+//                                                        pixel (x, y) = in[gid] + add
+//   A pixel outside the image is a device fault on the mock.
 #pragma once
 
 namespace gpup::kmd::mock {
@@ -42,6 +52,20 @@ __kernel void spin(__global ulong* out, ulong iterations) {
   ulong x = get_global_id(0);
   for (ulong i = 0; i < iterations; ++i) x = x * 6364136223846793005UL + 1442695040888963407UL;
   out[get_global_id(0)] = x;
+}
+)CLC";
+
+// OpenCL C for the image kernels above, built separately (devices without images cannot).
+inline constexpr const char* kPortableImageKernelsSource = R"CLC(
+__kernel void image_read_u32(read_only image2d_t img, sampler_t s, __global uint* out) {
+  int i = get_global_id(0);
+  int w = get_image_width(img);
+  out[i] = read_imageui(img, s, (int2)(i % w, i / w)).x;
+}
+__kernel void image_write_u32(write_only image2d_t img, __global const uint* in, uint add) {
+  int i = get_global_id(0);
+  int w = get_image_width(img);
+  write_imageui(img, (int2)(i % w, i / w), (uint4)(in[i] + add, 0, 0, 1));
 }
 )CLC";
 

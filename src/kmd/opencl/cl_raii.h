@@ -48,6 +48,7 @@ using ClMem = ClRef<cl_mem, clReleaseMemObject>;
 using ClProgram = ClRef<cl_program, clReleaseProgram>;
 using ClKernel = ClRef<cl_kernel, clReleaseKernel>;
 using ClEvent = ClRef<cl_event, clReleaseEvent>;
+using ClSampler = ClRef<cl_sampler, clReleaseSampler>;
 
 // "CL_INVALID_VALUE" for -30; "CL_UNKNOWN_ERROR" for codes it does not know (log the number too).
 const char* cl_error_name(cl_int err);

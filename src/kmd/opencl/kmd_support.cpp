@@ -508,8 +508,29 @@ InfoList encode_info_list(const std::map<uint32_t, std::vector<unsigned char>>& 
   return out;
 }
 
+namespace {
+
+// Copies an encoded GPUP_OCL_INFO_LIST into a query's output; when it does not fit, only the
+// list header (so the UMD learns TotalSize), or nothing when even that does not fit, and
+// BUFFER_TOO_SMALL.
+gpup_status write_info_list(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const InfoList& list) {
+  if (args->pOutputData == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+  if (list.size() < sizeof(GPUP_OCL_INFO_LIST)) return GPUP_STATUS_INTERNAL;  // never encoded
+  if (args->OutputDataSize < list.size()) {
+    if (args->OutputDataSize < sizeof(GPUP_OCL_INFO_LIST)) return GPUP_STATUS_BUFFER_TOO_SMALL;
+    std::memcpy(args->pOutputData, list.data(), sizeof(GPUP_OCL_INFO_LIST));
+    if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = sizeof(GPUP_OCL_INFO_LIST);
+    return GPUP_STATUS_BUFFER_TOO_SMALL;
+  }
+  std::memcpy(args->pOutputData, list.data(), list.size());
+  if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = static_cast<uint32_t>(list.size());
+  return GPUP_STATUS_SUCCESS;
+}
+
+}  // namespace
+
 gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info,
-                                     const InfoList& device_info) {
+                                     const InfoList& device_info, const InfoList& image_formats) {
   if (args->pInputData == nullptr || args->InputDataSize != sizeof(GPUP_OCL_PRIVATE_HEADER)) {
     logf(GPUPDDI_LOG_WARN, "UMD-private query: {} bytes of input, need exactly {}", args->InputDataSize,
          sizeof(GPUP_OCL_PRIVATE_HEADER));
@@ -524,24 +545,186 @@ gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, c
   switch (header.Code) {
     case GPUP_OCL_QUERY_UMD_INFO:
       return write_query_output(args, info);
-    case GPUP_OCL_QUERY_DEVICE_INFO: {
-      if (args->pOutputData == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
-      if (device_info.size() < sizeof(GPUP_OCL_INFO_LIST)) return GPUP_STATUS_INTERNAL;  // never encoded
-      if (args->OutputDataSize < device_info.size()) {
-        // Only the header, so the UMD learns TotalSize.
-        if (args->OutputDataSize < sizeof(GPUP_OCL_INFO_LIST)) return GPUP_STATUS_BUFFER_TOO_SMALL;
-        std::memcpy(args->pOutputData, device_info.data(), sizeof(GPUP_OCL_INFO_LIST));
-        if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = sizeof(GPUP_OCL_INFO_LIST);
-        return GPUP_STATUS_BUFFER_TOO_SMALL;
-      }
-      std::memcpy(args->pOutputData, device_info.data(), device_info.size());
-      if (args->pOutputDataWritten != nullptr) *args->pOutputDataWritten = static_cast<uint32_t>(device_info.size());
-      return GPUP_STATUS_SUCCESS;
-    }
+    case GPUP_OCL_QUERY_DEVICE_INFO:
+      return write_info_list(args, device_info);
+    case GPUP_OCL_QUERY_IMAGE_FORMATS:
+      return write_info_list(args, image_formats);
     default:
       logf(GPUPDDI_LOG_WARN, "UMD-private query: unknown code {:#010x}", header.Code);
       return GPUP_STATUS_NOT_SUPPORTED;
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images and samplers
+
+uint32_t image_element_size(uint32_t order, uint32_t type) {
+  using namespace cl_values;
+  // Packed types hold every channel of a pixel in one word.
+  switch (type) {
+    case kUnormShort565:
+    case kUnormShort555:
+      return order == kRGB || order == kRGBx ? 2 : 0;
+    case kUnormInt101010:
+      return order == kRGB || order == kRGBx ? 4 : 0;
+    case kUnormInt101010_2:
+      return order == kRGBA ? 4 : 0;
+    default:
+      break;
+  }
+  if (order == kDepthStencil) return type == kUnormInt24 ? 4 : type == kFloat ? 8 : 0;
+  uint32_t channel = 0;
+  switch (type) {
+    case kSnormInt8: case kUnormInt8: case kSignedInt8: case kUnsignedInt8: channel = 1; break;
+    case kSnormInt16: case kUnormInt16: case kSignedInt16: case kUnsignedInt16: case kHalfFloat: channel = 2; break;
+    case kSignedInt32: case kUnsignedInt32: case kFloat: channel = 4; break;
+    case kUnormInt24: return order == kDepth ? 4 : 0;
+    default: return 0;
+  }
+  switch (order) {
+    case kR: case kA: case kIntensity: case kLuminance: case kDepth: return channel;
+    case kRG: case kRA: case kRx: return 2 * channel;
+    case kRGB: case kRGx: case kSRGB: return 3 * channel;
+    case kRGBA: case kBGRA: case kARGB: case kABGR: case kRGBx: case kSRGBx: case kSRGBA: case kSBGRA:
+      return 4 * channel;
+    default: return 0;
+  }
+}
+
+void ImageFormats::set(uint32_t image_type, uint64_t access, std::vector<Format> formats) {
+  lists_[GPUP_OCL_IMAGE_FORMATS_KEY(image_type, access)] = std::move(formats);
+}
+
+bool ImageFormats::supports(uint32_t image_type, uint64_t access, uint32_t order, uint32_t type) const {
+  auto it = lists_.find(GPUP_OCL_IMAGE_FORMATS_KEY(image_type, access));
+  if (it == lists_.end()) return false;
+  return std::any_of(it->second.begin(), it->second.end(),
+                     [&](const Format& f) { return f.order == order && f.type == type; });
+}
+
+InfoList ImageFormats::encode() const {
+  std::map<uint32_t, std::vector<unsigned char>> records;
+  for (const auto& [key, formats] : lists_) {
+    std::vector<unsigned char> value(formats.size() * 8);
+    for (size_t i = 0; i < formats.size(); ++i) {
+      std::memcpy(value.data() + i * 8, &formats[i].order, 4);
+      std::memcpy(value.data() + i * 8 + 4, &formats[i].type, 4);
+    }
+    records.emplace(key, std::move(value));
+  }
+  return encode_info_list(records);
+}
+
+Result<ImageLayout> parse_image_desc(const void* data, uint32_t size, uint64_t allocation_size, bool read_only) {
+  using namespace cl_values;
+  auto bad = [](std::string m) { return Error(GPUP_STATUS_INVALID_PARAMETER, "image descriptor: " + m); };
+  if (data == nullptr || size != sizeof(GPUP_OCL_IMAGE_DESC)) {
+    return bad(fmt::format("{} bytes of private data, need exactly {}", data ? size : 0u, sizeof(GPUP_OCL_IMAGE_DESC)));
+  }
+  GPUP_OCL_IMAGE_DESC d;  // read the guest's bytes exactly once
+  std::memcpy(&d, data, sizeof(d));
+  if (d.Magic != GPUP_OCL_IMAGE_MAGIC) return bad(fmt::format("bad magic {:#010x}", d.Magic));
+
+  ImageLayout l;
+  l.image_type = d.ImageType;
+  l.channel_order = d.ChannelOrder;
+  l.channel_type = d.ChannelDataType;
+  // Which of height, depth, array size and slice pitch the type uses.
+  bool uses_height = false, uses_depth = false, uses_array = false;
+  switch (d.ImageType) {
+    case kImage1D: break;
+    case kImage2D: uses_height = true; break;
+    case kImage3D: uses_height = uses_depth = true; break;
+    case kImage1DArray: uses_array = true; break;
+    case kImage2DArray: uses_height = uses_array = true; break;
+    default: return bad(fmt::format("image type {:#x} is not 1D, 2D, 3D, 1D array or 2D array", d.ImageType));
+  }
+  if (d.Width == 0) return bad("Width is 0");
+  if (uses_height != (d.Height != 0)) return bad(fmt::format("Height {} for image type {:#x}", d.Height, d.ImageType));
+  if (uses_depth != (d.Depth != 0)) return bad(fmt::format("Depth {} for image type {:#x}", d.Depth, d.ImageType));
+  if (uses_array != (d.ArraySize != 0)) {
+    return bad(fmt::format("ArraySize {} for image type {:#x}", d.ArraySize, d.ImageType));
+  }
+  l.width = d.Width;
+  l.height = d.Height;
+  l.depth = d.Depth;
+  l.array_size = d.ArraySize;
+
+  l.element_size = image_element_size(d.ChannelOrder, d.ChannelDataType);
+  if (l.element_size == 0) {
+    return bad(fmt::format("channel order {:#x} with data type {:#x} is not an image format", d.ChannelOrder,
+                           d.ChannelDataType));
+  }
+  switch (d.Flags) {
+    case 0: l.access = kMemReadWrite; break;
+    case kMemReadWrite: case kMemReadOnly: case kMemWriteOnly: l.access = d.Flags; break;
+    default: return bad(fmt::format("Flags {:#x} are not exactly one access flag", d.Flags));
+  }
+  if (read_only && l.access != kMemReadOnly) return bad("a read-only allocation holds only a READ_ONLY image");
+
+  // Row: at least width * element size, a multiple of the element size.
+  uint64_t row_min = 0;
+  if (__builtin_mul_overflow(d.Width, uint64_t{l.element_size}, &row_min)) return bad("Width overflows");
+  if (d.RowPitch < row_min || d.RowPitch % l.element_size != 0) {
+    return bad(fmt::format("RowPitch {} below {} or not a multiple of the {}-byte element", d.RowPitch, row_min,
+                           l.element_size));
+  }
+  l.row_pitch = d.RowPitch;
+  // Slice: 3D and 2D arrays at least height rows (a whole number of them); 1D arrays use the
+  // row pitch (SlicePitch 0 or equal to it); 1D and 2D images have none.
+  const bool slices = uses_depth || (uses_array && uses_height);
+  if (slices) {
+    uint64_t slice_min = 0;
+    if (__builtin_mul_overflow(d.Height, d.RowPitch, &slice_min)) return bad("Height * RowPitch overflows");
+    if (d.SlicePitch < slice_min || d.SlicePitch % d.RowPitch != 0) {
+      return bad(fmt::format("SlicePitch {} below {} or not a multiple of RowPitch", d.SlicePitch, slice_min));
+    }
+    l.slice_pitch = d.SlicePitch;
+  } else if (d.ImageType == kImage1DArray) {
+    if (d.SlicePitch != 0 && d.SlicePitch != d.RowPitch) {
+      return bad(fmt::format("SlicePitch {} of a 1D array is neither 0 nor RowPitch", d.SlicePitch));
+    }
+    l.slice_pitch = d.RowPitch;
+  } else if (d.SlicePitch != 0) {
+    return bad(fmt::format("SlicePitch {} for an image without slices", d.SlicePitch));
+  }
+
+  // One past the last byte: the last pixel's row, slice and array layer, then one row's pixels.
+  const uint64_t rows = uses_height ? d.Height : 1;
+  const uint64_t layers = uses_depth ? d.Depth : uses_array ? d.ArraySize : 1;
+  const uint64_t layer_pitch = uses_array && !uses_height ? d.RowPitch : l.slice_pitch;
+  uint64_t end = 0, part = 0;
+  if (__builtin_mul_overflow(rows - 1, d.RowPitch, &end) || __builtin_mul_overflow(layers - 1, layer_pitch, &part) ||
+      __builtin_add_overflow(end, part, &end) || __builtin_add_overflow(end, row_min, &end)) {
+    return bad("the image's extent overflows");
+  }
+  if (end > allocation_size) {
+    return bad(fmt::format("the image ends at byte {}, past the {}-byte allocation", end, allocation_size));
+  }
+  l.bytes = end;
+  return l;
+}
+
+Result<GPUP_OCL_SAMPLER_DESC> parse_sampler_desc(const void* data, uint32_t size) {
+  using namespace cl_values;
+  auto bad = [](std::string m) { return Error(GPUP_STATUS_INVALID_PARAMETER, "sampler: " + m); };
+  if (data == nullptr || size != sizeof(GPUP_OCL_SAMPLER_DESC)) {
+    return bad(fmt::format("{} bytes, need exactly {}", data ? size : 0u, sizeof(GPUP_OCL_SAMPLER_DESC)));
+  }
+  GPUP_OCL_SAMPLER_DESC d;
+  std::memcpy(&d, data, sizeof(d));
+  if (d.NormalizedCoords > 1) return bad(fmt::format("NormalizedCoords {} is not 0 or 1", d.NormalizedCoords));
+  if (d.AddressingMode < kAddressNone || d.AddressingMode > kAddressMirroredRepeat) {
+    return bad(fmt::format("unknown addressing mode {:#x}", d.AddressingMode));
+  }
+  if (d.FilterMode != kFilterNearest && d.FilterMode != kFilterLinear) {
+    return bad(fmt::format("unknown filter mode {:#x}", d.FilterMode));
+  }
+  if (!d.NormalizedCoords && (d.AddressingMode == kAddressRepeat || d.AddressingMode == kAddressMirroredRepeat)) {
+    return bad("REPEAT and MIRRORED_REPEAT need normalized coordinates");
+  }
+  if (d.Reserved != 0) return bad("Reserved is not 0");
+  return d;
 }
 
 GPUPDDI_GPUMMUCAPS standard_mmu_caps(bool cache_coherent) {

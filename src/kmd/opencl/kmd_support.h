@@ -254,6 +254,91 @@ uint64_t kernel_table_size(const ProgramDescription& program);
 uint32_t write_program_output(void* out, uint32_t capacity, uint32_t version, int32_t build_error,
                               std::string_view log, const ProgramDescription* program);
 
+// A GPUP_OCL_INFO_LIST (device info or image format records), ready to be copied out.
+using InfoList = std::vector<unsigned char>;
+
+// ---------------------------------------------------------------------------------------------
+// Images and samplers (contract version 3)
+//
+// OpenCL's values for the names the contract uses; kmd_support does not include the OpenCL
+// headers (kmd_opencl checks them against <CL/cl.h> with static asserts).
+namespace cl_values {
+inline constexpr uint32_t kImage2D = 0x10F1, kImage3D = 0x10F2, kImage2DArray = 0x10F3, kImage1D = 0x10F4,
+                          kImage1DArray = 0x10F5, kImage1DBuffer = 0x10F6;
+inline constexpr uint64_t kMemReadWrite = 1u << 0, kMemWriteOnly = 1u << 1, kMemReadOnly = 1u << 2,
+                          kMemKernelReadAndWrite = 1u << 12;
+inline constexpr uint32_t kR = 0x10B0, kA = 0x10B1, kRG = 0x10B2, kRA = 0x10B3, kRGB = 0x10B4, kRGBA = 0x10B5,
+                          kBGRA = 0x10B6, kARGB = 0x10B7, kIntensity = 0x10B8, kLuminance = 0x10B9, kRx = 0x10BA,
+                          kRGx = 0x10BB, kRGBx = 0x10BC, kDepth = 0x10BD, kDepthStencil = 0x10BE, kSRGB = 0x10BF,
+                          kSRGBx = 0x10C0, kSRGBA = 0x10C1, kSBGRA = 0x10C2, kABGR = 0x10C3;
+inline constexpr uint32_t kSnormInt8 = 0x10D0, kSnormInt16 = 0x10D1, kUnormInt8 = 0x10D2, kUnormInt16 = 0x10D3,
+                          kUnormShort565 = 0x10D4, kUnormShort555 = 0x10D5, kUnormInt101010 = 0x10D6,
+                          kSignedInt8 = 0x10D7, kSignedInt16 = 0x10D8, kSignedInt32 = 0x10D9, kUnsignedInt8 = 0x10DA,
+                          kUnsignedInt16 = 0x10DB, kUnsignedInt32 = 0x10DC, kHalfFloat = 0x10DD, kFloat = 0x10DE,
+                          kUnormInt24 = 0x10DF, kUnormInt101010_2 = 0x10E0;
+inline constexpr uint32_t kAddressNone = 0x1130, kAddressClampToEdge = 0x1131, kAddressClamp = 0x1132,
+                          kAddressRepeat = 0x1133, kAddressMirroredRepeat = 0x1134;
+inline constexpr uint32_t kFilterNearest = 0x1140, kFilterLinear = 0x1141;
+}  // namespace cl_values
+
+// Bytes of one pixel of the format (channel order, channel data type), or 0 when the pair names
+// no OpenCL format.
+uint32_t image_element_size(uint32_t channel_order, uint32_t channel_type);
+
+// The image types (clGetSupportedImageFormats) and access flags GPUP_OCL_QUERY_IMAGE_FORMATS
+// lists, in the order the KMDs ask for them.
+inline constexpr uint32_t kImageTypes[] = {cl_values::kImage1D, cl_values::kImage2D, cl_values::kImage3D,
+                                           cl_values::kImage1DArray, cl_values::kImage2DArray};
+inline constexpr uint64_t kImageAccessFlags[] = {cl_values::kMemReadWrite, cl_values::kMemReadOnly,
+                                                 cl_values::kMemWriteOnly, cl_values::kMemKernelReadAndWrite};
+
+// The formats a device supports per image type and access flag: what GPUP_OCL_QUERY_IMAGE_FORMATS
+// answers and what image allocations are checked against.
+class ImageFormats {
+ public:
+  struct Format {
+    uint32_t order = 0;  // cl_channel_order
+    uint32_t type = 0;   // cl_channel_type
+  };
+  // Records the answer for (image type, access flag), replacing an earlier one.
+  void set(uint32_t image_type, uint64_t access, std::vector<Format> formats);
+  bool supports(uint32_t image_type, uint64_t access, uint32_t order, uint32_t type) const;
+  bool empty() const { return lists_.empty(); }
+  // The GPUP_OCL_INFO_LIST of kmd_opencl.h: one record per (type, access) answered, keyed by
+  // GPUP_OCL_IMAGE_FORMATS_KEY, the value an array of cl_image_format (two uint32 each).
+  InfoList encode() const;
+
+ private:
+  std::map<uint32_t, std::vector<Format>> lists_;  // by GPUP_OCL_IMAGE_FORMATS_KEY
+};
+
+// An image allocation's GPUP_OCL_IMAGE_DESC, checked, with what follows from it.
+struct ImageLayout {
+  uint32_t image_type = 0;     // CL_MEM_OBJECT_IMAGE*
+  uint32_t channel_order = 0;
+  uint32_t channel_type = 0;
+  uint64_t access = 0;         // exactly one of CL_MEM_READ_WRITE / _READ_ONLY / _WRITE_ONLY (0 given: READ_WRITE)
+  uint64_t width = 0, height = 0, depth = 0, array_size = 0;
+  uint64_t row_pitch = 0;
+  uint64_t slice_pitch = 0;    // as OpenCL takes it: 1D arrays get row_pitch, 1D and 2D images 0
+  uint32_t element_size = 0;
+  uint64_t bytes = 0;          // one past the image's last byte
+};
+
+// Validates the private data of an allocation of allocation_size bytes made with Flags.Image
+// (read_only: the allocation's Flags.ReadOnly) against kmd_opencl.h: exact size, magic, image
+// type, dimensions used and unused, a known format, access flags only, pitches at least the
+// minimum and multiples of the element size (slices: of the row pitch), the image's last byte
+// inside the allocation, all without overflow. A read-only allocation takes only a READ_ONLY
+// image. Does not check that the device supports the format (see ImageFormats). Every failure is
+// INVALID_PARAMETER with a message.
+Result<ImageLayout> parse_image_desc(const void* data, uint32_t size, uint64_t allocation_size, bool read_only);
+
+// Validates the value of a GPUPDDI_ARG_SAMPLER argument: Size == sizeof(GPUP_OCL_SAMPLER_DESC),
+// NormalizedCoords 0 or 1, a known addressing and filter mode, REPEAT / MIRRORED_REPEAT only with
+// normalized coordinates (OpenCL leaves the other combination undefined), Reserved 0.
+Result<GPUP_OCL_SAMPLER_DESC> parse_sampler_desc(const void* data, uint32_t size);
+
 // ---------------------------------------------------------------------------------------------
 // Escapes and queries
 
@@ -262,18 +347,17 @@ uint64_t fnv1a64(std::span<const unsigned char> bytes);
 // pfnEscape for the GPUP_OCL_ESCAPE_* codes, answering DEVICE_INFO with info.
 gpup_status handle_escape(const GPUPDDI_ARG_ESCAPE* args, const GPUPDDI_DEVICEINFO& info);
 
-// A GPUP_OCL_INFO_LIST (device info records), ready to be copied out.
-using InfoList = std::vector<unsigned char>;
 // Encodes records (cl_device_info param -> raw value bytes) as a GPUP_OCL_INFO_LIST: sorted by
 // param (the map's order), each value padded to 8. Throws std::length_error when the list would
 // not fit the 32-bit TotalSize.
 InfoList encode_info_list(const std::map<uint32_t, std::vector<unsigned char>>& records);
 
 // GPUPDDI_QAITYPE_UMDRIVERPRIVATE: checks the GPUP_OCL_PRIVATE_HEADER input and answers
-// GPUP_OCL_QUERY_UMD_INFO with info and GPUP_OCL_QUERY_DEVICE_INFO with device_info (an
-// encode_info_list result).
+// GPUP_OCL_QUERY_UMD_INFO with info, GPUP_OCL_QUERY_DEVICE_INFO with device_info (an
+// encode_info_list result) and GPUP_OCL_QUERY_IMAGE_FORMATS with image_formats (an
+// ImageFormats::encode result).
 gpup_status handle_umd_private_query(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const GPUP_OCL_UMD_INFO& info,
-                                     const InfoList& device_info);
+                                     const InfoList& device_info, const InfoList& image_formats);
 
 // Copies a fixed-size answer into a query's output: INVALID_PARAMETER without an output buffer,
 // BUFFER_TOO_SMALL when it cannot hold a T; sets *pOutputDataWritten when given.

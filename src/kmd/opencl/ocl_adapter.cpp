@@ -56,6 +56,12 @@ const char* cl_error_name(cl_int err) {
     GPUP_CL_ERR_(CL_INVALID_COMPILER_OPTIONS)
     GPUP_CL_ERR_(CL_INVALID_LINKER_OPTIONS)
     GPUP_CL_ERR_(CL_LINKER_NOT_AVAILABLE)
+    GPUP_CL_ERR_(CL_IMAGE_FORMAT_MISMATCH)
+    GPUP_CL_ERR_(CL_IMAGE_FORMAT_NOT_SUPPORTED)
+    GPUP_CL_ERR_(CL_INVALID_IMAGE_FORMAT_DESCRIPTOR)
+    GPUP_CL_ERR_(CL_INVALID_IMAGE_SIZE)
+    GPUP_CL_ERR_(CL_INVALID_IMAGE_DESCRIPTOR)
+    GPUP_CL_ERR_(CL_INVALID_SAMPLER)
 #undef GPUP_CL_ERR_
     default:
       return "CL_UNKNOWN_ERROR";
@@ -84,6 +90,11 @@ gpup_status status_from_cl(cl_int err) {
     case CL_INVALID_WORK_ITEM_SIZE:
     case CL_INVALID_GLOBAL_OFFSET:
     case CL_INVALID_GLOBAL_WORK_SIZE:
+    case CL_IMAGE_FORMAT_NOT_SUPPORTED:
+    case CL_INVALID_IMAGE_FORMAT_DESCRIPTOR:
+    case CL_INVALID_IMAGE_SIZE:
+    case CL_INVALID_IMAGE_DESCRIPTOR:
+    case CL_INVALID_SAMPLER:
       return GPUP_STATUS_INVALID_PARAMETER;
     case CL_INVALID_KERNEL_NAME:
       return GPUP_STATUS_NOT_FOUND;
@@ -175,6 +186,34 @@ DeviceFacts read_facts(cl_platform_id platform, cl_device_id device) {
   return f;
 }
 
+// The formats clGetSupportedImageFormats gives for every image type and access flag of
+// GPUP_OCL_QUERY_IMAGE_FORMATS. Empty unless the device supports images and its memory is the
+// host's (image allocations alias a buffer and an image over the same host memory, which only
+// stays coherent there). Access flags the implementation does not know (KERNEL_READ_AND_WRITE
+// before OpenCL 2.0) are left out.
+ImageFormats read_image_formats(cl_context context, const DeviceFacts& f) {
+  ImageFormats out;
+  if (device_value<cl_bool>(f.device, CL_DEVICE_IMAGE_SUPPORT, CL_FALSE) != CL_TRUE) return out;
+  if (!f.unified_memory) {
+    log_message(GPUPDDI_LOG_INFO, "images not offered: the device's memory is not the host's");
+    return out;
+  }
+  constexpr cl_uint kMaxFormats = 4096;
+  for (uint32_t type : kImageTypes) {
+    for (uint64_t access : kImageAccessFlags) {
+      cl_uint n = 0;
+      if (clGetSupportedImageFormats(context, access, type, 0, nullptr, &n) != CL_SUCCESS || n > kMaxFormats) continue;
+      std::vector<cl_image_format> formats(n);
+      if (n > 0 && clGetSupportedImageFormats(context, access, type, n, formats.data(), nullptr) != CL_SUCCESS) continue;
+      std::vector<ImageFormats::Format> list;
+      list.reserve(n);
+      for (const cl_image_format& one : formats) list.push_back({one.image_channel_order, one.image_channel_data_type});
+      out.set(type, access, std::move(list));
+    }
+  }
+  return out;
+}
+
 void CL_CALLBACK context_error(const char* errinfo, const void*, size_t, void*) {
   logf(GPUPDDI_LOG_ERROR, "OpenCL context error: {}", printable(errinfo ? errinfo : "", 512));
 }
@@ -253,6 +292,8 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
   if (err != CL_SUCCESS) {
     return Error(status_from_cl(err), fmt::format("clCreateContext: {} ({})", cl_error_name(err), err));
   }
+  adapter->facts.image_formats = read_image_formats(adapter->context.get(), adapter->facts);
+  adapter->facts.image_formats_list = adapter->facts.image_formats.encode();
   const GPUPDDI_DEVICEINFO& info = adapter->facts.info;
   logf(GPUPDDI_LOG_INFO,
        "adapter started on '{}' device #{} '{}': {} MiB global, {} MiB max alloc, {} CUs, {}-byte device info list",
@@ -279,7 +320,7 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
   // Adding a query type: a case here and in the mock, a conformance test. Others are refused.
   switch (args->Type) {
     case GPUPDDI_QAITYPE_UMDRIVERPRIVATE:
-      return handle_umd_private_query(args, facts.umd, facts.device_info);
+      return handle_umd_private_query(args, facts.umd, facts.device_info, facts.image_formats_list);
     case GPUPDDI_QAITYPE_DRIVERCAPS: {
       GPUPDDI_DRIVERCAPS caps{};
       caps.WDDMVersion = 0x3000;
@@ -324,6 +365,27 @@ gpup_status Adapter::create_device(GPUPDDI_ARG_CREATEDEVICE* args) {
   }
   args->hDevice = adopt(mu_, devices_, std::make_unique<Device>(this, process, std::move(queue)));
   return GPUP_STATUS_SUCCESS;
+}
+
+Result<cl_sampler> Adapter::sampler(const GPUP_OCL_SAMPLER_DESC& desc) {
+  const auto key = std::make_tuple(desc.NormalizedCoords, desc.AddressingMode, desc.FilterMode);
+  std::lock_guard lock(sampler_mu_);
+  if (auto it = samplers_.find(key); it != samplers_.end()) return it->second.get();
+  if (samplers_.size() >= kMaxSamplers) {
+    // Unreachable with checked descriptors; never evict (kernels may still hold the sampler).
+    return Error(GPUP_STATUS_NO_MEMORY, "too many distinct samplers");
+  }
+  cl_int err = CL_SUCCESS;
+  ClSampler s(clCreateSampler(context.get(), desc.NormalizedCoords ? CL_TRUE : CL_FALSE, desc.AddressingMode,
+                              desc.FilterMode, &err));
+  if (err != CL_SUCCESS) {
+    const gpup_status st = status_from_cl(err);
+    return Error(st == GPUP_STATUS_NO_MEMORY ? st : GPUP_STATUS_INVALID_PARAMETER,
+                 fmt::format("clCreateSampler: {} ({})", cl_error_name(err), err));
+  }
+  cl_sampler raw = s.get();
+  samplers_.emplace(key, std::move(s));
+  return raw;
 }
 
 void Adapter::destroy_device(Device* device) {

@@ -15,7 +15,8 @@ struct PreparedArg {
   uint32_t kind = 0;  // GPUPDDI_KERNEL_ARG_KIND
   size_t size = 0;
   std::vector<unsigned char> value;  // VALUE: the bytes, zero-padded to the device's max parameter size
-  cl_mem mem = nullptr;              // BUFFER
+  cl_mem mem = nullptr;              // BUFFER: the buffer or sub-buffer; IMAGE: the image
+  cl_sampler sampler = nullptr;      // SAMPLER: the adapter's cached sampler
 };
 
 struct Prepared {
@@ -45,6 +46,10 @@ cl_int set_arg(cl_kernel k, cl_uint index, const PreparedArg& a) {
       return clSetKernelArg(k, index, a.size, nullptr);
     case GPUPDDI_ARG_NULL_BUFFER:
       return clSetKernelArg(k, index, sizeof(cl_mem), nullptr);
+    case GPUPDDI_ARG_IMAGE:
+      return clSetKernelArg(k, index, sizeof(cl_mem), &a.mem);
+    case GPUPDDI_ARG_SAMPLER:
+      return clSetKernelArg(k, index, sizeof(cl_sampler), &a.sampler);
     default:
       return CL_INVALID_ARG_VALUE;
   }
@@ -55,7 +60,9 @@ const char* kind_name(Kernel::ArgKind k) {
     case Kernel::ArgKind::kBuffer: return "a __global/__constant pointer";
     case Kernel::ArgKind::kLocal: return "a __local pointer";
     case Kernel::ArgKind::kValue: return "a value";
-    case Kernel::ArgKind::kUnsupported: return "an image/sampler/pipe/queue/event (not supported)";
+    case Kernel::ArgKind::kImage: return "an image";
+    case Kernel::ArgKind::kSampler: return "a sampler";
+    case Kernel::ArgKind::kUnsupported: return "a pipe/queue/event or an image type without allocations (not supported)";
     case Kernel::ArgKind::kUnknown: return "of unknown kind (no argument info)";
   }
   return "?";
@@ -87,6 +94,29 @@ class Preparer {
     }
     if (ref.Size == 0) return invalid(fmt::format("{}: empty range", what));
     return a;
+  }
+
+  // The cl_image behind an IMAGE argument: the whole of an image allocation of this device,
+  // of the image type the parameter declares, with access flags that allow the parameter's
+  // access qualifier (as clSetKernelArg should, but not every implementation does).
+  Result<cl_mem> image_arg(const GPUPDDI_BUFFER_REF& ref, uint32_t want_type, uint32_t access) {
+    Allocation* a = device_->find_allocation(ref.hAllocation);
+    if (a == nullptr) return Error(GPUP_STATUS_INVALID_HANDLE, "not an allocation of this device");
+    if (!a->image) return invalid("the allocation is not an image allocation");
+    if (ref.Offset != 0 || ref.Size != a->size) {
+      return invalid(fmt::format("[{}, +{}) is not the whole {}-byte allocation", ref.Offset, ref.Size, a->size));
+    }
+    if (a->layout.image_type != want_type) {
+      return invalid(fmt::format("an image of type {:#x} given for a parameter of type {:#x}", a->layout.image_type,
+                                 want_type));
+    }
+    const uint64_t flags = a->layout.access;
+    const bool readable = flags != CL_MEM_WRITE_ONLY, writable = flags != CL_MEM_READ_ONLY;
+    const bool ok = access == CL_KERNEL_ARG_ACCESS_READ_ONLY    ? readable
+                    : access == CL_KERNEL_ARG_ACCESS_WRITE_ONLY ? writable
+                                                                : readable && writable;
+    if (!ok) return invalid(fmt::format("image access flags {:#x} do not allow the parameter's access {:#x}", flags, access));
+    return a->image.get();
   }
 
   Status prepare_copy(const GPUPDDI_COPY& c, Prepared* out) {
@@ -185,7 +215,9 @@ class Preparer {
       const bool match = (a.Kind == GPUPDDI_ARG_VALUE && want == Kernel::ArgKind::kValue) ||
                          ((a.Kind == GPUPDDI_ARG_BUFFER || a.Kind == GPUPDDI_ARG_NULL_BUFFER) &&
                           want == Kernel::ArgKind::kBuffer) ||
-                         (a.Kind == GPUPDDI_ARG_LOCAL && want == Kernel::ArgKind::kLocal);
+                         (a.Kind == GPUPDDI_ARG_LOCAL && want == Kernel::ArgKind::kLocal) ||
+                         (a.Kind == GPUPDDI_ARG_IMAGE && want == Kernel::ArgKind::kImage) ||
+                         (a.Kind == GPUPDDI_ARG_SAMPLER && want == Kernel::ArgKind::kSampler);
       if (!match) {
         return invalid(fmt::format("dispatch '{}': argument {} of kind {} given for {}", name, i, a.Kind, kind_name(want)));
       }
@@ -220,6 +252,23 @@ class Preparer {
           break;
         case GPUPDDI_ARG_NULL_BUFFER:
           break;
+        case GPUPDDI_ARG_IMAGE: {
+          auto image = image_arg(a.Buffer, k.image_types[i], k.access[i]);
+          if (!image) {
+            return Error(image.error().status,
+                         fmt::format("dispatch '{}': image argument {}: {}", name, i, image.error().message));
+          }
+          p.mem = *image;
+          break;
+        }
+        case GPUPDDI_ARG_SAMPLER: {
+          auto desc = parse_sampler_desc(a.pValue, a.Size);
+          if (!desc) return invalid(fmt::format("dispatch '{}': argument {}: {}", name, i, desc.error().message));
+          auto sampler = device_->adapter->sampler(*desc);
+          if (!sampler) return sampler.error();
+          p.sampler = *sampler;
+          break;
+        }
       }
     }
     if (local_bytes > facts_.info.LocalMemSize) {

@@ -3,11 +3,13 @@
 // Object graph (ownership follows the arrows; handles given to the host are raw pointers to
 // these objects, tagged, see kmd_support.h):
 //
-//   Adapter ── cl_context (one per adapter), the chosen cl_device_id and its DeviceFacts
+//   Adapter ── cl_context (one per adapter), the chosen cl_device_id and its DeviceFacts,
+//     │        the cl_samplers of sampler arguments (one per distinct descriptor)
 //     ├── ProcessTable: Process objects (worker / VM / host processes, VM data)
 //     └── Device (per pfnCreateDevice; belongs to a Process)
 //           ├── private in-order cl_command_queue: Lock/Unlock maps, zero-fill of new buffers
-//           ├── Allocation: a cl_mem (plus cached sub-buffers), or a built Program
+//           ├── Allocation: a cl_mem (plus cached sub-buffers), or a built Program; an image
+//           │     allocation also holds a cl_image over the same host memory
 //           └── Context: an in-order cl_command_queue and a completion thread
 //
 // Threads and locks
@@ -16,8 +18,9 @@
 //   reaches is locked: Adapter::mu (devices), Device::mu (its allocations and contexts),
 //   Device::queue_mu (its private queue), Allocation::sub_mu (sub-buffer cache), Program::mu (kernel cache),
 //   Kernel::set_mu (clSetKernelArg + clEnqueueNDRangeKernel on a cl_kernel shared by contexts),
-//   Context::submit_mu (one submission at a time). Lock order: submit_mu -> Program::mu |
-//   Kernel::set_mu | Allocation::sub_mu; no other nesting. No lock is held while calling the host.
+//   Context::submit_mu (one submission at a time), Adapter::sampler_mu (sampler cache). Lock
+//   order: submit_mu -> Program::mu | Kernel::set_mu | Allocation::sub_mu | Adapter::sampler_mu;
+//   no other nesting. No lock is held while calling the host.
 //
 //   Completions: each Context owns a thread that takes submissions in order, waits for their
 //   events (clWaitForEvents) and calls pfnNotifySubmissionComplete exactly once per submission.
@@ -33,6 +36,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "kmd/opencl/cl_raii.h"
@@ -52,6 +56,10 @@ struct DeviceFacts {
   uint64_t max_parameter_size = 256;
   bool unified_memory = false;        // CL_DEVICE_HOST_UNIFIED_MEMORY
   InfoList device_info;               // GPUP_OCL_QUERY_DEVICE_INFO's answer
+  // Image formats per type and access (empty without image support or without host-unified
+  // memory, see Device::create_image), and their GPUP_OCL_QUERY_IMAGE_FORMATS encoding.
+  ImageFormats image_formats;
+  InfoList image_formats_list;
 };
 
 // Every clGetDeviceInfo parameter the device answers, as GPUP_OCL_QUERY_DEVICE_INFO lists them.
@@ -62,10 +70,14 @@ class Context;
 
 // A kernel of a program, shared by every context that dispatches it.
 struct Kernel {
-  enum class ArgKind { kBuffer, kLocal, kValue, kUnsupported, kUnknown };
+  enum class ArgKind { kBuffer, kLocal, kValue, kImage, kSampler, kUnsupported, kUnknown };
   ClKernel kernel;
   std::string name;
   std::vector<ArgKind> kinds;   // one per CL_KERNEL_NUM_ARGS
+  // kImage arguments: the CL_MEM_OBJECT_IMAGE* type the parameter declares and its
+  // CL_KERNEL_ARG_ACCESS_QUALIFIER (0 for other kinds).
+  std::vector<uint32_t> image_types;
+  std::vector<uint32_t> access;
   uint64_t work_group_size = 0; // CL_KERNEL_WORK_GROUP_SIZE
   std::mutex set_mu;            // held across clSetKernelArg... + clEnqueueNDRangeKernel
 };
@@ -104,7 +116,11 @@ class Allocation final : public KmdObject {
   GPUPDDI_ALLOCATIONFLAGS flags{};
   uint64_t size = 0;
   void* system_memory = nullptr;      // CpuVisible: the host's backing store (USE_HOST_PTR)
-  ClMem mem;                          // buffers
+  ClMem mem;                          // buffers (image allocations too: COPY / FILL use it)
+  // Flags.Image: the cl_image over system_memory, with the layout it was made with. Declared
+  // after mem, so released first; both live exactly as long as the allocation.
+  ClMem image;
+  ImageLayout layout;
   std::unique_ptr<Program> program;   // Flags.Program
 
  private:
@@ -176,6 +192,8 @@ class Device final : public KmdObject {
  private:
   // Flags.Program allocations (ocl_program.cpp).
   gpup_status create_program(GPUPDDI_ARG_CREATEALLOCATION* args, Allocation* alloc);
+  // Flags.Image allocations: the buffer and the image over pSystemMemory.
+  gpup_status create_image(GPUPDDI_ARG_CREATEALLOCATION* args, Allocation* alloc);
 
   std::mutex mu_;        // allocations_, contexts_
   std::mutex queue_mu_;  // queue_
@@ -200,11 +218,18 @@ class Adapter final : public KmdObject {
   // pfnResetEngine stays NULL: OpenCL cannot abort a running kernel.
   static constexpr bool kCanResetEngine = false;
 
+  // The cl_sampler for a (checked) sampler descriptor, created on first use and kept until the
+  // adapter stops: at most kMaxSamplers distinct ones (there are only 20 valid descriptors).
+  Result<cl_sampler> sampler(const GPUP_OCL_SAMPLER_DESC& desc);
+
   DeviceFacts facts;
   ClContext context;
   ProcessTable processes;
 
  private:
+  static constexpr size_t kMaxSamplers = 64;
+  std::mutex sampler_mu_;
+  std::map<std::tuple<uint32_t, uint32_t, uint32_t>, ClSampler> samplers_;
   std::mutex mu_;
   OwnedObjects<Device> devices_;  // destroyed first
 };

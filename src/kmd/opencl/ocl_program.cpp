@@ -10,7 +10,7 @@ namespace gpup::kmd::ocl {
 namespace {
 
 // Always added to the guest's build, compile and link options: argument kinds must be known to
-// keep a guest from passing a value where the kernel expects a cl_mem (see classify_arg). PoCL
+// keep a guest from passing a value where the kernel expects a cl_mem or a cl_sampler (see classify_arg). PoCL
 // drops argument info from a program built from a binary or linked unless the option is given
 // again at that step.
 constexpr const char* kRequiredOptions = "-cl-kernel-arg-info";
@@ -48,31 +48,53 @@ std::string kernel_string(cl_kernel k, cl_kernel_info what) {
   return s;
 }
 
-// What kind of DDI argument a kernel parameter takes. Only __global/__constant pointers take a
-// cl_mem, only __local pointers take a local size, only plain private values take bytes; images,
-// samplers, pipes, queues and events are not supported (the guest cannot name such objects).
-Kernel::ArgKind classify_arg(cl_kernel k, cl_uint index) {
+// The CL_MEM_OBJECT_IMAGE* type of an image parameter's type name, 0 for the image types the
+// guest cannot make (image1d_buffer_t, depth and multi-sample images), or -1 when the name is
+// not an image type at all.
+int64_t image_type_of(std::string_view type) {
+  if (type == "image1d_t") return CL_MEM_OBJECT_IMAGE1D;
+  if (type == "image2d_t") return CL_MEM_OBJECT_IMAGE2D;
+  if (type == "image3d_t") return CL_MEM_OBJECT_IMAGE3D;
+  if (type == "image1d_array_t") return CL_MEM_OBJECT_IMAGE1D_ARRAY;
+  if (type == "image2d_array_t") return CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  const bool image_like = type.size() > 7 && type.compare(0, 5, "image") == 0 && type.back() == 't' &&
+                          type[type.size() - 2] == '_' && type.find('*') == std::string_view::npos;
+  return image_like ? 0 : -1;
+}
+
+// What kind of DDI argument a kernel parameter takes (and, for images, the image type it
+// declares). Only __global/__constant pointers take a cl_mem, only __local pointers take a local
+// size, only plain private values take bytes; image parameters take an image allocation,
+// sampler_t a sampler descriptor; pipes, queues, events and the image types the guest cannot
+// create are not supported.
+std::pair<Kernel::ArgKind, uint32_t> classify_arg(cl_kernel k, cl_uint index) {
   cl_kernel_arg_address_qualifier address = 0;
   cl_int err = clGetKernelArgInfo(k, index, CL_KERNEL_ARG_ADDRESS_QUALIFIER, sizeof(address), &address, nullptr);
-  if (err != CL_SUCCESS) return Kernel::ArgKind::kUnknown;
+  if (err != CL_SUCCESS) return {Kernel::ArgKind::kUnknown, 0};
   const std::string type = arg_string(k, index, CL_KERNEL_ARG_TYPE_NAME, &err);
-  if (err != CL_SUCCESS || type.empty()) return Kernel::ArgKind::kUnknown;
+  if (err != CL_SUCCESS || type.empty()) return {Kernel::ArgKind::kUnknown, 0};
+  // Images are __global objects to some implementations (PoCL), private to others.
+  if (const int64_t image = image_type_of(type); image >= 0) {
+    if (image == 0) return {Kernel::ArgKind::kUnsupported, 0};
+    return {Kernel::ArgKind::kImage, static_cast<uint32_t>(image)};
+  }
   const bool pointer = type.back() == '*';
   auto starts = [&](std::string_view p) { return type.compare(0, p.size(), p) == 0; };
   switch (address) {
     case CL_KERNEL_ARG_ADDRESS_GLOBAL:
     case CL_KERNEL_ARG_ADDRESS_CONSTANT:
-      return pointer ? Kernel::ArgKind::kBuffer : Kernel::ArgKind::kUnsupported;
+      return {pointer ? Kernel::ArgKind::kBuffer : Kernel::ArgKind::kUnsupported, 0};
     case CL_KERNEL_ARG_ADDRESS_LOCAL:
-      return pointer ? Kernel::ArgKind::kLocal : Kernel::ArgKind::kUnsupported;
+      return {pointer ? Kernel::ArgKind::kLocal : Kernel::ArgKind::kUnsupported, 0};
     case CL_KERNEL_ARG_ADDRESS_PRIVATE:
-      if (pointer || starts("image") || starts("sampler_t") || starts("pipe") || starts("queue_t") ||
-          starts("clk_event_t") || starts("event_t") || starts("reserve_id_t")) {
-        return Kernel::ArgKind::kUnsupported;
+      if (type == "sampler_t") return {Kernel::ArgKind::kSampler, 0};
+      if (pointer || starts("sampler_t") || starts("pipe") || starts("queue_t") || starts("clk_event_t") ||
+          starts("event_t") || starts("reserve_id_t")) {
+        return {Kernel::ArgKind::kUnsupported, 0};
       }
-      return Kernel::ArgKind::kValue;
+      return {Kernel::ArgKind::kValue, 0};
     default:
-      return Kernel::ArgKind::kUnknown;
+      return {Kernel::ArgKind::kUnknown, 0};
   }
 }
 
@@ -81,6 +103,8 @@ uint32_t contract_kind(Kernel::ArgKind k) {
     case Kernel::ArgKind::kBuffer: return GPUPDDI_ARG_BUFFER;
     case Kernel::ArgKind::kLocal: return GPUPDDI_ARG_LOCAL;
     case Kernel::ArgKind::kValue: return GPUPDDI_ARG_VALUE;
+    case Kernel::ArgKind::kImage: return GPUPDDI_ARG_IMAGE;
+    case Kernel::ArgKind::kSampler: return GPUPDDI_ARG_SAMPLER;
     case Kernel::ArgKind::kUnsupported:
     case Kernel::ArgKind::kUnknown: break;
   }
@@ -126,7 +150,22 @@ Result<std::shared_ptr<Kernel>> make_kernel(ClKernel k, std::string name, cl_dev
     return Error(GPUP_STATUS_DEVICE_ERROR, fmt::format("CL_KERNEL_NUM_ARGS: {}", cl_error_name(err)));
   }
   entry->kinds.reserve(nargs);
-  for (cl_uint i = 0; i < nargs; ++i) entry->kinds.push_back(classify_arg(k.get(), i));
+  entry->image_types.assign(nargs, 0);
+  entry->access.assign(nargs, 0);
+  for (cl_uint i = 0; i < nargs; ++i) {
+    const auto [kind, image_type] = classify_arg(k.get(), i);
+    entry->kinds.push_back(kind);
+    if (kind == Kernel::ArgKind::kImage) {
+      cl_kernel_arg_access_qualifier access = 0;
+      if (clGetKernelArgInfo(k.get(), i, CL_KERNEL_ARG_ACCESS_QUALIFIER, sizeof(access), &access, nullptr) !=
+          CL_SUCCESS) {
+        entry->kinds.back() = Kernel::ArgKind::kUnknown;
+        continue;
+      }
+      entry->image_types[i] = image_type;
+      entry->access[i] = access;
+    }
+  }
   const size_t wg = work_group_value<size_t>(k.get(), device, CL_KERNEL_WORK_GROUP_SIZE);
   entry->work_group_size = wg != 0 ? wg : 1;
   entry->kernel = std::move(k);
@@ -173,8 +212,10 @@ KernelDescription describe_kernel(const Kernel& kernel, cl_kernel scratch, cl_de
     ai.Kind = contract_kind(kernel.kinds[i]);
     if (kernel.kinds[i] == Kernel::ArgKind::kValue) {
       std::tie(ai.ValueSize, ai.ValueSizeAlt) = probe_value_sizes(scratch, i, zeros.size(), zeros.data());
-    } else if (kernel.kinds[i] == Kernel::ArgKind::kBuffer) {
+    } else if (kernel.kinds[i] == Kernel::ArgKind::kBuffer || kernel.kinds[i] == Kernel::ArgKind::kImage) {
       ai.ValueSize = sizeof(cl_mem);
+    } else if (kernel.kinds[i] == Kernel::ArgKind::kSampler) {
+      ai.ValueSize = sizeof(cl_sampler);
     }
   }
   return d;
