@@ -91,7 +91,7 @@ void event_retain(cl_event e) { e->refs.fetch_add(1, std::memory_order_relaxed);
 void event_release(cl_event e) {
   if (e->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   if (e->profiling && e->queue) {
-    std::lock_guard lock(e->queue->mu);
+    std::lock_guard lock(e->queue->aux_mu);
     auto& list = e->queue->profiled;
     list.erase(std::remove(list.begin(), list.end(), e), list.end());
   }
@@ -107,19 +107,26 @@ void event_release(cl_event e) {
   context_release(c);
 }
 
+// Takes no queue lock: it is called from callbacks and helper threads while other threads wait.
 cl_int event_status(cl_event e) {
   if (e->queue == nullptr) return e->user_status.load();
   if (cl_int f = e->failed.load(); f < 0) return f;
   cl_command_queue q = e->queue;
   {
-    std::lock_guard lock(q->mu);
-    for (const auto& [first, last] : q->failed)
-      if (e->value >= first && e->value <= last) return q->error;
+    std::lock_guard lock(q->aux_mu);
+    for (const auto& [first, last] : q->failed) {
+      if (e->value >= first && e->value <= last) {
+        e->failed.store(q->error.load());
+        return q->error.load();
+      }
+    }
   }
   if (q->completed() >= e->value) return CL_COMPLETE;
-  GPUPKMT_GETDEVICESTATE ds{q->device->device, 0, GPUP_STATUS_SUCCESS};
-  if (GPUP_SUCCEEDED(GpupKmtGetDeviceState(&ds)) && ds.State != GPUPKMT_DEVICESTATE_NORMAL) return CL_OUT_OF_RESOURCES;
-  std::lock_guard lock(q->mu);
+  GPUPKMT_GETDEVICESTATE ds{q->context->hw_device, 0, GPUP_STATUS_SUCCESS};
+  if (GPUP_SUCCEEDED(GpupKmtGetDeviceState(&ds)) && ds.State != GPUPKMT_DEVICESTATE_NORMAL) {
+    e->failed.store(CL_OUT_OF_RESOURCES);  // a failed command stays failed
+    return CL_OUT_OF_RESOURCES;
+  }
   // Work held back by a user event the application has not set is still queued.
   if (q->completed() < q->user_gate) return CL_QUEUED;
   return e->value <= q->submitted_value ? CL_SUBMITTED : CL_QUEUED;
@@ -138,7 +145,9 @@ cl_int wait_events(cl_uint n, const cl_event* list) {
       failed = true;
     }
     if (event_status(e) < 0) failed = true;
+    event_retain(e);  // a callback may release it
     if (has_callbacks(e)) fire_ready(e, event_status(e));
+    event_release(e);
   }
   return failed ? CL_EXEC_STATUS_ERROR_FOR_EVENTS_IN_WAIT_LIST : CL_SUCCESS;
 }
@@ -169,7 +178,9 @@ cl_int GetEventInfo(cl_event e, cl_event_info param, size_t n, void* v, size_t* 
       // A status query is a flush point: a command still in the guest's buffer must progress.
       if (e->queue) queue_flush_to(e->queue, e->value);
       cl_int s = event_status(e);
+      event_retain(e);  // a callback may release it
       if (has_callbacks(e)) fire_ready(e, s);
+      event_release(e);
       return info_value(n, v, ret, s);
     }
     default: return CL_INVALID_VALUE;
@@ -194,7 +205,7 @@ cl_event CreateUserEvent(cl_context c, cl_int* errcode_ret) {
     return nullptr;
   }
   GPUPKMT_CREATESYNCHRONIZATIONOBJECT cs{};
-  cs.hDevice = c->devices.front()->device;
+  cs.hDevice = c->hw_device;
   cs.Type = GPUPKMT_SYNCOBJECT_MONITORED_FENCE;
   if (gpup_status s = GpupKmtCreateSynchronizationObject(&cs); GPUP_FAILED(s)) {
     log_failure("creating a user event", s);
@@ -214,15 +225,20 @@ cl_event CreateUserEvent(cl_context c, cl_int* errcode_ret) {
 cl_int SetUserEventStatus(cl_event e, cl_int status) {
   if (!valid(e) || e->queue != nullptr) return CL_INVALID_EVENT;
   if (status > CL_COMPLETE) return CL_INVALID_VALUE;
+  // CL_RUNNING marks the status being set, so a second call fails while the signal is on its way.
   cl_int expected = CL_SUBMITTED;
-  if (!e->user_status.compare_exchange_strong(expected, status)) return CL_INVALID_OPERATION;
+  if (!e->user_status.compare_exchange_strong(expected, CL_RUNNING)) return CL_INVALID_OPERATION;
   // Commands waiting for it run either way; a negative status only shows in its own status.
   GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT sig{e->user_fence, 1, 0};
   if (gpup_status s = GpupKmtSignalSynchronizationObjectFromCpu(&sig); GPUP_FAILED(s)) {
+    e->user_status.store(CL_SUBMITTED);
     log_failure("signalling a user event", s);
     return cl_error_from_status(s);
   }
+  e->user_status.store(status);
+  event_retain(e);  // a callback may release it
   fire_ready(e, status);
+  event_release(e);
   return CL_SUCCESS;
 }
 
@@ -236,11 +252,10 @@ cl_int SetEventCallback(cl_event e, cl_int trigger, void(CL_CALLBACK* fn)(cl_eve
   }
   if (e->queue) queue_flush_to(e->queue, e->value);  // the callback must come without a later flush
   const cl_int s = event_status(e);
-  if (s <= trigger) {
-    fire_ready(e, s);
-    if (!has_callbacks(e)) return CL_SUCCESS;
-  }
-  watch(e);
+  event_retain(e);  // a callback may release it
+  if (s <= trigger) fire_ready(e, s);
+  if (has_callbacks(e)) watch(e);
+  event_release(e);
   return CL_SUCCESS;
 }
 

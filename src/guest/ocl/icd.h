@@ -58,6 +58,7 @@ enum class Magic : uint32_t {
   kProgram = 0x50505036,
   kKernel = 0x50505037,
   kEvent = 0x50505038,
+  kSampler = 0x50505039,
   kDead = 0xdeaddead,
 };
 
@@ -107,11 +108,13 @@ struct _cl_device_id : gpup::ocl::IcdObject {
   _cl_device_id() : IcdObject(gpup::ocl::Magic::kDevice) {}
   cl_platform_id platform = nullptr;
   GPUPKMT_HANDLE adapter = 0;
-  GPUPKMT_HANDLE device = 0;  // the thunk device every context of this process shares
   uint64_t budget = 0;        // the partition's max VRAM
   bool coherent = false;      // CacheCoherentMemorySupported: the mapping is the device memory
   bool persistent_maps = false;  // coherent and on shared memory: buffers stay locked
   std::map<cl_device_info, std::vector<uint8_t>> info;  // what clGetDeviceInfo answers
+  // GPUP_OCL_IMAGE_FORMATS_KEY(type, access) -> the host device's formats (empty: no images)
+  std::map<uint32_t, std::vector<cl_image_format>> image_formats;
+  bool images = false;
 
   // Cached scalars of `info`, used by validation.
   cl_device_type type = CL_DEVICE_TYPE_DEFAULT;
@@ -145,6 +148,9 @@ struct _cl_device_id : gpup::ocl::IcdObject {
 struct _cl_context : gpup::ocl::IcdObject {
   _cl_context() : IcdObject(gpup::ocl::Magic::kContext) {}
   std::vector<cl_device_id> devices;
+  // The context's own thunk device: its allocations, programs, queues and fences live there, so
+  // a fault in one context's work (which resets its device) leaves other contexts alone.
+  GPUPKMT_HANDLE hw_device = 0;
   std::vector<cl_context_properties> properties;  // as given, 0-terminated, or empty
   void(CL_CALLBACK* notify)(const char*, const void*, size_t, void*) = nullptr;
   void* notify_data = nullptr;
@@ -157,12 +163,14 @@ namespace gpup::ocl {
 // An allocation and its GPU VA, shared by a buffer and its sub-buffers; destroyed with the last.
 struct Backing {
   cl_device_id device = nullptr;
+  GPUPKMT_HANDLE hw_device = 0;  // the context's thunk device
   GPUPKMT_HANDLE allocation = 0;
   uint64_t va = 0;
   uint64_t size = 0;       // bytes the guest asked for
   uint64_t va_size = 0;    // page-rounded
   std::mutex mu;
   uint8_t* mapping = nullptr;  // after the first host access: the locked bytes
+  bool image = false;
   ~Backing();
   // The shared mapping, locking the allocation on first use (coherent devices on shared memory).
   cl_int map(uint8_t** out);
@@ -179,6 +187,7 @@ struct Retained {
   uint64_t value = 0;
   std::vector<cl_mem> mems;
   std::vector<cl_kernel> kernels;
+  std::vector<cl_event> events;  // wait-list events: their fences must outlive the wait
 };
 
 }  // namespace gpup::ocl
@@ -194,6 +203,11 @@ struct _cl_mem : gpup::ocl::IcdObject {
   size_t origin = 0;         // offset in the backing
   std::vector<cl_mem_properties> properties;
   std::shared_ptr<gpup::ocl::Backing> backing;
+  // Images: the format and the geometry of the linear layout in the backing (image.cpp).
+  cl_image_format format{};
+  cl_image_desc desc{};        // as created; pitches are those of the backing
+  size_t element_size = 0;
+  size_t host_row_pitch = 0, host_slice_pitch = 0;  // USE_HOST_PTR: the application's layout
   std::mutex mu;
   uint32_t map_count = 0;
   struct MapRecord {
@@ -206,6 +220,16 @@ struct _cl_mem : gpup::ocl::IcdObject {
   std::vector<std::pair<void(CL_CALLBACK*)(cl_mem, void*), void*>> destructors;
 
   uint64_t va() const { return backing->va + origin; }
+  bool is_image() const { return type != CL_MEM_OBJECT_BUFFER; }
+};
+
+struct _cl_sampler : gpup::ocl::IcdObject {
+  _cl_sampler();
+  cl_context context = nullptr;  // retained
+  cl_bool normalized = CL_TRUE;
+  cl_addressing_mode addressing = CL_ADDRESS_CLAMP;
+  cl_filter_mode filter = CL_FILTER_NEAREST;
+  std::vector<cl_sampler_properties> properties;
 };
 
 namespace gpup::ocl {
@@ -233,6 +257,7 @@ struct Build {
   std::vector<uint8_t> binary;    // may be empty while binary_size is not
   uint64_t binary_size = 0;
   cl_device_id device = nullptr;
+  GPUPKMT_HANDLE hw_device = 0;  // the context's thunk device
   // What was built, to ask the host again for a binary that did not fit the first answer.
   uint32_t format = 0;
   std::vector<uint8_t> content;
@@ -284,19 +309,23 @@ struct _cl_command_queue : gpup::ocl::IcdObject {
   GPUPKMT_HANDLE fence = 0;
   const volatile uint64_t* fence_value = nullptr;
 
-  std::mutex mu;                         // everything below
+  // mu guards the command buffer and what is recorded in it. It is never held while waiting for
+  // the device, except by a host command whose dependencies are all complete or on their way.
+  std::mutex mu;
   GPUPKMT_CMDBUF* cmdbuf = nullptr;
   uint64_t next_value = 0;               // last value handed out
-  uint64_t submitted_value = 0;          // last value in a submitted command buffer
-  uint64_t submitted_ns = 0;             // when submitted_value was submitted
-  uint64_t last_end_ns = 0;              // profiling: the end of the last stamped command
   std::deque<gpup::ocl::Retained> retained;
-  std::vector<cl_event> profiled;        // events waiting for their end timestamp (not retained)
-  std::vector<std::pair<uint64_t, uint64_t>> failed;  // fence values of batches that never ran
-  cl_int error = CL_SUCCESS;             // set when the device reported this queue's work failed
-  uint64_t user_gate = 0;                // last value recorded behind a wait for an unset user event
   GPUPKMT_HANDLE host_fence = 0;         // deferred host commands (created on first use)
   uint64_t host_seq = 0;
+  std::atomic<uint64_t> submitted_value{0};  // last value in a submitted command buffer
+  std::atomic<uint64_t> user_gate{0};        // last value recorded behind an unset user event
+  std::atomic<cl_int> error{CL_SUCCESS};     // the device reported this queue's work failed
+  // aux_mu guards the rest; it is a leaf lock (no thunk call, no other lock inside).
+  std::mutex aux_mu;
+  uint64_t submitted_ns = 0;             // when submitted_value was submitted
+  uint64_t last_end_ns = 0;              // profiling: the end of the last stamped command
+  std::vector<cl_event> profiled;        // events waiting for their end timestamp (not retained)
+  std::vector<std::pair<uint64_t, uint64_t>> failed;  // fence values of batches that never ran
 
   uint64_t completed() const { return __atomic_load_n(fence_value, __ATOMIC_ACQUIRE); }
 };
@@ -334,6 +363,7 @@ inline bool valid(cl_mem m) { return valid(m, Magic::kMem); }
 inline bool valid(cl_program p) { return valid(p, Magic::kProgram); }
 inline bool valid(cl_kernel k) { return valid(k, Magic::kKernel); }
 inline bool valid(cl_event e) { return valid(e, Magic::kEvent); }
+inline bool valid(cl_sampler s) { return valid(s, Magic::kSampler); }
 
 // Partition (platform.cpp)
 cl_platform_id platform();       // nullptr when there is no partition to talk to

@@ -12,7 +12,7 @@ namespace gpup::ocl {
 
 Backing::~Backing() {
   if (allocation != 0) {
-    GPUPKMT_DESTROYALLOCATION d{device->device, allocation};
+    GPUPKMT_DESTROYALLOCATION d{hw_device, allocation};
     if (gpup_status s = GpupKmtDestroyAllocation(&d); GPUP_FAILED(s)) log_failure("destroying a buffer", s);
   }
   if (va != 0) device->va_release(va, va_size);
@@ -21,7 +21,7 @@ Backing::~Backing() {
 cl_int Backing::map(uint8_t** out) {
   std::lock_guard lock(mu);
   if (mapping == nullptr) {
-    GPUPKMT_LOCK l{device->device, allocation, nullptr, 0};
+    GPUPKMT_LOCK l{hw_device, allocation, nullptr, 0};
     if (gpup_status s = GpupKmtLock(&l); GPUP_FAILED(s)) {
       log_failure("mapping a buffer", s);
       return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
@@ -34,7 +34,7 @@ cl_int Backing::map(uint8_t** out) {
 
 cl_int Backing::begin(uint8_t** out) {
   if (device->persistent_maps) return map(out);
-  GPUPKMT_LOCK l{device->device, allocation, nullptr, 0};
+  GPUPKMT_LOCK l{hw_device, allocation, nullptr, 0};
   if (gpup_status s = GpupKmtLock(&l); GPUP_FAILED(s)) {
     log_failure("locking a buffer", s);
     return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
@@ -45,7 +45,7 @@ cl_int Backing::begin(uint8_t** out) {
 
 cl_int Backing::end() {
   if (device->persistent_maps) return CL_SUCCESS;
-  GPUPKMT_UNLOCK u{device->device, allocation};
+  GPUPKMT_UNLOCK u{hw_device, allocation};
   if (gpup_status s = GpupKmtUnlock(&u); GPUP_FAILED(s)) {
     log_failure("unlocking a buffer", s);
     return cl_error_from_status(s);
@@ -109,9 +109,10 @@ cl_mem CreateBufferWithProperties(cl_context c, const cl_mem_properties* props, 
 
   auto backing = std::make_shared<Backing>();
   backing->device = d;
+  backing->hw_device = c->hw_device;
   backing->size = size;
   GPUPKMT_CREATEALLOCATION ca{};
-  ca.hDevice = d->device;
+  ca.hDevice = c->hw_device;
   ca.Flags = GPUPKMT_ALLOCATION_CPU_VISIBLE;
   ca.Size = size;
   if (gpup_status s = GpupKmtCreateAllocation(&ca); GPUP_FAILED(s)) {

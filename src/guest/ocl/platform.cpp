@@ -40,10 +40,11 @@ const std::set<std::string, std::less<>> kKeptExtensions = {
     "cl_khr_select_fprounding_mode", "cl_khr_spirv_no_integer_wrap_decoration", "cl_khr_kernel_clock",
     "cl_khr_device_uuid"};
 
-// OpenCL C features a partition does not carry.
-const std::set<std::string, std::less<>> kDroppedFeatures = {
-    "__opencl_c_images", "__opencl_c_3d_image_writes", "__opencl_c_read_write_images", "__opencl_c_pipes",
-    "__opencl_c_device_enqueue"};
+// OpenCL C features a partition does not carry (images only without image support).
+const std::set<std::string, std::less<>> kDroppedFeatures = {"__opencl_c_pipes", "__opencl_c_device_enqueue"};
+const std::set<std::string, std::less<>> kImageFeatures = {"__opencl_c_images", "__opencl_c_3d_image_writes",
+                                                           "__opencl_c_read_write_images"};
+const std::set<std::string, std::less<>> kImageExtensions = {"cl_khr_3d_image_writes", "cl_khr_depth_images"};
 
 std::vector<uint8_t> text_of(std::string_view s) {
   std::vector<uint8_t> v(s.begin(), s.end());
@@ -121,6 +122,39 @@ cl_int query_device_info(cl_device_id d) {
   return CL_SUCCESS;
 }
 
+// The host device's image formats per (image type, access), read once.
+void query_image_formats(cl_device_id d) {
+  std::vector<uint8_t> out(64 * 1024);
+  GPUP_OCL_PRIVATE_HEADER h{GPUP_OCL_QUERY_MAGIC, GPUP_OCL_QUERY_IMAGE_FORMATS};
+  GPUPKMT_QUERYADAPTERINFO q{};
+  q.hAdapter = d->adapter;
+  q.Type = GPUPDDI_QAITYPE_UMDRIVERPRIVATE;
+  q.pInputData = &h;
+  q.InputDataSize = sizeof h;
+  q.pOutputData = out.data();
+  q.OutputDataSize = static_cast<uint32_t>(out.size());
+  if (gpup_status s = GpupKmtQueryAdapterInfo(&q); GPUP_FAILED(s)) {
+    log_failure("querying the host device's image formats", s);
+    return;
+  }
+  GPUP_OCL_INFO_LIST list;
+  if (q.OutputDataWritten < sizeof list) return;
+  std::memcpy(&list, out.data(), sizeof list);
+  if (list.Magic != GPUP_OCL_INFO_LIST_MAGIC || list.TotalSize > q.OutputDataWritten) return;
+  size_t at = sizeof list;
+  for (uint32_t i = 0; i < list.Count; ++i) {
+    GPUP_OCL_INFO_RECORD r;
+    if (at + sizeof r > list.TotalSize) return;
+    std::memcpy(&r, out.data() + at, sizeof r);
+    at += sizeof r;
+    if (r.Size > list.TotalSize - at) return;
+    std::vector<cl_image_format> formats(r.Size / sizeof(cl_image_format));
+    if (!formats.empty()) std::memcpy(formats.data(), out.data() + at, formats.size() * sizeof(cl_image_format));
+    d->image_formats[r.Param] = std::move(formats);
+    at += (r.Size + 7u) & ~size_t{7};
+  }
+}
+
 // The partition's view of the host device.
 void apply_partition_overrides(cl_device_id d) {
   auto& info = d->info;
@@ -142,21 +176,28 @@ void apply_partition_overrides(cl_device_id d) {
   if (d->scalar<cl_ulong>(CL_DEVICE_MAX_CONSTANT_BUFFER_SIZE, 0) > max_alloc)
     info[CL_DEVICE_MAX_CONSTANT_BUFFER_SIZE] = bytes_of(max_alloc);
 
+  // Images are carried when the host device has them and its KMD speaks contract 3; images made
+  // from buffers (1D image buffers, cl_khr_image2d_from_buffer) are not.
+  if (!d->images) {
+    info[CL_DEVICE_IMAGE_SUPPORT] = bytes_of(cl_bool{CL_FALSE});
+    for (cl_device_info p : {CL_DEVICE_MAX_READ_IMAGE_ARGS, CL_DEVICE_MAX_WRITE_IMAGE_ARGS,
+                             CL_DEVICE_MAX_READ_WRITE_IMAGE_ARGS, CL_DEVICE_MAX_SAMPLERS,
+                             CL_DEVICE_IMAGE_PITCH_ALIGNMENT, CL_DEVICE_IMAGE_BASE_ADDRESS_ALIGNMENT}) {
+      if (info.count(p)) info[p] = bytes_of(cl_uint{0});
+    }
+    for (cl_device_info p : {CL_DEVICE_IMAGE2D_MAX_WIDTH, CL_DEVICE_IMAGE2D_MAX_HEIGHT, CL_DEVICE_IMAGE3D_MAX_WIDTH,
+                             CL_DEVICE_IMAGE3D_MAX_HEIGHT, CL_DEVICE_IMAGE3D_MAX_DEPTH, CL_DEVICE_IMAGE_MAX_ARRAY_SIZE}) {
+      if (info.count(p)) info[p] = bytes_of(size_t{0});
+    }
+  }
+  if (info.count(CL_DEVICE_IMAGE_MAX_BUFFER_SIZE)) info[CL_DEVICE_IMAGE_MAX_BUFFER_SIZE] = bytes_of(size_t{0});
   // Features the paravirtual path does not carry.
-  info[CL_DEVICE_IMAGE_SUPPORT] = bytes_of(cl_bool{CL_FALSE});
-  for (cl_device_info p : {CL_DEVICE_MAX_READ_IMAGE_ARGS, CL_DEVICE_MAX_WRITE_IMAGE_ARGS,
-                           CL_DEVICE_MAX_READ_WRITE_IMAGE_ARGS, CL_DEVICE_MAX_SAMPLERS, CL_DEVICE_IMAGE_PITCH_ALIGNMENT,
-                           CL_DEVICE_IMAGE_BASE_ADDRESS_ALIGNMENT, CL_DEVICE_MAX_PIPE_ARGS,
+  for (cl_device_info p : {CL_DEVICE_MAX_PIPE_ARGS,
                            CL_DEVICE_PIPE_MAX_ACTIVE_RESERVATIONS, CL_DEVICE_PIPE_MAX_PACKET_SIZE,
                            CL_DEVICE_MAX_ON_DEVICE_QUEUES, CL_DEVICE_MAX_ON_DEVICE_EVENTS,
                            CL_DEVICE_QUEUE_ON_DEVICE_PREFERRED_SIZE, CL_DEVICE_QUEUE_ON_DEVICE_MAX_SIZE,
                            CL_DEVICE_PARTITION_MAX_SUB_DEVICES}) {
     if (info.count(p)) info[p] = bytes_of(cl_uint{0});
-  }
-  for (cl_device_info p : {CL_DEVICE_IMAGE2D_MAX_WIDTH, CL_DEVICE_IMAGE2D_MAX_HEIGHT, CL_DEVICE_IMAGE3D_MAX_WIDTH,
-                           CL_DEVICE_IMAGE3D_MAX_HEIGHT, CL_DEVICE_IMAGE3D_MAX_DEPTH, CL_DEVICE_IMAGE_MAX_BUFFER_SIZE,
-                           CL_DEVICE_IMAGE_MAX_ARRAY_SIZE}) {
-    if (info.count(p)) info[p] = bytes_of(size_t{0});
   }
   info[CL_DEVICE_SVM_CAPABILITIES] = bytes_of(cl_device_svm_capabilities{0});
   if (info.count(CL_DEVICE_PIPE_SUPPORT)) info[CL_DEVICE_PIPE_SUPPORT] = bytes_of(cl_bool{CL_FALSE});
@@ -179,12 +220,17 @@ void apply_partition_overrides(cl_device_id d) {
   info[CL_DEVICE_QUEUE_PROPERTIES] = bytes_of(qp);  // == CL_DEVICE_QUEUE_ON_HOST_PROPERTIES
   info[CL_DEVICE_PROFILING_TIMER_RESOLUTION] = bytes_of(size_t{1});
 
-  auto keep_ext = [](const std::string& e) { return kKeptExtensions.count(e) != 0; };
+  const bool images = d->images;
+  auto keep_ext = [images](const std::string& e) {
+    return kKeptExtensions.count(e) != 0 || (images && kImageExtensions.count(e) != 0);
+  };
   info[CL_DEVICE_EXTENSIONS] = text_of(filter_words(string_of(info[CL_DEVICE_EXTENSIONS]), keep_ext));
   if (info.count(CL_DEVICE_EXTENSIONS_WITH_VERSION))
     info[CL_DEVICE_EXTENSIONS_WITH_VERSION] = filter_name_versions(info[CL_DEVICE_EXTENSIONS_WITH_VERSION], keep_ext);
   if (info.count(CL_DEVICE_OPENCL_C_FEATURES)) {
-    auto keep_feature = [](const std::string& f) { return kDroppedFeatures.count(f) == 0; };
+    auto keep_feature = [images](const std::string& f) {
+      return kDroppedFeatures.count(f) == 0 && (images || kImageFeatures.count(f) == 0);
+    };
     info[CL_DEVICE_OPENCL_C_FEATURES] = filter_name_versions(info[CL_DEVICE_OPENCL_C_FEATURES], keep_feature);
   }
   if (!d->linker_available) info[CL_DEVICE_LINKER_AVAILABLE] = bytes_of(cl_bool{CL_FALSE});
@@ -243,15 +289,10 @@ cl_int open_device(cl_device_id d, const GPUPKMT_ADAPTERINFO& adapter) {
   d->linker_available = (umd.ProgramFormats & GPUP_OCL_PROGRAM_FORMAT_BIT(GPUP_OCL_PROGRAM_LINK)) != 0;
 
   if (cl_int err = query_device_info(d); err != CL_SUCCESS) return err;
+  if (umd.ContractVersion >= 3) query_image_formats(d);
+  d->images = false;  // the ICD's image objects are not written yet
   apply_partition_overrides(d);
   cache_scalars(d);
-
-  GPUPKMT_CREATEDEVICE cd{d->adapter, 0, 0};
-  if (gpup_status s = GpupKmtCreateDevice(&cd); GPUP_FAILED(s)) {
-    log_failure("creating the device", s);
-    return CL_DEVICE_NOT_AVAILABLE;
-  }
-  d->device = cd.hDevice;
 
   GPUPKMT_RESERVEGPUVA rv{0, kVaArena, 0};
   if (gpup_status s = GpupKmtReserveGpuVirtualAddress(&rv); GPUP_FAILED(s)) {
@@ -499,7 +540,14 @@ cl_context make_context(const cl_context_properties* props, std::vector<cl_devic
   if (notify == nullptr && user_data != nullptr) return ret(CL_INVALID_VALUE);
   std::vector<cl_context_properties> parsed;
   if (cl_int e = parse_context_properties(props, &parsed); e != CL_SUCCESS) return ret(e);
+  // One thunk device per context (the partition's adapter of its device).
+  GPUPKMT_CREATEDEVICE cd{devices.front()->adapter, 0, 0};
+  if (gpup_status s = GpupKmtCreateDevice(&cd); GPUP_FAILED(s)) {
+    log_failure("creating the context's device", s);
+    return ret(cl_error_from_status(s, CL_OUT_OF_HOST_MEMORY));
+  }
   auto* c = new _cl_context();
+  c->hw_device = cd.hDevice;
   c->devices = std::move(devices);
   c->properties = std::move(parsed);
   c->notify = notify;
@@ -583,6 +631,8 @@ void context_release(cl_context c) {
   if (c->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   // Destructor callbacks run in reverse order of registration.
   for (auto it = c->destructors.rbegin(); it != c->destructors.rend(); ++it) it->first(c, it->second);
+  GPUPKMT_DESTROYDEVICE dd{c->hw_device};
+  if (gpup_status s = GpupKmtDestroyDevice(&dd); GPUP_FAILED(s)) log_failure("destroying the context's device", s);
   c->magic = Magic::kDead;
   delete c;
 }

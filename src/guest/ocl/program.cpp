@@ -75,7 +75,7 @@ bool parse_output(const uint8_t* p, size_t n, Build* b, cl_int* build_error) {
 
 // Creates the program allocation on the host. Returns the CL error of the build (CL_SUCCESS,
 // CL_BUILD_PROGRAM_FAILURE, CL_INVALID_BUILD_OPTIONS, ...) with `b` filled.
-cl_int host_build(cl_device_id d, const BuildInput& in, uint32_t output_capacity, Build* b) {
+cl_int host_build(GPUPKMT_HANDLE hw_device, cl_device_id d, const BuildInput& in, uint32_t output_capacity, Build* b) {
   GPUP_OCL_PROGRAM_DESC desc{GPUP_OCL_PROGRAM_MAGIC, GPUP_OCL_PROGRAM_VERSION, in.format,
                              static_cast<uint32_t>(in.options.size()), static_cast<uint32_t>(in.content.size()), 0};
   std::vector<uint8_t> priv(sizeof desc + in.options.size() + in.content.size());
@@ -84,7 +84,7 @@ cl_int host_build(cl_device_id d, const BuildInput& in, uint32_t output_capacity
   if (!in.content.empty()) std::memcpy(priv.data() + sizeof desc + in.options.size(), in.content.data(), in.content.size());
   std::vector<uint8_t> out(output_capacity);
   GPUPKMT_CREATEALLOCATION ca{};
-  ca.hDevice = d->device;
+  ca.hDevice = hw_device;
   ca.Flags = GPUPKMT_ALLOCATION_PROGRAM;
   ca.pPrivateDriverData = priv.data();
   ca.PrivateDriverDataSize = static_cast<uint32_t>(priv.size());
@@ -92,6 +92,7 @@ cl_int host_build(cl_device_id d, const BuildInput& in, uint32_t output_capacity
   ca.OutputDataSize = output_capacity;
   gpup_status s = GpupKmtCreateAllocation(&ca);
   b->device = d;
+  b->hw_device = hw_device;
   b->options = in.options;
   b->format = in.format;
   b->content = in.content;
@@ -111,14 +112,15 @@ cl_int host_build(cl_device_id d, const BuildInput& in, uint32_t output_capacity
   return cl_error_from_status(s, CL_OUT_OF_HOST_MEMORY);
 }
 
-std::shared_ptr<Build> run_build(cl_device_id d, const BuildInput& in, cl_int* err) {
+std::shared_ptr<Build> run_build(cl_context c, const BuildInput& in, cl_int* err) {
+  cl_device_id d = c->devices.front();
   auto b = std::make_shared<Build>();
-  *err = host_build(d, in, kInlineOutput, b.get());
+  *err = host_build(c->hw_device, d, in, kInlineOutput, b.get());
   // A kernel table that did not fit (hundreds of kernels): ask again with more room; the answer
   // then travels in a shared section.
   for (uint32_t room = 1u << 20; *err == CL_SUCCESS && !b->table_complete && room <= (32u << 20); room *= 8) {
     auto again = std::make_shared<Build>();
-    *err = host_build(d, in, room, again.get());
+    *err = host_build(c->hw_device, d, in, room, again.get());
     b = std::move(again);
   }
   // A compiled object's binary is needed for linking: ask again with room for it.
@@ -126,7 +128,7 @@ std::shared_ptr<Build> run_build(cl_device_id d, const BuildInput& in, cl_int* e
       b->binary_type == CL_PROGRAM_BINARY_TYPE_COMPILED_OBJECT) {
     auto again = std::make_shared<Build>();
     const uint64_t want = b->binary_size + (uint64_t{2} << 20);
-    if (want <= GPUPKMT_MAX_OUTPUT_DATA_SIZE && host_build(d, in, static_cast<uint32_t>(want), again.get()) == CL_SUCCESS)
+    if (want <= GPUPKMT_MAX_OUTPUT_DATA_SIZE && host_build(c->hw_device, d, in, static_cast<uint32_t>(want), again.get()) == CL_SUCCESS)
       b = std::move(again);
   }
   b->status = *err == CL_SUCCESS ? CL_BUILD_SUCCESS : CL_BUILD_ERROR;
@@ -142,7 +144,7 @@ void ensure_binary(Build* b) {
   // Room for the log and the kernel table again, then the binary.
   const uint64_t want = b->binary_size + (uint64_t{2} << 20);
   if (want > GPUPKMT_MAX_OUTPUT_DATA_SIZE) return;
-  if (host_build(b->device, in, static_cast<uint32_t>(want), &again) == CL_SUCCESS) b->binary = std::move(again.binary);
+  if (host_build(b->hw_device, b->device, in, static_cast<uint32_t>(want), &again) == CL_SUCCESS) b->binary = std::move(again.binary);
 }
 
 std::string options_string(const char* options) { return options ? std::string(options) : std::string(); }
@@ -192,7 +194,7 @@ T* fail(cl_int* errcode_ret, cl_int e) {
 
 Build::~Build() {
   if (allocation != 0) {
-    GPUPKMT_DESTROYALLOCATION d{device->device, allocation};
+    GPUPKMT_DESTROYALLOCATION d{hw_device, allocation};
     if (gpup_status s = GpupKmtDestroyAllocation(&d); GPUP_FAILED(s)) log_failure("destroying a program", s);
   }
 }
@@ -264,7 +266,7 @@ cl_program CreateProgramWithBinary(cl_context c, cl_uint num_devices, const cl_d
   in.format = GPUP_OCL_PROGRAM_BINARY;
   in.content.assign(binaries[0], binaries[0] + lengths[0]);
   auto b = std::make_shared<Build>();
-  const cl_int err = host_build(device_list[0], in, kInlineOutput, b.get());
+  const cl_int err = host_build(c->hw_device, device_list[0], in, kInlineOutput, b.get());
   if (err == CL_INVALID_BINARY || err == CL_BUILD_PROGRAM_FAILURE) {
     if (binary_status) binary_status[0] = CL_INVALID_BINARY;
     return fail<_cl_program>(errcode_ret, CL_INVALID_BINARY);
@@ -337,7 +339,7 @@ cl_int BuildProgram(cl_program p, cl_uint num_devices, const cl_device_id* devic
     }
   }
   cl_int err = CL_SUCCESS;
-  auto b = run_build(p->devices.front(), in, &err);
+  auto b = run_build(p->context, in, &err);
   {
     std::lock_guard lock(p->mu);
     p->build = b;
@@ -368,7 +370,7 @@ cl_int CompileProgram(cl_program p, cl_uint num_devices, const cl_device_id* dev
   in.options = options_string(options);
   in.content = std::move(set);
   cl_int err = CL_SUCCESS;
-  auto b = run_build(p->devices.front(), in, &err);
+  auto b = run_build(p->context, in, &err);
   {
     std::lock_guard lock(p->mu);
     p->build = b;
@@ -389,11 +391,8 @@ cl_program LinkProgram(cl_context c, cl_uint num_devices, const cl_device_id* de
   std::vector<uint8_t> set = set_header(num_inputs);
   for (cl_uint i = 0; i < num_inputs; ++i) {
     if (!valid(inputs[i])) return fail<_cl_program>(errcode_ret, CL_INVALID_PROGRAM);
-    std::shared_ptr<Build> b;
-    {
-      std::lock_guard lock(inputs[i]->mu);
-      b = inputs[i]->build;
-    }
+    std::lock_guard lock(inputs[i]->mu);
+    const std::shared_ptr<Build>& b = inputs[i]->build;
     if (!b || b->status != CL_BUILD_SUCCESS || b->binary.empty() ||
         (b->binary_type != CL_PROGRAM_BINARY_TYPE_COMPILED_OBJECT && b->binary_type != CL_PROGRAM_BINARY_TYPE_LIBRARY))
       return fail<_cl_program>(errcode_ret, CL_INVALID_OPERATION);
@@ -405,7 +404,7 @@ cl_program LinkProgram(cl_context c, cl_uint num_devices, const cl_device_id* de
   in.content = std::move(set);
   cl_program p = new_program(c);
   cl_int err = CL_SUCCESS;
-  p->build = run_build(c->devices.front(), in, &err);
+  p->build = run_build(c, in, &err);
   if (notify) notify(p, user_data);
   if (err == CL_INVALID_LINKER_OPTIONS) {
     program_release(p);
@@ -420,17 +419,13 @@ cl_int UnloadPlatformCompiler(cl_platform_id p) { return valid(p) ? CL_SUCCESS :
 
 cl_int GetProgramInfo(cl_program p, cl_program_info param, size_t n, void* v, size_t* ret) {
   if (!valid(p)) return CL_INVALID_PROGRAM;
-  std::shared_ptr<Build> b;
-  {
-    std::lock_guard lock(p->mu);
-    b = p->build;
-  }
+  // Held throughout: a build's status and binary change under it (clBuildProgram of a checked
+  // binary, a binary fetched on demand).
+  std::lock_guard lock(p->mu);
+  std::shared_ptr<Build> b = p->build;
   const bool executable = b && b->status == CL_BUILD_SUCCESS && b->binary_type == CL_PROGRAM_BINARY_TYPE_EXECUTABLE &&
                           b->allocation != 0;
-  if (b && (param == CL_PROGRAM_BINARY_SIZES || param == CL_PROGRAM_BINARIES)) {
-    std::lock_guard lock(p->mu);
-    ensure_binary(b.get());
-  }
+  if (b && (param == CL_PROGRAM_BINARY_SIZES || param == CL_PROGRAM_BINARIES)) ensure_binary(b.get());
   switch (param) {
     case CL_PROGRAM_REFERENCE_COUNT: return info_value(n, v, ret, cl_uint(p->refs.load()));
     case CL_PROGRAM_CONTEXT: return info_value(n, v, ret, p->context);
@@ -470,11 +465,8 @@ cl_int GetProgramInfo(cl_program p, cl_program_info param, size_t n, void* v, si
 cl_int GetProgramBuildInfo(cl_program p, cl_device_id d, cl_program_build_info param, size_t n, void* v, size_t* ret) {
   if (!valid(p)) return CL_INVALID_PROGRAM;
   if (!valid(d) || std::find(p->devices.begin(), p->devices.end(), d) == p->devices.end()) return CL_INVALID_DEVICE;
-  std::shared_ptr<Build> b;
-  {
-    std::lock_guard lock(p->mu);
-    b = p->build;
-  }
+  std::lock_guard lock(p->mu);
+  std::shared_ptr<Build> b = p->build;
   const bool from_binary_unbuilt = b && b->allocation == 0 && b->status == CL_BUILD_NONE;
   switch (param) {
     case CL_PROGRAM_BUILD_STATUS: return info_value(n, v, ret, b ? b->status : cl_build_status{CL_BUILD_NONE});

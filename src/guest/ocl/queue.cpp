@@ -28,9 +28,10 @@ cl_int queue_failure(cl_command_queue q, gpup_status s, const char* what) {
   return cl_error_from_status(s);
 }
 
-// Everything below runs with q->mu held unless it says otherwise.
+// Functions named *_locked run with q->mu held.
 
-void stamp_profiles_locked(cl_command_queue q) {
+void stamp_profiles(cl_command_queue q) {
+  std::lock_guard lock(q->aux_mu);
   if (q->profiled.empty()) return;
   const uint64_t reached = q->completed();
   const uint64_t now = now_ns();
@@ -55,15 +56,23 @@ void retire_locked(cl_command_queue q, std::vector<Retained>* out) {
     out->push_back(std::move(q->retained.front()));
     q->retained.pop_front();
   }
-  stamp_profiles_locked(q);
+  stamp_profiles(q);
 }
 
 void release_retired(std::vector<Retained>& retired) {
   for (auto& r : retired) {
     for (cl_mem m : r.mems) mem_release(m);
     for (cl_kernel k : r.kernels) kernel_release(k);
+    for (cl_event e : r.events) event_release(e);
   }
   retired.clear();
+}
+
+bool in_failed_batch(cl_command_queue q, uint64_t value) {
+  std::lock_guard lock(q->aux_mu);
+  for (const auto& [first, last] : q->failed)
+    if (value >= first && value <= last) return true;
+  return false;
 }
 
 cl_int flush_locked(cl_command_queue q) {
@@ -73,25 +82,34 @@ cl_int flush_locked(cl_command_queue q) {
   gpup_status s = GpupKmtSubmitCommand(&sc);
   GpupKmtCmdBufReset(q->cmdbuf);
   q->submitted_value = q->next_value;
-  q->submitted_ns = now_ns();
-  for (cl_event e : q->profiled)
-    if (e->t_submit == 0) e->t_submit = q->submitted_ns;
+  {
+    std::lock_guard lock(q->aux_mu);
+    q->submitted_ns = now_ns();
+    for (cl_event e : q->profiled)
+      if (e->t_submit == 0) e->t_submit = q->submitted_ns;
+    // Nothing of a refused batch runs: its events fail, and waits for its values return at once
+    // (the fence is not moved, so earlier work completes in its own time).
+    if (GPUP_FAILED(s)) q->failed.emplace_back(first_unsubmitted, q->next_value);
+  }
   if (GPUP_FAILED(s)) {
-    // Nothing of the batch runs: fail its events and release their waiters.
     q->error = queue_failure(q, s, "submitting a command buffer");
-    q->failed.emplace_back(first_unsubmitted, q->next_value);
-    GPUPKMT_SIGNALSYNCHRONIZATIONOBJECT sig{q->fence, q->next_value, 0};
-    GpupKmtSignalSynchronizationObjectFromCpu(&sig);
     return q->error;
   }
   return CL_SUCCESS;
 }
 
-cl_int wait_value_locked(cl_command_queue q, uint64_t value) {
+// Waits for `value`, flushing first if it is not submitted yet. `locked`: the caller holds q->mu
+// (only while nothing before `value` can wait for the application).
+cl_int wait_value(cl_command_queue q, uint64_t value, bool locked = false) {
   if (q->completed() >= value) return q->error;
   if (value > q->submitted_value) {
-    if (cl_int e = flush_locked(q); e != CL_SUCCESS) return e;
+    std::unique_lock lock(q->mu, std::defer_lock);
+    if (!locked) lock.lock();
+    if (value > q->submitted_value) {
+      if (cl_int e = flush_locked(q); e != CL_SUCCESS) return e;
+    }
   }
+  if (in_failed_batch(q, value)) return q->error;
   GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT w{q->fence, value, 0, -1};
   gpup_status s = GpupKmtWaitForSynchronizationObjectFromCpu(&w);
   if (GPUP_FAILED(s)) {
@@ -122,20 +140,42 @@ void flush_dependencies(cl_command_queue q, cl_uint n, const cl_event* list) {
   }
 }
 
-// Appends the device-side waits for a wait list.
-cl_int append_waits_locked(cl_command_queue q, cl_uint n, const cl_event* list) {
+// True when some of the work a new command of q would wait for may wait for the application
+// (an unset user event, directly or through another queue): such work must not be waited for
+// while holding q->mu, and a non-blocking host command is then deferred.
+bool dependencies_pending(cl_command_queue q, cl_uint n, const cl_event* list) {
+  if (q->completed() < q->user_gate) return true;
+  for (cl_uint i = 0; i < n; ++i) {
+    cl_event e = list[i];
+    if (e->queue == nullptr) {
+      if (e->user_status.load() > CL_COMPLETE) return true;
+    } else if (e->queue != q && e->queue->completed() < e->value) {
+      return true;
+    }
+  }
+  return false;
+}
+
+// Appends the device-side waits for a wait list; the events are kept alive (their fences are
+// destroyed with them) until the command completes.
+cl_int append_waits_locked(cl_command_queue q, cl_uint n, const cl_event* list, Retained* keep) {
   for (cl_uint i = 0; i < n; ++i) {
     cl_event e = list[i];
     gpup_status s = GPUP_STATUS_SUCCESS;
     if (e->queue == nullptr) {
       if (e->user_status.load() <= CL_COMPLETE) continue;
       s = GpupKmtCmdWait(q->cmdbuf, e->user_fence, 1);
-      q->user_gate = std::max(q->user_gate, q->next_value + 1);  // the command being recorded
+      uint64_t gate = q->user_gate.load();
+      q->user_gate = std::max(gate, q->next_value + 1);  // the command being recorded
     } else if (e->queue != q) {
       if (e->queue->completed() >= e->value) continue;
       s = GpupKmtCmdWait(q->cmdbuf, e->queue->fence, e->value);
+    } else {
+      continue;
     }
     if (GPUP_FAILED(s)) return queue_failure(q, s, "recording a wait");
+    event_retain(e);
+    keep->events.push_back(e);
   }
   return CL_SUCCESS;
 }
@@ -151,23 +191,34 @@ cl_event new_event(cl_command_queue q, cl_command_type type, uint64_t value) {
   e->profiling = (q->properties & CL_QUEUE_PROFILING_ENABLE) != 0;
   if (e->profiling) {
     e->t_queued = now_ns();
+    std::lock_guard lock(q->aux_mu);
     q->profiled.push_back(e);  // not retained: event_release takes it out
   }
   return e;
 }
 
-// Ends a command: signals its fence value and keeps `keep` alive until it completes.
-cl_int end_command_locked(cl_command_queue q, cl_command_type type, Retained keep, cl_event* event_out) {
+void drop(Retained& keep) {
+  for (cl_mem m : keep.mems) mem_release(m);
+  for (cl_kernel k : keep.kernels) kernel_release(k);
+  for (cl_event e : keep.events) event_release(e);
+  keep = {};
+}
+
+// Ends a command: signals its fence value and keeps `keep` alive until it completes. On failure
+// `keep` is left to the caller and no event is made.
+cl_int end_command_locked(cl_command_queue q, cl_command_type type, Retained& keep, cl_event* event_out) {
   const uint64_t value = q->next_value + 1;
   if (gpup_status s = GpupKmtCmdSignal(q->cmdbuf, q->fence, value); GPUP_FAILED(s))
     return queue_failure(q, s, "recording a fence signal");
   q->next_value = value;
-  if (!keep.mems.empty() || !keep.kernels.empty()) {
+  if (!keep.mems.empty() || !keep.kernels.empty() || !keep.events.empty()) {
     keep.value = value;
     q->retained.push_back(std::move(keep));
+    keep = {};
   }
   if (event_out) *event_out = new_event(q, type, value);
-  if (GpupKmtCmdBufSize(q->cmdbuf) >= kFlushBytes) return flush_locked(q);
+  // A full buffer is submitted; a refusal shows in the events of its batch.
+  if (GpupKmtCmdBufSize(q->cmdbuf) >= kFlushBytes) flush_locked(q);
   return CL_SUCCESS;
 }
 
@@ -180,32 +231,28 @@ cl_int enqueue_device(cl_command_queue q, cl_command_type type, cl_uint n, const
   if (cl_int e = check_wait_list(q, n, list); e != CL_SUCCESS) return e;
   flush_dependencies(q, n, list);
   std::vector<Retained> retired;
+  Retained keep;
   cl_int err = CL_SUCCESS;
   {
     std::lock_guard lock(q->mu);
     retire_locked(q, &retired);
-    Retained keep;
-    err = append_waits_locked(q, n, list);
+    err = append_waits_locked(q, n, list, &keep);
     if (err == CL_SUCCESS) err = body(keep);
-    if (err == CL_SUCCESS) {
-      err = end_command_locked(q, type, std::move(keep), event_out);
-    } else {
-      for (cl_mem m : keep.mems) mem_release(m);
-      for (cl_kernel k : keep.kernels) kernel_release(k);
-    }
+    if (err == CL_SUCCESS) err = end_command_locked(q, type, keep, event_out);
   }
+  drop(keep);  // what a failed enqueue had taken
   release_retired(retired);
   return err;
 }
 
 // Host-side commands (reads, writes, maps, unmaps) are memcpy on the shared section once the
-// work before them completed. Normally that is done right away, waiting for the device if
-// needed (a non-blocking call may complete before it returns). When the work before it waits
-// for a user event the application has not set yet, waiting here could never end: such a
-// non-blocking command is deferred instead. The device stream then carries a fence signal
-// (the host command may run), a wait on the queue's host fence (later device work waits for
-// the memcpy) and the command's own signal, and a guest thread runs the memcpy when the device
-// gets there.
+// work before them completed. When that work can complete without the application's help, it is
+// waited for and the memcpy done before the call returns (a non-blocking call may complete
+// early). When it may wait for the application (an unset user event), the command is deferred:
+// the device stream carries a fence signal (the host command may run), a wait on the queue's
+// host fence (later device work waits for the memcpy) and the command's own signal, and a guest
+// thread runs the memcpy when the device gets there. A blocking call then waits for that, without
+// holding the queue.
 using HostFn = std::function<cl_int()>;
 
 struct DeferredOp {
@@ -263,18 +310,12 @@ void host_op_loop() {
   }
 }
 
-bool has_pending_user_event(cl_uint n, const cl_event* list) {
-  for (cl_uint i = 0; i < n; ++i)
-    if (list[i]->queue == nullptr && list[i]->user_status.load() > CL_COMPLETE) return true;
-  return false;
-}
-
-// The command's event comes back in *ev (the caller releases it, outside the queue's lock, when
-// the application did not ask for it).
-cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn fn, cl_event* ev_out) {
+// The command's event comes back in *ev_out (the caller releases it, outside the queue's lock,
+// when the application did not ask for it).
+cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn fn, Retained& keep, cl_event* ev_out) {
   if (q->host_fence == 0) {
     GPUPKMT_CREATESYNCHRONIZATIONOBJECT cs{};
-    cs.hDevice = q->device->device;
+    cs.hDevice = q->context->hw_device;
     cs.Type = GPUPKMT_SYNCOBJECT_MONITORED_FENCE;
     if (gpup_status s = GpupKmtCreateSynchronizationObject(&cs); GPUP_FAILED(s))
       return queue_failure(q, s, "creating a queue's host fence");
@@ -287,7 +328,7 @@ cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn f
   q->next_value = ready;
   ++q->host_seq;
   cl_event ev = nullptr;
-  if (cl_int e = end_command_locked(q, type, {}, &ev); e != CL_SUCCESS) return e;
+  if (cl_int e = end_command_locked(q, type, keep, &ev); e != CL_SUCCESS) return e;
   *ev_out = ev;
   if (cl_int e = flush_locked(q); e != CL_SUCCESS) return e;
   event_retain(ev);
@@ -306,29 +347,42 @@ cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn f
   return CL_SUCCESS;
 }
 
+bool any_failed(cl_uint n, const cl_event* list) {
+  for (cl_uint i = 0; i < n; ++i)
+    if (event_status(list[i]) < 0) return true;
+  return false;
+}
+
 cl_int enqueue_host(cl_command_queue q, cl_command_type type, cl_bool blocking, cl_mem m, cl_uint n,
                     const cl_event* list, cl_event* event_out, HostFn fn) {
   if (cl_int e = check_wait_list(q, n, list); e != CL_SUCCESS) return e;
   flush_dependencies(q, n, list);
   std::vector<Retained> retired;
+  Retained keep;
   cl_int err = CL_SUCCESS;
   cl_event ev = nullptr;
+  bool deferred = false;
   {
     std::lock_guard lock(q->mu);
     retire_locked(q, &retired);
-    const bool gated = has_pending_user_event(n, list) || q->completed() < q->user_gate;
-    err = append_waits_locked(q, n, list);
-    if (err == CL_SUCCESS && !blocking && gated) {
-      err = defer_locked(q, type, m, std::move(fn), &ev);
+    deferred = dependencies_pending(q, n, list);
+    err = append_waits_locked(q, n, list, &keep);
+    if (err == CL_SUCCESS && deferred) {
+      err = defer_locked(q, type, m, std::move(fn), keep, &ev);
     } else if (err == CL_SUCCESS) {
-      err = end_command_locked(q, type, {}, event_out ? &ev : nullptr);
-      if (err == CL_SUCCESS) err = wait_value_locked(q, q->next_value);
+      // Everything before it completes on its own: wait here, keeping later commands of this
+      // queue behind the memcpy.
+      err = end_command_locked(q, type, keep, &ev);
+      if (err == CL_SUCCESS) err = wait_value(q, q->next_value, /*locked=*/true);
       if (err == CL_SUCCESS) err = fn();
       retire_locked(q, &retired);
       if (err != CL_SUCCESS && ev) ev->failed.store(err);
     }
   }
-  // Events are released outside the queue's lock: the last release of a profiled event takes it.
+  drop(keep);
+  if (err == CL_SUCCESS && deferred && blocking) err = wait_value(q, ev->value);
+  if (err == CL_SUCCESS && blocking && any_failed(n, list)) err = CL_EXEC_STATUS_ERROR_FOR_EVENTS_IN_WAIT_LIST;
+  // Events are released outside the queue's lock.
   if (event_out && err == CL_SUCCESS) *event_out = ev;
   else if (ev) event_release(ev);
   release_retired(retired);
@@ -358,20 +412,28 @@ cl_int with_bytes(cl_mem m, Fn&& fn) {
 struct Rect {
   size_t origin[3], region[3], row_pitch, slice_pitch;
   size_t offset() const { return origin[2] * slice_pitch + origin[1] * row_pitch + origin[0]; }
-  // The last byte touched plus one.
-  size_t extent() const {
-    return offset() + (region[2] - 1) * slice_pitch + (region[1] - 1) * row_pitch + region[0];
-  }
+  size_t end = 0;  // the last byte touched plus one (computed without overflow by make_rect)
 };
 
+// A rectangle of bytes; CL_INVALID_VALUE for empty regions, short pitches or arithmetic that
+// would overflow.
 cl_int make_rect(const size_t* origin, const size_t* region, size_t row_pitch, size_t slice_pitch, Rect* r) {
   if (origin == nullptr || region == nullptr) return CL_INVALID_VALUE;
   if (region[0] == 0 || region[1] == 0 || region[2] == 0) return CL_INVALID_VALUE;
   if (row_pitch == 0) row_pitch = region[0];
   else if (row_pitch < region[0]) return CL_INVALID_VALUE;
-  if (slice_pitch == 0) slice_pitch = region[1] * row_pitch;
-  else if (slice_pitch < region[1] * row_pitch || slice_pitch % row_pitch != 0) return CL_INVALID_VALUE;
+  size_t min_slice;
+  if (__builtin_mul_overflow(region[1], row_pitch, &min_slice)) return CL_INVALID_VALUE;
+  if (slice_pitch == 0) slice_pitch = min_slice;
+  else if (slice_pitch < min_slice || slice_pitch % row_pitch != 0) return CL_INVALID_VALUE;
   *r = Rect{{origin[0], origin[1], origin[2]}, {region[0], region[1], region[2]}, row_pitch, slice_pitch};
+  size_t a, b, c, d, e;
+  if (__builtin_mul_overflow(origin[2] + region[2] - 1, slice_pitch, &a) || origin[2] + region[2] - 1 < origin[2] ||
+      __builtin_mul_overflow(origin[1] + region[1] - 1, row_pitch, &b) || origin[1] + region[1] - 1 < origin[1] ||
+      __builtin_add_overflow(a, b, &c) || __builtin_add_overflow(origin[0], region[0], &d) ||
+      __builtin_add_overflow(c, d, &e))
+    return CL_INVALID_VALUE;
+  r->end = e;
   return CL_SUCCESS;
 }
 
@@ -391,14 +453,19 @@ void queue_retain(cl_command_queue q) { q->refs.fetch_add(1, std::memory_order_r
 
 void queue_release(cl_command_queue q) {
   if (q->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
+  uint64_t last;
+  {
+    std::lock_guard lock(q->mu);
+    last = q->next_value;
+  }
+  wait_value(q, last);  // a released queue still finishes its work
   std::vector<Retained> retired;
   {
     std::lock_guard lock(q->mu);
-    wait_value_locked(q, q->next_value);  // a released queue still finishes its work
-    retire_locked(q, &retired);
     for (auto& r : q->retained) retired.push_back(std::move(r));
     q->retained.clear();
   }
+  stamp_profiles(q);
   release_retired(retired);
   GPUPKMT_DESTROYCONTEXT dc{q->hw_context};
   GpupKmtDestroyContext(&dc);
@@ -424,20 +491,15 @@ void queue_retire(cl_command_queue q) {
   release_retired(retired);
 }
 
-// Flushes q up to `value` and waits for it (events of the queue).
+// Flushes q up to `value` and waits for it (events of the queue), holding no lock while waiting.
 cl_int queue_wait(cl_command_queue q, uint64_t value) {
-  std::vector<Retained> retired;
-  cl_int err;
-  {
-    std::lock_guard lock(q->mu);
-    err = wait_value_locked(q, value);
-    retire_locked(q, &retired);
-  }
-  release_retired(retired);
+  const cl_int err = wait_value(q, value);
+  queue_retire(q);
   return err;
 }
 
 cl_int queue_flush_to(cl_command_queue q, uint64_t value) {
+  if (value <= q->submitted_value) return CL_SUCCESS;
   std::lock_guard lock(q->mu);
   if (value > q->submitted_value) return flush_locked(q);
   return CL_SUCCESS;
@@ -467,10 +529,10 @@ cl_command_queue create_queue(cl_context c, cl_device_id d, cl_command_queue_pro
   if (props & ~d->queue_properties) return fail(CL_INVALID_QUEUE_PROPERTIES);
 
   GPUPKMT_CREATECONTEXT cc{};
-  cc.hDevice = d->device;
+  cc.hDevice = c->hw_device;
   if (gpup_status s = GpupKmtCreateContext(&cc); GPUP_FAILED(s)) return fail(queue_failure(nullptr, s, "creating a queue"));
   GPUPKMT_CREATESYNCHRONIZATIONOBJECT cs{};
-  cs.hDevice = d->device;
+  cs.hDevice = c->hw_device;
   cs.Type = GPUPKMT_SYNCOBJECT_MONITORED_FENCE;
   if (gpup_status s = GpupKmtCreateSynchronizationObject(&cs); GPUP_FAILED(s)) {
     GPUPKMT_DESTROYCONTEXT dc{cc.hContext};
@@ -622,7 +684,7 @@ cl_int EnqueueReadBufferRect(cl_command_queue q, cl_mem m, cl_bool blocking, con
   Rect b, h;
   if (cl_int e = make_rect(buffer_origin, region, buffer_row_pitch, buffer_slice_pitch, &b); e != CL_SUCCESS) return e;
   if (cl_int e = make_rect(host_origin, region, host_row_pitch, host_slice_pitch, &h); e != CL_SUCCESS) return e;
-  if (b.extent() > m->size) return CL_INVALID_VALUE;
+  if (b.end > m->size) return CL_INVALID_VALUE;
   if (!readable_by_host(m)) return CL_INVALID_OPERATION;
   return enqueue_host(q, CL_COMMAND_READ_BUFFER_RECT, blocking, m, n, list, ev, [=]() -> cl_int {
     return with_bytes(m, [&](uint8_t* p) {
@@ -641,7 +703,7 @@ cl_int EnqueueWriteBufferRect(cl_command_queue q, cl_mem m, cl_bool blocking, co
   Rect b, h;
   if (cl_int e = make_rect(buffer_origin, region, buffer_row_pitch, buffer_slice_pitch, &b); e != CL_SUCCESS) return e;
   if (cl_int e = make_rect(host_origin, region, host_row_pitch, host_slice_pitch, &h); e != CL_SUCCESS) return e;
-  if (b.extent() > m->size) return CL_INVALID_VALUE;
+  if (b.end > m->size) return CL_INVALID_VALUE;
   if (!writable_by_host(m)) return CL_INVALID_OPERATION;
   return enqueue_host(q, CL_COMMAND_WRITE_BUFFER_RECT, blocking, m, n, list, ev, [=]() -> cl_int {
     return with_bytes(m, [&](uint8_t* p) {
@@ -680,7 +742,7 @@ cl_int EnqueueCopyBufferRect(cl_command_queue q, cl_mem src, cl_mem dst, const s
   Rect s, d;
   if (cl_int e = make_rect(src_origin, region, src_row_pitch, src_slice_pitch, &s); e != CL_SUCCESS) return e;
   if (cl_int e = make_rect(dst_origin, region, dst_row_pitch, dst_slice_pitch, &d); e != CL_SUCCESS) return e;
-  if (s.extent() > src->size || d.extent() > dst->size) return CL_INVALID_VALUE;
+  if (s.end > src->size || d.end > dst->size) return CL_INVALID_VALUE;
   if (src == dst) {
     if (src_row_pitch != dst_row_pitch || src_slice_pitch != dst_slice_pitch) return CL_INVALID_VALUE;
     bool overlap = true;
@@ -780,7 +842,7 @@ cl_int EnqueueUnmapMemObject(cl_command_queue q, cl_mem m, void* mapped, cl_uint
   // USE_HOST_PTR: publish what the application wrote into the mapped range of its memory; a map
   // that holds a Lock publishes by unlocking.
   const bool publish = m->host_ptr != nullptr && (rec.flags & (CL_MAP_WRITE | CL_MAP_WRITE_INVALIDATE_REGION)) != 0;
-  return enqueue_host(q, CL_COMMAND_UNMAP_MEM_OBJECT, CL_FALSE, m, n, list, ev, [=]() -> cl_int {
+  const cl_int err = enqueue_host(q, CL_COMMAND_UNMAP_MEM_OBJECT, CL_FALSE, m, n, list, ev, [=]() -> cl_int {
     cl_int err = CL_SUCCESS;
     if (publish)
       err = with_bytes(m, [&](uint8_t* bytes) { std::memcpy(bytes + rec.offset, rec.pointer, rec.size); });
@@ -790,6 +852,11 @@ cl_int EnqueueUnmapMemObject(cl_command_queue q, cl_mem m, void* mapped, cl_uint
     if (m->map_count > 0) --m->map_count;
     return err;
   });
+  if (err != CL_SUCCESS && err != CL_EXEC_STATUS_ERROR_FOR_EVENTS_IN_WAIT_LIST) {
+    std::lock_guard lock(m->mu);  // not unmapped: the application may try again
+    m->maps.push_back(rec);
+  }
+  return err;
 }
 
 cl_int EnqueueMigrateMemObjects(cl_command_queue q, cl_uint num, const cl_mem* mems, cl_mem_migration_flags flags,
