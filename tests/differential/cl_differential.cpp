@@ -313,6 +313,7 @@ struct Reg {
 #include "cases_memory.inc"
 #include "cases_program.inc"
 #include "cases_exec.inc"
+#include "cases_image.inc"
 
 namespace {
 

@@ -1,7 +1,7 @@
 // The ICD dispatch table and the three symbols libgpupocl exports to the ICD loader.
 //
-// Every slot of cl_icd_dispatch is filled. What a partition does not carry (images and samplers,
-// since CL_DEVICE_IMAGE_SUPPORT is false; SVM, pipes, GL/EGL/D3D sharing, IL programs) answers
+// Every slot of cl_icd_dispatch is filled. What a partition does not carry (SVM, pipes,
+// GL/EGL/D3D sharing, IL programs, and images and samplers on a device without them) answers
 // with the error the OpenCL specification gives for a device without the feature, never a crash.
 #include <string_view>
 
@@ -106,6 +106,35 @@ cl_int EnqueueBarrier(cl_command_queue);
 cl_int EnqueueWaitForEvents(cl_command_queue, cl_uint, const cl_event*);
 cl_int EnqueueMarkerWithWaitList(cl_command_queue, cl_uint, const cl_event*, cl_event*);
 cl_int EnqueueBarrierWithWaitList(cl_command_queue, cl_uint, const cl_event*, cl_event*);
+// image.cpp
+cl_mem CreateImage2D(cl_context, cl_mem_flags, const cl_image_format*, size_t, size_t, size_t, void*, cl_int*);
+cl_mem CreateImage3D(cl_context, cl_mem_flags, const cl_image_format*, size_t, size_t, size_t, size_t, size_t, void*,
+                     cl_int*);
+cl_mem CreateImage(cl_context, cl_mem_flags, const cl_image_format*, const cl_image_desc*, void*, cl_int*);
+cl_mem CreateImageWithProperties(cl_context, const cl_mem_properties*, cl_mem_flags, const cl_image_format*,
+                                 const cl_image_desc*, void*, cl_int*);
+cl_int GetSupportedImageFormats(cl_context, cl_mem_flags, cl_mem_object_type, cl_uint, cl_image_format*, cl_uint*);
+cl_int GetImageInfo(cl_mem, cl_image_info, size_t, void*, size_t*);
+cl_sampler CreateSampler(cl_context, cl_bool, cl_addressing_mode, cl_filter_mode, cl_int*);
+cl_sampler CreateSamplerWithProperties(cl_context, const cl_sampler_properties*, cl_int*);
+cl_int RetainSampler(cl_sampler);
+cl_int ReleaseSampler(cl_sampler);
+cl_int GetSamplerInfo(cl_sampler, cl_sampler_info, size_t, void*, size_t*);
+// queue.cpp (images)
+cl_int EnqueueReadImage(cl_command_queue, cl_mem, cl_bool, const size_t*, const size_t*, size_t, size_t, void*,
+                        cl_uint, const cl_event*, cl_event*);
+cl_int EnqueueWriteImage(cl_command_queue, cl_mem, cl_bool, const size_t*, const size_t*, size_t, size_t,
+                         const void*, cl_uint, const cl_event*, cl_event*);
+cl_int EnqueueCopyImage(cl_command_queue, cl_mem, cl_mem, const size_t*, const size_t*, const size_t*, cl_uint,
+                        const cl_event*, cl_event*);
+cl_int EnqueueCopyImageToBuffer(cl_command_queue, cl_mem, cl_mem, const size_t*, const size_t*, size_t, cl_uint,
+                                const cl_event*, cl_event*);
+cl_int EnqueueCopyBufferToImage(cl_command_queue, cl_mem, cl_mem, size_t, const size_t*, const size_t*, cl_uint,
+                                const cl_event*, cl_event*);
+void* EnqueueMapImage(cl_command_queue, cl_mem, cl_bool, cl_map_flags, const size_t*, const size_t*, size_t*,
+                      size_t*, cl_uint, const cl_event*, cl_event*, cl_int*);
+cl_int EnqueueFillImage(cl_command_queue, cl_mem, const void*, const size_t*, const size_t*, cl_uint,
+                        const cl_event*, cl_event*);
 // event.cpp
 cl_int WaitForEvents(cl_uint, const cl_event*);
 cl_int GetEventInfo(cl_event, cl_event_info, size_t, void*, size_t*);
@@ -127,71 +156,8 @@ T* refuse(cl_int* errcode_ret, cl_int e) {
   return nullptr;
 }
 
-// --- images and samplers: CL_DEVICE_IMAGE_SUPPORT is false, so no image or sampler exists ---------
-
 cl_int context_or(cl_context c, cl_int e) { return valid(c) ? e : CL_INVALID_CONTEXT; }
 cl_int queue_or(cl_command_queue q, cl_int e) { return valid(q) ? e : CL_INVALID_COMMAND_QUEUE; }
-
-cl_mem CreateImage2D(cl_context c, cl_mem_flags, const cl_image_format*, size_t, size_t, size_t, void*, cl_int* err) {
-  return refuse<_cl_mem>(err, context_or(c, CL_INVALID_OPERATION));
-}
-cl_mem CreateImage3D(cl_context c, cl_mem_flags, const cl_image_format*, size_t, size_t, size_t, size_t, size_t, void*,
-                     cl_int* err) {
-  return refuse<_cl_mem>(err, context_or(c, CL_INVALID_OPERATION));
-}
-cl_mem CreateImage(cl_context c, cl_mem_flags, const cl_image_format*, const cl_image_desc*, void*, cl_int* err) {
-  return refuse<_cl_mem>(err, context_or(c, CL_INVALID_OPERATION));
-}
-cl_mem CreateImageWithProperties(cl_context c, const cl_mem_properties*, cl_mem_flags, const cl_image_format*,
-                                 const cl_image_desc*, void*, cl_int* err) {
-  return refuse<_cl_mem>(err, context_or(c, CL_INVALID_OPERATION));
-}
-cl_int GetSupportedImageFormats(cl_context c, cl_mem_flags, cl_mem_object_type, cl_uint, cl_image_format*,
-                                cl_uint* num) {
-  if (!valid(c)) return CL_INVALID_CONTEXT;
-  if (num) *num = 0;
-  return CL_SUCCESS;
-}
-cl_int GetImageInfo(cl_mem m, cl_image_info, size_t, void*, size_t*) {
-  return CL_INVALID_MEM_OBJECT;  // no cl_mem is an image
-}
-cl_sampler CreateSampler(cl_context c, cl_bool, cl_addressing_mode, cl_filter_mode, cl_int* err) {
-  return refuse<_cl_sampler>(err, context_or(c, CL_INVALID_OPERATION));
-}
-cl_sampler CreateSamplerWithProperties(cl_context c, const cl_sampler_properties*, cl_int* err) {
-  return refuse<_cl_sampler>(err, context_or(c, CL_INVALID_OPERATION));
-}
-cl_int RetainSampler(cl_sampler) { return CL_INVALID_SAMPLER; }
-cl_int ReleaseSampler(cl_sampler) { return CL_INVALID_SAMPLER; }
-cl_int GetSamplerInfo(cl_sampler, cl_sampler_info, size_t, void*, size_t*) { return CL_INVALID_SAMPLER; }
-cl_int EnqueueReadImage(cl_command_queue q, cl_mem, cl_bool, const size_t*, const size_t*, size_t, size_t, void*,
-                        cl_uint, const cl_event*, cl_event*) {
-  return queue_or(q, CL_INVALID_MEM_OBJECT);
-}
-cl_int EnqueueWriteImage(cl_command_queue q, cl_mem, cl_bool, const size_t*, const size_t*, size_t, size_t,
-                         const void*, cl_uint, const cl_event*, cl_event*) {
-  return queue_or(q, CL_INVALID_MEM_OBJECT);
-}
-cl_int EnqueueCopyImage(cl_command_queue q, cl_mem, cl_mem, const size_t*, const size_t*, const size_t*, cl_uint,
-                        const cl_event*, cl_event*) {
-  return queue_or(q, CL_INVALID_MEM_OBJECT);
-}
-cl_int EnqueueCopyImageToBuffer(cl_command_queue q, cl_mem, cl_mem, const size_t*, const size_t*, size_t, cl_uint,
-                                const cl_event*, cl_event*) {
-  return queue_or(q, CL_INVALID_MEM_OBJECT);
-}
-cl_int EnqueueCopyBufferToImage(cl_command_queue q, cl_mem, cl_mem, size_t, const size_t*, const size_t*, cl_uint,
-                                const cl_event*, cl_event*) {
-  return queue_or(q, CL_INVALID_MEM_OBJECT);
-}
-void* EnqueueMapImage(cl_command_queue q, cl_mem, cl_bool, cl_map_flags, const size_t*, const size_t*, size_t*,
-                      size_t*, cl_uint, const cl_event*, cl_event*, cl_int* err) {
-  return refuse<void>(err, queue_or(q, CL_INVALID_MEM_OBJECT));
-}
-cl_int EnqueueFillImage(cl_command_queue q, cl_mem, const void*, const size_t*, const size_t*, cl_uint,
-                        const cl_event*, cl_event*) {
-  return queue_or(q, CL_INVALID_MEM_OBJECT);
-}
 
 // --- GL / EGL sharing: no context is created from a GL or EGL context ----------------------------
 

@@ -215,6 +215,8 @@ struct _cl_mem : gpup::ocl::IcdObject {
     size_t offset, size;
     cl_map_flags flags;
     bool locked;  // holds a Lock of the backing until the unmap
+    // Images: the mapped region (pixels) and, for USE_HOST_PTR, what to publish at the unmap.
+    size_t origin[3], region[3];
   };
   std::vector<MapRecord> maps;  // outstanding maps, for unmap
   std::vector<std::pair<void(CL_CALLBACK*)(cl_mem, void*), void*>> destructors;
@@ -374,6 +376,10 @@ void context_release(cl_context c);
 // Memory (memory.cpp)
 void mem_retain(cl_mem m);
 void mem_release(cl_mem m);
+cl_int check_mem_flags(cl_mem_flags flags);  // buffers' and images' creation flags
+// A backing of `size` bytes mapped at a GPU VA of the context's device; `image` (a
+// GPUP_OCL_IMAGE_DESC) makes it an image allocation.
+cl_int make_backing(cl_context c, size_t size, const GPUP_OCL_IMAGE_DESC* image, std::shared_ptr<Backing>* out);
 
 // Programs (program.cpp)
 void program_retain(cl_program p);

@@ -4,7 +4,9 @@
 //    libgpupkmt of the process, so GpupKmtGetChannelStats counts the ICD's messages and round
 //    trips for each group of calls;
 //  - the device is the partition: its memory is the budget, and going past it fails like a
-//    device out of memory, without disturbing what is already allocated.
+//    device out of memory, without disturbing what is already allocated;
+//  - images: pixels through the shared section, and the specification's errors where the host
+//    implementation is lenient.
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -12,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #define CL_TARGET_OPENCL_VERSION 300
+#define CL_USE_DEPRECATED_OPENCL_1_2_APIS  // clCreateSampler, as 1.2 programs call it
 #include <CL/cl.h>
 
 #include "gpup/kmt.h"
@@ -149,6 +152,100 @@ TEST_F(Crossings, LargeTransfersUseTheSharedSectionNotMessages) {
   // 1 MiB each way, eight times the message limit, with at most a submit and a wait per call.
   EXPECT_LE(d.messages, 4u);
   EXPECT_EQ(back, data);
+}
+
+// Images: the pixels travel like a buffer's bytes (memcpy on the shared section), a sampler is
+// guest-local, and where the host implementation is more lenient than the specification the
+// ICD keeps the specification's error (the differential suite cannot compare those).
+TEST_F(Crossings, ImagesMoveThroughTheSharedSectionAndKeepTheSpecificationsErrors) {
+  cl_bool images = CL_FALSE;
+  ASSERT_EQ(clGetDeviceInfo(device_, CL_DEVICE_IMAGE_SUPPORT, sizeof images, &images, nullptr), CL_SUCCESS);
+  ASSERT_EQ(images, CL_TRUE) << "PoCL's CPU device supports images, so the partition must";
+  const cl_image_format rgba8{CL_RGBA, CL_UNORM_INT8};
+  cl_image_desc desc{};
+  desc.image_type = CL_MEM_OBJECT_IMAGE2D;
+  desc.image_width = 256;
+  desc.image_height = 256;  // 256 KiB: twice the message limit
+  cl_int err;
+  Counts before = counts();
+  cl_mem image = clCreateImage(context_, CL_MEM_READ_WRITE, &rgba8, &desc, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  EXPECT_LE(since(before).round_trips, 2u);  // create the allocation, map its GPU VA
+
+  std::vector<uint8_t> pixels(256 * 256 * 4), back(pixels.size());
+  for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<uint8_t>(i * 7 + 3);
+  const size_t origin[3] = {0, 0, 0}, region[3] = {256, 256, 1};
+  before = counts();
+  ASSERT_EQ(clEnqueueWriteImage(queue_, image, CL_TRUE, origin, region, 0, 0, pixels.data(), 0, nullptr, nullptr),
+            CL_SUCCESS);
+  ASSERT_EQ(clEnqueueReadImage(queue_, image, CL_TRUE, origin, region, 0, 0, back.data(), 0, nullptr, nullptr),
+            CL_SUCCESS);
+  EXPECT_LE(since(before).messages, 5u);
+  EXPECT_EQ(back, pixels);
+
+  // Samplers cross nothing; NULL properties are the defaults.
+  before = counts();
+  cl_sampler sampler = clCreateSamplerWithProperties(context_, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  EXPECT_EQ(since(before).messages, 0u);
+  cl_bool normalized = CL_FALSE;
+  cl_addressing_mode addressing = 0;
+  cl_filter_mode filter = 0;
+  clGetSamplerInfo(sampler, CL_SAMPLER_NORMALIZED_COORDS, sizeof normalized, &normalized, nullptr);
+  clGetSamplerInfo(sampler, CL_SAMPLER_ADDRESSING_MODE, sizeof addressing, &addressing, nullptr);
+  clGetSamplerInfo(sampler, CL_SAMPLER_FILTER_MODE, sizeof filter, &filter, nullptr);
+  EXPECT_EQ(normalized, CL_TRUE);
+  EXPECT_EQ(addressing, static_cast<cl_addressing_mode>(CL_ADDRESS_CLAMP));
+  EXPECT_EQ(filter, static_cast<cl_filter_mode>(CL_FILTER_NEAREST));
+
+  // Misuse the host implementation lets through.
+  size_t width = 0;
+  EXPECT_EQ(clGetImageInfo(buffer_, CL_IMAGE_WIDTH, sizeof width, &width, nullptr), CL_INVALID_MEM_OBJECT);
+  EXPECT_EQ(clEnqueueReadBuffer(queue_, image, CL_TRUE, 0, 64, back.data(), 0, nullptr, nullptr), CL_INVALID_MEM_OBJECT);
+  EXPECT_EQ(clEnqueueWriteBuffer(queue_, image, CL_TRUE, 0, 64, back.data(), 0, nullptr, nullptr), CL_INVALID_MEM_OBJECT);
+  const size_t empty[3] = {0, 4, 1};
+  EXPECT_EQ(clEnqueueReadImage(queue_, image, CL_TRUE, origin, empty, 0, 0, back.data(), 0, nullptr, nullptr),
+            CL_INVALID_VALUE);
+  cl_image_desc pitched = desc;
+  pitched.image_row_pitch = 2048;
+  EXPECT_EQ(clCreateImage(context_, CL_MEM_READ_WRITE, &rgba8, &pitched, nullptr, &err), nullptr);
+  EXPECT_EQ(err, CL_INVALID_IMAGE_DESCRIPTOR);
+  EXPECT_EQ(clCreateSampler(context_, CL_TRUE, 0x7777, CL_FILTER_NEAREST, &err), nullptr);
+  EXPECT_EQ(err, CL_INVALID_VALUE);
+  EXPECT_EQ(clCreateSampler(context_, CL_TRUE, CL_ADDRESS_CLAMP, 0x7777, &err), nullptr);
+  EXPECT_EQ(err, CL_INVALID_VALUE);
+  const cl_sampler_properties bad[] = {CL_SAMPLER_ADDRESSING_MODE, 0x7777, 0};
+  EXPECT_EQ(clCreateSamplerWithProperties(context_, bad, &err), nullptr);
+  EXPECT_EQ(err, CL_INVALID_VALUE);
+
+  const char* src = "__kernel void k(read_only image2d_t i, sampler_t s, __global float4* o) {"
+                    "  o[0] = read_imagef(i, s, (int2)(0, 0)); }";
+  cl_program program = clCreateProgramWithSource(context_, 1, &src, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  ASSERT_EQ(clBuildProgram(program, 1, &device_, "", nullptr, nullptr), CL_SUCCESS);
+  cl_kernel kernel = clCreateKernel(program, "k", &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_sampler no_sampler = nullptr;
+  EXPECT_EQ(clSetKernelArg(kernel, 0, sizeof buffer_, &buffer_), CL_INVALID_MEM_OBJECT);
+  EXPECT_EQ(clSetKernelArg(kernel, 1, sizeof no_sampler, &no_sampler), CL_INVALID_SAMPLER);
+  EXPECT_EQ(clSetKernelArg(kernel, 1, sizeof buffer_, &buffer_), CL_INVALID_SAMPLER);
+  // Used properly, the kernel reads the first pixel.
+  cl_sampler unnormalized = clCreateSampler(context_, CL_FALSE, CL_ADDRESS_CLAMP_TO_EDGE, CL_FILTER_NEAREST, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  ASSERT_EQ(clSetKernelArg(kernel, 0, sizeof image, &image), CL_SUCCESS);
+  ASSERT_EQ(clSetKernelArg(kernel, 1, sizeof unnormalized, &unnormalized), CL_SUCCESS);
+  ASSERT_EQ(clSetKernelArg(kernel, 2, sizeof buffer_, &buffer_), CL_SUCCESS);
+  const size_t one = 1;
+  ASSERT_EQ(clEnqueueNDRangeKernel(queue_, kernel, 1, nullptr, &one, &one, 0, nullptr, nullptr), CL_SUCCESS);
+  float first[4] = {};
+  ASSERT_EQ(clEnqueueReadBuffer(queue_, buffer_, CL_TRUE, 0, sizeof first, first, 0, nullptr, nullptr), CL_SUCCESS);
+  for (int c = 0; c < 4; ++c) EXPECT_FLOAT_EQ(first[c], pixels[c] / 255.0f) << "channel " << c;
+
+  clReleaseKernel(kernel);
+  clReleaseProgram(program);
+  clReleaseSampler(unnormalized);
+  clReleaseSampler(sampler);
+  clReleaseMemObject(image);
 }
 
 TEST(Partition, TheDeviceIsThePartition) {

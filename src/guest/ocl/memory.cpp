@@ -74,7 +74,9 @@ constexpr cl_mem_flags kHostAccessFlags = CL_MEM_HOST_WRITE_ONLY | CL_MEM_HOST_R
 
 bool more_than_one(cl_mem_flags f) { return (f & (f - 1)) != 0; }
 
-cl_int check_flags(cl_mem_flags flags) {
+}  // namespace
+
+cl_int check_mem_flags(cl_mem_flags flags) {
   if (flags & ~(kAccessFlags | kHostPtrFlags | kHostAccessFlags | CL_MEM_KERNEL_READ_AND_WRITE))
     return CL_INVALID_VALUE;
   if (more_than_one(flags & kAccessFlags)) return CL_INVALID_VALUE;
@@ -83,12 +85,44 @@ cl_int check_flags(cl_mem_flags flags) {
   return CL_SUCCESS;
 }
 
+namespace {
+
 cl_mem fail(cl_int* errcode_ret, cl_int e) {
   if (errcode_ret) *errcode_ret = e;
   return nullptr;
 }
 
 }  // namespace
+
+cl_int make_backing(cl_context c, size_t size, const GPUP_OCL_IMAGE_DESC* image, std::shared_ptr<Backing>* out) {
+  cl_device_id d = c->devices.front();
+  auto backing = std::make_shared<Backing>();
+  backing->device = d;
+  backing->hw_device = c->hw_device;
+  backing->size = size;
+  backing->image = image != nullptr;
+  GPUPKMT_CREATEALLOCATION ca{};
+  ca.hDevice = c->hw_device;
+  ca.Flags = GPUPKMT_ALLOCATION_CPU_VISIBLE | (image ? GPUPKMT_ALLOCATION_IMAGE : 0u);
+  ca.Size = size;
+  ca.pPrivateDriverData = image;
+  ca.PrivateDriverDataSize = image ? sizeof *image : 0;
+  if (gpup_status s = GpupKmtCreateAllocation(&ca); GPUP_FAILED(s)) {
+    log_failure(image ? "creating an image" : "creating a buffer", s);
+    return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  }
+  backing->allocation = ca.hAllocation;
+  backing->va_size = (size + 4095) & ~uint64_t{4095};
+  backing->va = d->va_alloc(backing->va_size);
+  if (backing->va == 0) return CL_OUT_OF_RESOURCES;
+  GPUPKMT_MAPGPUVA mv{backing->allocation, GPUPKMT_PROTECTION_READ | GPUPKMT_PROTECTION_WRITE, backing->va, 0, size};
+  if (gpup_status s = GpupKmtMapGpuVirtualAddress(&mv); GPUP_FAILED(s)) {
+    log_failure("mapping a memory object at its GPU VA", s);
+    return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  }
+  *out = std::move(backing);
+  return CL_SUCCESS;
+}
 
 }  // namespace gpup::ocl
 
@@ -101,33 +135,14 @@ cl_mem CreateBufferWithProperties(cl_context c, const cl_mem_properties* props, 
   if (!valid(c)) return fail(errcode_ret, CL_INVALID_CONTEXT);
   if (props != nullptr && props[0] != 0) return fail(errcode_ret, CL_INVALID_PROPERTY);
   if (flags == 0) flags = CL_MEM_READ_WRITE;
-  if (cl_int e = check_flags(flags); e != CL_SUCCESS) return fail(errcode_ret, e);
+  if (cl_int e = check_mem_flags(flags); e != CL_SUCCESS) return fail(errcode_ret, e);
   cl_device_id d = c->devices.front();
   if (size == 0 || size > d->max_alloc) return fail(errcode_ret, CL_INVALID_BUFFER_SIZE);
   const bool wants_ptr = (flags & (CL_MEM_USE_HOST_PTR | CL_MEM_COPY_HOST_PTR)) != 0;
   if (wants_ptr != (host_ptr != nullptr)) return fail(errcode_ret, CL_INVALID_HOST_PTR);
 
-  auto backing = std::make_shared<Backing>();
-  backing->device = d;
-  backing->hw_device = c->hw_device;
-  backing->size = size;
-  GPUPKMT_CREATEALLOCATION ca{};
-  ca.hDevice = c->hw_device;
-  ca.Flags = GPUPKMT_ALLOCATION_CPU_VISIBLE;
-  ca.Size = size;
-  if (gpup_status s = GpupKmtCreateAllocation(&ca); GPUP_FAILED(s)) {
-    log_failure("creating a buffer", s);
-    return fail(errcode_ret, cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE));
-  }
-  backing->allocation = ca.hAllocation;
-  backing->va_size = (size + 4095) & ~uint64_t{4095};
-  backing->va = d->va_alloc(backing->va_size);
-  if (backing->va == 0) return fail(errcode_ret, CL_OUT_OF_RESOURCES);
-  GPUPKMT_MAPGPUVA mv{backing->allocation, GPUPKMT_PROTECTION_READ | GPUPKMT_PROTECTION_WRITE, backing->va, 0, size};
-  if (gpup_status s = GpupKmtMapGpuVirtualAddress(&mv); GPUP_FAILED(s)) {
-    log_failure("mapping a buffer at its GPU VA", s);
-    return fail(errcode_ret, cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE));
-  }
+  std::shared_ptr<Backing> backing;
+  if (cl_int e = make_backing(c, size, nullptr, &backing); e != CL_SUCCESS) return fail(errcode_ret, e);
   if (wants_ptr) {
     uint8_t* p = nullptr;
     if (cl_int e = backing->begin(&p); e != CL_SUCCESS) return fail(errcode_ret, e);

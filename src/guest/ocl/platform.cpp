@@ -4,8 +4,9 @@
 // otherwise the ICD reports no platform and stays out of the way. Device information is fetched
 // from the host KMD once (GPUP_OCL_QUERY_DEVICE_INFO) and answered locally from then on, with the
 // values a partition changes overridden: its memory is the partition's budget, its name says what
-// it is, and features the paravirtual path does not carry (SVM, images, pipes, device-side
-// enqueue, sub-devices, IL programs) are reported absent.
+// it is, and features the paravirtual path does not carry (SVM, pipes, device-side enqueue,
+// sub-devices, IL programs, images made from buffers; images altogether when the KMD or device
+// cannot carry them) are reported absent.
 #include <time.h>
 
 #include <algorithm>
@@ -290,7 +291,10 @@ cl_int open_device(cl_device_id d, const GPUPKMT_ADAPTERINFO& adapter) {
 
   if (cl_int err = query_device_info(d); err != CL_SUCCESS) return err;
   if (umd.ContractVersion >= 3) query_image_formats(d);
-  d->images = false;  // the ICD's image objects are not written yet
+  // Images need the host device's image support, its formats, and memory it shares with the host
+  // (the KMD makes each image over its allocation's bytes).
+  d->images = !d->image_formats.empty() && d->scalar<cl_bool>(CL_DEVICE_IMAGE_SUPPORT, CL_FALSE) == CL_TRUE &&
+              d->scalar<cl_bool>(CL_DEVICE_HOST_UNIFIED_MEMORY, CL_FALSE) == CL_TRUE;
   apply_partition_overrides(d);
   cache_scalars(d);
 

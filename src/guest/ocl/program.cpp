@@ -604,8 +604,31 @@ cl_int SetKernelArg(cl_kernel k, cl_uint index, size_t size, const void* value) 
       a.kind = GPUPDDI_ARG_VALUE;
       a.bytes.assign(static_cast<const uint8_t*>(value), static_cast<const uint8_t*>(value) + size);
       break;
+    case GPUPDDI_ARG_IMAGE: {
+      if (size != sizeof(cl_mem)) return CL_INVALID_ARG_SIZE;
+      if (value == nullptr) return CL_INVALID_ARG_VALUE;
+      cl_mem m = *static_cast<const cl_mem*>(value);
+      if (!valid(m) || !m->is_image() || m->context != k->program->context) return CL_INVALID_MEM_OBJECT;
+      a.kind = GPUPDDI_ARG_IMAGE;
+      a.mem = m;
+      break;
+    }
+    case GPUPDDI_ARG_SAMPLER: {
+      if (size != sizeof(cl_sampler)) return CL_INVALID_ARG_SIZE;
+      if (value == nullptr) return CL_INVALID_ARG_VALUE;
+      cl_sampler sm = *static_cast<const cl_sampler*>(value);
+      if (!valid(sm) || sm->context != k->program->context) return CL_INVALID_SAMPLER;
+      // The sampler's properties travel with each dispatch; the host makes (and caches) the object.
+      GPUP_OCL_SAMPLER_DESC d{};
+      d.NormalizedCoords = sm->normalized ? 1u : 0u;
+      d.AddressingMode = sm->addressing;
+      d.FilterMode = sm->filter;
+      a.kind = GPUPDDI_ARG_SAMPLER;
+      a.bytes.assign(reinterpret_cast<const uint8_t*>(&d), reinterpret_cast<const uint8_t*>(&d) + sizeof d);
+      break;
+    }
     default:
-      return CL_INVALID_ARG_VALUE;  // images, samplers, pipes: not carried by a partition
+      return CL_INVALID_ARG_VALUE;  // pipes, queues: not carried by a partition
   }
   std::lock_guard lock(k->mu);
   k->args[index] = std::move(a);

@@ -15,7 +15,7 @@
 #include <functional>
 #include <thread>
 
-#include "guest/ocl/icd.h"
+#include "guest/ocl/image_support.h"
 
 namespace gpup::ocl {
 
@@ -409,14 +409,20 @@ cl_int with_bytes(cl_mem m, Fn&& fn) {
   return m->backing->end();
 }
 
-struct Rect {
-  size_t origin[3], region[3], row_pitch, slice_pitch;
-  size_t offset() const { return origin[2] * slice_pitch + origin[1] * row_pitch + origin[0]; }
-  size_t end = 0;  // the last byte touched plus one (computed without overflow by make_rect)
-};
+bool ranges_overlap(size_t a, size_t as, size_t b, size_t bs) { return a < b + bs && b < a + as; }
 
-// A rectangle of bytes; CL_INVALID_VALUE for empty regions, short pitches or arithmetic that
-// would overflow.
+// The mapped region of a USE_HOST_PTR image in the application's memory and layout.
+Rect host_map_rect(cl_mem m, const Rect& img) {
+  Rect r = img;
+  r.row_pitch = m->host_row_pitch;
+  r.slice_pitch = m->host_slice_pitch ? m->host_slice_pitch : m->host_row_pitch * std::max<size_t>(1, m->desc.image_height);
+  return r;
+}
+
+
+}  // namespace
+
+// A rectangle from OpenCL's arguments (image_support.h).
 cl_int make_rect(const size_t* origin, const size_t* region, size_t row_pitch, size_t slice_pitch, Rect* r) {
   if (origin == nullptr || region == nullptr) return CL_INVALID_VALUE;
   if (region[0] == 0 || region[1] == 0 || region[2] == 0) return CL_INVALID_VALUE;
@@ -436,18 +442,6 @@ cl_int make_rect(const size_t* origin, const size_t* region, size_t row_pitch, s
   r->end = e;
   return CL_SUCCESS;
 }
-
-template <typename Fn>
-void for_each_row(const Rect& a, const Rect& b, Fn&& fn) {
-  for (size_t z = 0; z < a.region[2]; ++z)
-    for (size_t y = 0; y < a.region[1]; ++y)
-      fn(a.offset() + z * a.slice_pitch + y * a.row_pitch, b.offset() + z * b.slice_pitch + y * b.row_pitch,
-         a.region[0]);
-}
-
-bool ranges_overlap(size_t a, size_t as, size_t b, size_t bs) { return a < b + bs && b < a + as; }
-
-}  // namespace
 
 void queue_retain(cl_command_queue q) { q->refs.fetch_add(1, std::memory_order_relaxed); }
 
@@ -844,7 +838,14 @@ cl_int EnqueueUnmapMemObject(cl_command_queue q, cl_mem m, void* mapped, cl_uint
   const bool publish = m->host_ptr != nullptr && (rec.flags & (CL_MAP_WRITE | CL_MAP_WRITE_INVALIDATE_REGION)) != 0;
   const cl_int err = enqueue_host(q, CL_COMMAND_UNMAP_MEM_OBJECT, CL_FALSE, m, n, list, ev, [=]() -> cl_int {
     cl_int err = CL_SUCCESS;
-    if (publish)
+    if (publish && m->is_image()) {
+      const Rect img = image_rect(m, rec.origin, rec.region);
+      const Rect hr = host_map_rect(m, img);
+      auto* h = static_cast<uint8_t*>(m->host_ptr);
+      err = with_bytes(m, [&](uint8_t* bytes) {
+        for_each_row(img, hr, [&](size_t io, size_t ho, size_t len) { std::memcpy(bytes + io, h + ho, len); });
+      });
+    } else if (publish)
       err = with_bytes(m, [&](uint8_t* bytes) { std::memcpy(bytes + rec.offset, rec.pointer, rec.size); });
     else if (rec.locked)
       err = m->backing->end();
@@ -923,6 +924,7 @@ cl_int EnqueueNDRangeKernel(cl_command_queue q, cl_kernel k, cl_uint work_dim, c
       g.Kind = a.kind;
       switch (a.kind) {
         case GPUPDDI_ARG_VALUE:
+        case GPUPDDI_ARG_SAMPLER:
           values.push_back(a.bytes);
           g.Size = static_cast<uint32_t>(a.bytes.size());
           g.pValue = values.back().data();
@@ -932,6 +934,12 @@ cl_int EnqueueNDRangeKernel(cl_command_queue q, cl_kernel k, cl_uint work_dim, c
           if (!valid(a.mem)) return CL_INVALID_KERNEL_ARGS;
           g.VirtualAddress = a.mem->va();
           g.BufferSize = a.mem->size;
+          mems.push_back(a.mem);
+          break;
+        case GPUPDDI_ARG_IMAGE:  // the whole image allocation
+          if (!valid(a.mem)) return CL_INVALID_KERNEL_ARGS;
+          g.VirtualAddress = a.mem->backing->va;
+          g.BufferSize = a.mem->backing->size;
           mems.push_back(a.mem);
           break;
         default: break;
@@ -1001,6 +1009,258 @@ cl_int EnqueueWaitForEvents(cl_command_queue q, cl_uint n, const cl_event* list)
     if (list[i]->context != q->context) return CL_INVALID_CONTEXT;
   }
   return enqueue_device(q, CL_COMMAND_BARRIER, n, list, nullptr, [](Retained&) { return CL_SUCCESS; });
+}
+
+
+// ------------------------------------------------------------------------------------------------
+// Images: the pixels are the backing's bytes in a linear layout (image.cpp), so host transfers
+// are row memcpys on the shared section and device copies and fills are rows of buffer commands.
+
+namespace {
+
+cl_int check_image(cl_command_queue q, cl_mem m) {
+  if (!valid(m) || !m->is_image()) return CL_INVALID_MEM_OBJECT;
+  if (m->context != q->context) return CL_INVALID_CONTEXT;
+  return CL_SUCCESS;
+}
+
+// A host rectangle of `region` with the application's pitches: OpenCL's rules (0 is tight; a row
+// pitch below the region's row, a slice pitch below the region's slice, are CL_INVALID_VALUE).
+cl_int host_pitches(cl_mem m, const size_t* region, size_t row_pitch, size_t slice_pitch, Rect* out) {
+  const size_t row = region[0] * m->element_size;
+  if (row_pitch != 0 && row_pitch < row) return CL_INVALID_VALUE;
+  const size_t rp = row_pitch ? row_pitch : row;
+  const bool slices = m->type == CL_MEM_OBJECT_IMAGE3D || m->type == CL_MEM_OBJECT_IMAGE1D_ARRAY ||
+                      m->type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  if (!slices) {
+    slice_pitch = 0;  // unused, as the host implementation treats it
+  } else {
+    const size_t min_slice = m->type == CL_MEM_OBJECT_IMAGE1D_ARRAY ? rp : rp * region[1];
+    if (slice_pitch != 0 && slice_pitch < min_slice) return CL_INVALID_VALUE;
+  }
+  *out = host_rect(m, region, rp, slice_pitch);
+  return CL_SUCCESS;
+}
+
+// Records device copies of the rows of two rectangles (merged into one copy per slice, or one in
+// all, where both sides are contiguous).
+gpup_status copy_rows(GPUPKMT_CMDBUF* cb, uint64_t src_va, const Rect& s, uint64_t dst_va, const Rect& d) {
+  const bool rows_tight = s.row_pitch == s.region[0] && d.row_pitch == d.region[0];
+  if (rows_tight) {
+    const size_t slice = s.region[0] * s.region[1];
+    const bool slices_tight = s.slice_pitch == slice && d.slice_pitch == slice;
+    if (slices_tight) return GpupKmtCmdCopy(cb, src_va + s.offset(), dst_va + d.offset(), slice * s.region[2]);
+    for (size_t z = 0; z < s.region[2]; ++z)
+      if (gpup_status st = GpupKmtCmdCopy(cb, src_va + s.offset() + z * s.slice_pitch,
+                                          dst_va + d.offset() + z * d.slice_pitch, slice);
+          GPUP_FAILED(st))
+        return st;
+    return GPUP_STATUS_SUCCESS;
+  }
+  gpup_status st = GPUP_STATUS_SUCCESS;
+  for_each_row(s, d, [&](size_t so, size_t dof, size_t len) {
+    if (GPUP_SUCCEEDED(st)) st = GpupKmtCmdCopy(cb, src_va + so, dst_va + dof, len);
+  });
+  return st;
+}
+
+// A buffer's side of an image <-> buffer copy: the region's rows packed tightly from `offset`.
+cl_int buffer_rect(cl_mem image, cl_mem buffer, size_t offset, const size_t* region, Rect* out) {
+  Rect r = host_rect(image, region, 0, 0);
+  size_t end = 0;
+  if (__builtin_add_overflow(offset, r.end, &end) || end > buffer->size) return CL_INVALID_VALUE;
+  r.origin[0] = offset;
+  r.end = end;
+  *out = r;
+  return CL_SUCCESS;
+}
+
+}  // namespace
+
+cl_int EnqueueReadImage(cl_command_queue q, cl_mem m, cl_bool blocking, const size_t* origin, const size_t* region,
+                        size_t row_pitch, size_t slice_pitch, void* ptr, cl_uint n, const cl_event* list,
+                        cl_event* ev) {
+  if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
+  if (cl_int e = check_image(q, m); e != CL_SUCCESS) return e;
+  if (ptr == nullptr) return CL_INVALID_VALUE;
+  if (cl_int e = check_image_region(m, origin, region); e != CL_SUCCESS) return e;
+  Rect h;
+  if (cl_int e = host_pitches(m, region, row_pitch, slice_pitch, &h); e != CL_SUCCESS) return e;
+  if (!readable_by_host(m)) return CL_INVALID_OPERATION;
+  const Rect img = image_rect(m, origin, region);
+  return enqueue_host(q, CL_COMMAND_READ_IMAGE, blocking, m, n, list, ev, [=]() -> cl_int {
+    return with_bytes(m, [&](uint8_t* p) {
+      for_each_row(img, h, [&](size_t io, size_t ho, size_t len) { std::memcpy(static_cast<uint8_t*>(ptr) + ho, p + io, len); });
+    });
+  });
+}
+
+cl_int EnqueueWriteImage(cl_command_queue q, cl_mem m, cl_bool blocking, const size_t* origin, const size_t* region,
+                         size_t row_pitch, size_t slice_pitch, const void* ptr, cl_uint n, const cl_event* list,
+                         cl_event* ev) {
+  if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
+  if (cl_int e = check_image(q, m); e != CL_SUCCESS) return e;
+  if (ptr == nullptr) return CL_INVALID_VALUE;
+  if (cl_int e = check_image_region(m, origin, region); e != CL_SUCCESS) return e;
+  Rect h;
+  if (cl_int e = host_pitches(m, region, row_pitch, slice_pitch, &h); e != CL_SUCCESS) return e;
+  if (!writable_by_host(m)) return CL_INVALID_OPERATION;
+  const Rect img = image_rect(m, origin, region);
+  return enqueue_host(q, CL_COMMAND_WRITE_IMAGE, blocking, m, n, list, ev, [=]() -> cl_int {
+    return with_bytes(m, [&](uint8_t* p) {
+      for_each_row(img, h, [&](size_t io, size_t ho, size_t len) { std::memcpy(p + io, static_cast<const uint8_t*>(ptr) + ho, len); });
+    });
+  });
+}
+
+cl_int EnqueueCopyImage(cl_command_queue q, cl_mem src, cl_mem dst, const size_t* src_origin, const size_t* dst_origin,
+                        const size_t* region, cl_uint n, const cl_event* list, cl_event* ev) {
+  if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
+  if (cl_int e = check_image(q, src); e != CL_SUCCESS) return e;
+  if (cl_int e = check_image(q, dst); e != CL_SUCCESS) return e;
+  if (src->format.image_channel_order != dst->format.image_channel_order ||
+      src->format.image_channel_data_type != dst->format.image_channel_data_type)
+    return CL_IMAGE_FORMAT_MISMATCH;
+  if (cl_int e = check_image_region(src, src_origin, region); e != CL_SUCCESS) return e;
+  if (cl_int e = check_image_region(dst, dst_origin, region); e != CL_SUCCESS) return e;
+  if (src == dst) {
+    bool overlap = true;
+    for (int i = 0; i < 3; ++i)
+      if (!ranges_overlap(src_origin[i], region[i], dst_origin[i], region[i])) overlap = false;
+    if (overlap) return CL_MEM_COPY_OVERLAP;
+  }
+  const Rect s = image_rect(src, src_origin, region), d = image_rect(dst, dst_origin, region);
+  return enqueue_device(q, CL_COMMAND_COPY_IMAGE, n, list, ev, [&](Retained& keep) -> cl_int {
+    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), s, dst->va(), d); GPUP_FAILED(st))
+      return queue_failure(q, st, "recording an image copy");
+    mem_retain(src);
+    mem_retain(dst);
+    keep.mems = {src, dst};
+    return CL_SUCCESS;
+  });
+}
+
+cl_int EnqueueCopyImageToBuffer(cl_command_queue q, cl_mem src, cl_mem dst, const size_t* src_origin,
+                                const size_t* region, size_t dst_offset, cl_uint n, const cl_event* list, cl_event* ev) {
+  if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
+  if (cl_int e = check_image(q, src); e != CL_SUCCESS) return e;
+  if (cl_int e = check_buffer(q, dst); e != CL_SUCCESS) return e;
+  if (cl_int e = check_image_region(src, src_origin, region); e != CL_SUCCESS) return e;
+  Rect b;
+  if (cl_int e = buffer_rect(src, dst, dst_offset, region, &b); e != CL_SUCCESS) return e;
+  const Rect s = image_rect(src, src_origin, region);
+  return enqueue_device(q, CL_COMMAND_COPY_IMAGE_TO_BUFFER, n, list, ev, [&](Retained& keep) -> cl_int {
+    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), s, dst->va(), b); GPUP_FAILED(st))
+      return queue_failure(q, st, "recording an image to buffer copy");
+    mem_retain(src);
+    mem_retain(dst);
+    keep.mems = {src, dst};
+    return CL_SUCCESS;
+  });
+}
+
+cl_int EnqueueCopyBufferToImage(cl_command_queue q, cl_mem src, cl_mem dst, size_t src_offset, const size_t* dst_origin,
+                                const size_t* region, cl_uint n, const cl_event* list, cl_event* ev) {
+  if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
+  if (cl_int e = check_buffer(q, src); e != CL_SUCCESS) return e;
+  if (cl_int e = check_image(q, dst); e != CL_SUCCESS) return e;
+  if (cl_int e = check_image_region(dst, dst_origin, region); e != CL_SUCCESS) return e;
+  Rect b;
+  if (cl_int e = buffer_rect(dst, src, src_offset, region, &b); e != CL_SUCCESS) return e;
+  const Rect d = image_rect(dst, dst_origin, region);
+  return enqueue_device(q, CL_COMMAND_COPY_BUFFER_TO_IMAGE, n, list, ev, [&](Retained& keep) -> cl_int {
+    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), b, dst->va(), d); GPUP_FAILED(st))
+      return queue_failure(q, st, "recording a buffer to image copy");
+    mem_retain(src);
+    mem_retain(dst);
+    keep.mems = {src, dst};
+    return CL_SUCCESS;
+  });
+}
+
+cl_int EnqueueFillImage(cl_command_queue q, cl_mem m, const void* color, const size_t* origin, const size_t* region,
+                        cl_uint n, const cl_event* list, cl_event* ev) {
+  if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
+  if (cl_int e = check_image(q, m); e != CL_SUCCESS) return e;
+  if (color == nullptr) return CL_INVALID_VALUE;
+  if (cl_int e = check_image_region(m, origin, region); e != CL_SUCCESS) return e;
+  uint8_t pixel[16] = {};
+  if (!pack_pixel(m->format, color, pixel)) return CL_INVALID_VALUE;
+  const size_t e = m->element_size;
+  // A fill pattern is a power of two bytes; 3-byte pixels do not exist among OpenCL's formats.
+  if ((e & (e - 1)) != 0) return CL_INVALID_VALUE;
+  const Rect r = image_rect(m, origin, region);
+  return enqueue_device(q, CL_COMMAND_FILL_IMAGE, n, list, ev, [&](Retained& keep) -> cl_int {
+    gpup_status st = GPUP_STATUS_SUCCESS;
+    if (r.row_pitch == r.region[0] && r.slice_pitch == r.region[0] * r.region[1]) {
+      st = GpupKmtCmdFill(q->cmdbuf, m->va() + r.offset(), r.region[0] * r.region[1] * r.region[2], pixel,
+                          static_cast<uint32_t>(e));
+    } else {
+      for_each_row(r, r, [&](size_t off, size_t, size_t len) {
+        if (GPUP_SUCCEEDED(st)) st = GpupKmtCmdFill(q->cmdbuf, m->va() + off, len, pixel, static_cast<uint32_t>(e));
+      });
+    }
+    if (GPUP_FAILED(st)) return queue_failure(q, st, "recording an image fill");
+    mem_retain(m);
+    keep.mems = {m};
+    return CL_SUCCESS;
+  });
+}
+
+void* EnqueueMapImage(cl_command_queue q, cl_mem m, cl_bool blocking, cl_map_flags flags, const size_t* origin,
+                      const size_t* region, size_t* row_pitch, size_t* slice_pitch, cl_uint n, const cl_event* list,
+                      cl_event* ev, cl_int* errcode_ret) {
+  auto fail = [&](cl_int e) -> void* {
+    if (errcode_ret) *errcode_ret = e;
+    return nullptr;
+  };
+  if (!valid(q)) return fail(CL_INVALID_COMMAND_QUEUE);
+  if (cl_int e = check_image(q, m); e != CL_SUCCESS) return fail(e);
+  if (cl_int e = check_image_region(m, origin, region); e != CL_SUCCESS) return fail(e);
+  const bool slices = m->type == CL_MEM_OBJECT_IMAGE3D || m->type == CL_MEM_OBJECT_IMAGE1D_ARRAY ||
+                      m->type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  if (row_pitch == nullptr || (slices && slice_pitch == nullptr)) return fail(CL_INVALID_VALUE);
+  if ((flags & CL_MAP_READ) && !readable_by_host(m)) return fail(CL_INVALID_OPERATION);
+  if ((flags & (CL_MAP_WRITE | CL_MAP_WRITE_INVALIDATE_REGION)) && !writable_by_host(m))
+    return fail(CL_INVALID_OPERATION);
+  // As buffers (EnqueueMapBuffer): USE_HOST_PTR maps the application's memory in its own layout;
+  // otherwise the backing's bytes, persistently mapped or locked until the unmap.
+  const Rect img = image_rect(m, origin, region);
+  uint8_t* h = static_cast<uint8_t*>(m->host_ptr);
+  const Rect hr = h ? host_map_rect(m, img) : Rect{};
+  const size_t host_offset = hr.offset();
+  const bool persistent = m->backing->device->persistent_maps;
+  const bool hold_lock = h == nullptr && !persistent;
+  uint8_t* p = nullptr;
+  if (h == nullptr && persistent) {
+    if (cl_int e = m->backing->map(&p); e != CL_SUCCESS) return fail(e);
+  }
+  const bool refresh = h != nullptr && ((flags & CL_MAP_READ) || !(flags & CL_MAP_WRITE_INVALIDATE_REGION));
+  auto locked = std::make_shared<uint8_t*>(nullptr);
+  cl_int err = enqueue_host(q, CL_COMMAND_MAP_IMAGE, hold_lock ? CL_TRUE : blocking, m, n, list, ev, [=]() -> cl_int {
+    if (refresh)
+      return with_bytes(m, [&](uint8_t* bytes) {
+        for_each_row(img, hr, [&](size_t io, size_t ho, size_t len) { std::memcpy(h + ho, bytes + io, len); });
+      });
+    if (hold_lock) return m->backing->begin(locked.get());
+    return CL_SUCCESS;
+  });
+  if (err != CL_SUCCESS) return fail(err);
+  void* result = h ? h + host_offset : hold_lock ? *locked + img.offset() : p + img.offset();
+  const size_t rp = h ? hr.row_pitch : img.row_pitch;
+  const size_t sp = h ? hr.slice_pitch : img.slice_pitch;
+  *row_pitch = rp;
+  if (slice_pitch) *slice_pitch = slices ? sp : 0;
+  {
+    std::lock_guard lock(m->mu);
+    ++m->map_count;
+    _cl_mem::MapRecord rec{result, 0, 0, flags, hold_lock, {}, {}};
+    std::copy_n(origin, 3, rec.origin);
+    std::copy_n(region, 3, rec.region);
+    m->maps.push_back(rec);
+  }
+  if (errcode_ret) *errcode_ret = CL_SUCCESS;
+  return result;
 }
 
 }  // namespace gpup::ocl::api

@@ -1451,7 +1451,8 @@ void Worker::pump_locked(Context& ctx) {
       for (auto& oc : batch->commands) {
         if (oc.cmd.Type == GPUPDDI_COMMAND_DISPATCH) {
           for (size_t i = 0; i < oc.args.size(); ++i)
-            if (oc.args[i].Kind == GPUPDDI_ARG_VALUE) oc.args[i].pValue = oc.values[i].data();
+            if (oc.args[i].Kind == GPUPDDI_ARG_VALUE || oc.args[i].Kind == GPUPDDI_ARG_SAMPLER)
+              oc.args[i].pValue = oc.values[i].data();
           oc.cmd.u.Dispatch.pKernelName = oc.kernel.c_str();
           oc.cmd.u.Dispatch.pArgs = oc.args.empty() ? nullptr : oc.args.data();
         }
