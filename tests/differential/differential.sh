@@ -18,6 +18,9 @@
 #   --preload LIBS      LD_PRELOAD for guest runs: a sanitizer build's ICD loaded into a program
 #                       that was not built with the sanitizers (clinfo, python3) needs their runtime
 #
+# GPUP_DIFF_MAX_VRAM (environment) sets partition a's max VRAM (default 256MiB; the clinfo mode
+# expects the default).
+#
 # Only stdout is compared, and only the lines a test program prints as results: lines starting
 # with "[", two spaces, "SUMMARY " or "RESULT " (so log lines of the implementations, which go
 # anywhere, cannot cause a mismatch). stderr of each run is kept in the temp directory.
@@ -87,7 +90,7 @@ EOF
     echo "differential.sh: gpup host start failed:" >&2; cat "$TMP/host.log" >&2; exit 2
   fi
   HOST_UP=1
-  if ! host_env timeout 60 "$GPUP" vm add a --max-vram 256MiB >>"$TMP/host.log" 2>&1; then
+  if ! host_env timeout 60 "$GPUP" vm add a --max-vram "${GPUP_DIFF_MAX_VRAM:-256MiB}" >>"$TMP/host.log" 2>&1; then
     echo "differential.sh: gpup vm add failed:" >&2; cat "$TMP/host.log" >&2; exit 2
   fi
 }

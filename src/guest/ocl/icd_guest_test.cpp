@@ -7,14 +7,17 @@
 //    device out of memory, without disturbing what is already allocated;
 //  - images: pixels through the shared section, and the specification's errors where the host
 //    implementation is lenient.
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #define CL_TARGET_OPENCL_VERSION 300
-#define CL_USE_DEPRECATED_OPENCL_1_2_APIS  // clCreateSampler, as 1.2 programs call it
+#define CL_USE_DEPRECATED_OPENCL_1_1_APIS  // clCreateImage2D and clCreateSampler, as older programs
+#define CL_USE_DEPRECATED_OPENCL_1_2_APIS  // call them
 #include <CL/cl.h>
 
 #include "gpup/kmt.h"
@@ -29,6 +32,20 @@ Counts counts() {
   GPUPKMT_CHANNELSTATS s{};
   EXPECT_EQ(GpupKmtGetChannelStats(&s), GPUP_STATUS_SUCCESS);
   return {s.MessagesSent, s.RoundTrips};
+}
+
+// The partition's max VRAM the test was started with (GPUP_EXPECT_MAX_VRAM, bytes; the ctest
+// entries set it with the partition they create), 256 MiB when unset.
+uint64_t expected_max_vram() {
+  const char* v = std::getenv("GPUP_EXPECT_MAX_VRAM");
+  return v ? std::strtoull(v, nullptr, 10) : 256ull << 20;
+}
+
+GPUPKMT_QUERYSTATISTICS partition_stats() {
+  GPUPKMT_QUERYSTATISTICS s{};
+  s.Type = GPUPKMT_QUERYSTATISTICS_VM;
+  EXPECT_EQ(GpupKmtQueryStatistics(&s), GPUP_STATUS_SUCCESS);
+  return s;
 }
 
 Counts since(const Counts& before) {
@@ -256,7 +273,7 @@ TEST(Partition, TheDeviceIsThePartition) {
   cl_ulong global = 0, max_alloc = 0;
   ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof global, &global, nullptr), CL_SUCCESS);
   ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr), CL_SUCCESS);
-  EXPECT_EQ(global, 256ull << 20);
+  EXPECT_EQ(global, expected_max_vram());
   EXPECT_LE(max_alloc, global);
   char vendor[256] = {};
   ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_VENDOR, sizeof vendor, vendor, nullptr), CL_SUCCESS);
@@ -276,14 +293,14 @@ TEST(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
   ASSERT_EQ(err, CL_SUCCESS);
   cl_command_queue queue = clCreateCommandQueueWithProperties(context, device, nullptr, &err);
   ASSERT_EQ(err, CL_SUCCESS);
-  const size_t chunk = 100u << 20;
+  const size_t chunk = (expected_max_vram() * 2 / 5) & ~size_t{0xfffff};  // 100 MiB of 256
   cl_mem a = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
   ASSERT_EQ(err, CL_SUCCESS);
   cl_mem b = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
   ASSERT_EQ(err, CL_SUCCESS);
   const int pattern = 0x5a5a5a5a;
   ASSERT_EQ(clEnqueueFillBuffer(queue, a, &pattern, sizeof pattern, 0, chunk, 0, nullptr, nullptr), CL_SUCCESS);
-  // 300 MiB in a 256 MiB partition.
+  // 120% of the partition.
   cl_mem c = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
   EXPECT_EQ(c, nullptr);
   EXPECT_EQ(err, CL_MEM_OBJECT_ALLOCATION_FAILURE);
@@ -302,6 +319,63 @@ TEST(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
   EXPECT_EQ(err, CL_SUCCESS);
   if (c) clReleaseMemObject(c);
   clReleaseMemObject(a);
+  clReleaseCommandQueue(queue);
+  clReleaseContext(context);
+}
+
+// Each guest allocates up to its partition's max and not one allocation past it; what it frees
+// comes back to the partition.
+TEST(Partition, AllocatesExactlyUpToItsMaxAndGetsReleasedMemoryBack) {
+  cl_platform_id platform;
+  cl_device_id device;
+  cl_int err;
+  ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
+  ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
+  cl_context context = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_command_queue queue = clCreateCommandQueueWithProperties(context, device, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_ulong max_alloc = 0;
+  ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr), CL_SUCCESS);
+
+  const GPUPKMT_QUERYSTATISTICS start = partition_stats();
+  ASSERT_EQ(start.VramMax, expected_max_vram());
+  std::vector<cl_mem> held;
+  const uint64_t chunk = std::min<uint64_t>(max_alloc, 64ull << 20);
+  for (;;) {
+    const uint64_t used = partition_stats().VramUsed;
+    ASSERT_LE(used, start.VramMax);
+    if (used == start.VramMax) break;
+    const uint64_t size = std::min(chunk, start.VramMax - used);
+    cl_mem m = clCreateBuffer(context, CL_MEM_READ_WRITE, size, nullptr, &err);
+    ASSERT_EQ(err, CL_SUCCESS) << "at " << used << " of " << start.VramMax << " bytes, asking " << size;
+    held.push_back(m);
+  }
+  EXPECT_EQ(partition_stats().VramUsed, start.VramMax);
+  // Full: the smallest allocation fails as on a device out of memory, for buffers and images.
+  EXPECT_EQ(clCreateBuffer(context, CL_MEM_READ_WRITE, 1, nullptr, &err), nullptr);
+  EXPECT_EQ(err, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  const cl_image_format r32f{CL_R, CL_FLOAT};
+  EXPECT_EQ(clCreateImage2D(context, CL_MEM_READ_WRITE, &r32f, 4, 4, 0, nullptr, &err), nullptr);
+  EXPECT_EQ(err, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  // The last byte of the partition is real memory.
+  const int pattern = 0x13572468;
+  cl_mem last = held.back();
+  size_t last_size = 0;
+  clGetMemObjectInfo(last, CL_MEM_SIZE, sizeof last_size, &last_size, nullptr);
+  ASSERT_EQ(clEnqueueFillBuffer(queue, last, &pattern, sizeof pattern, 0, last_size & ~size_t{3}, 0, nullptr, nullptr),
+            CL_SUCCESS);
+  int back = 0;
+  ASSERT_EQ(clEnqueueReadBuffer(queue, last, CL_TRUE, (last_size & ~size_t{3}) - sizeof back, sizeof back, &back, 0,
+                                nullptr, nullptr),
+            CL_SUCCESS);
+  EXPECT_EQ(back, pattern);
+
+  for (cl_mem m : held) clReleaseMemObject(m);
+  EXPECT_EQ(partition_stats().VramUsed, start.VramUsed);
+  cl_mem again = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
+  EXPECT_EQ(err, CL_SUCCESS);
+  if (again) clReleaseMemObject(again);
   clReleaseCommandQueue(queue);
   clReleaseContext(context);
 }
