@@ -43,8 +43,12 @@ fuzz: deps $(FUZZ_BUILD)/CMakeCache.txt
 fuzz-smoke:
 	$(MAKE) fuzz FUZZ_SECONDS=20
 
+# Micro-benchmarks, cl_bench native vs guest (A/B rounds) and the multi-partition run; results in
+# bench/results/latest.json and latest.md (see docs/PERFORMANCE.md). BENCH_ARGS go to
+# bench/run_bench.sh (e.g. BENCH_ARGS="--rounds 3 --quick").
+BENCH_ARGS ?=
 bench: build
-	@echo "benchmarks arrive with issue 6"
+	bash bench/run_bench.sh --build-dir $(BUILD) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD) $(FUZZ_BUILD)
