@@ -17,6 +17,7 @@
 
 #include "common/units.h"
 #include "host/gpupd/admission.h"
+#include "host/gpupd/driver_store.h"
 
 namespace gpup::gpupd {
 
@@ -296,6 +297,8 @@ Result<control::ConfigureMessage> Daemon::configure_message(const std::string& n
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) return sys_error("cannot create " + dir);
   std::string endpoint = control::vm_endpoint(opts_.runtime_dir, name);
   ::unlink(endpoint.c_str());  // a stale endpoint from an earlier worker of this VM
+  // The guest's files of the KMD package (its UMD), into the VM's HostDriverStore.
+  if (Status st = prepare_vm_store(name, a->kmd_path, dir + "/" + kDriverStoreDirName); !st.ok()) return st.error();
 
   control::ConfigureMessage m;
   m.vm = spec;
@@ -546,6 +549,7 @@ json Daemon::adapters_json() const {
 json Daemon::vm_json(const Vm& vm) const {
   json j = control::to_json(vm.spec);
   j["endpoint"] = control::vm_endpoint(opts_.runtime_dir, vm.spec.name);
+  j["driver_store"] = control::vm_dir(opts_.runtime_dir, vm.spec.name) + "/" + kDriverStoreDirName;
   if (vm.worker) {
     j.update(vm.worker->describe());
   } else {
@@ -697,6 +701,7 @@ void Daemon::op_vm_remove(const json& req, Reply reply) {
     vms_.erase(it);
     std::string dir = control::vm_dir(opts_.runtime_dir, vname);
     ::unlink(control::vm_endpoint(opts_.runtime_dir, vname).c_str());
+    remove_store(dir + "/" + kDriverStoreDirName);
     ::rmdir(dir.c_str());
     spdlog::info("vm {} removed", vname);
     reply(json{{"removed", vname}});
