@@ -79,6 +79,12 @@ int cmd_vm_list(const Context& ctx, bool as_json);
 int cmd_vm_show(const Context& ctx, const std::string& name, bool as_json);
 int cmd_vm_remove(const Context& ctx, const std::string& name);
 int cmd_vm_start(const Context& ctx, const std::string& name, bool as_json);
-int cmd_run(const Context& ctx, const std::string& vm, const std::vector<std::string>& command);
+struct RunOptions {
+  bool sandbox = true;             // --no-sandbox: a plain child process (debugging)
+  bool network = false;            // --network: keep the host's network
+  bool allow_unsandboxed = false;  // --allow-unsandboxed: run unconfined if namespaces are refused
+};
+int cmd_run(const Context& ctx, const std::string& vm, const std::vector<std::string>& command,
+            const RunOptions& opts = {});
 
 }  // namespace gpup::cli

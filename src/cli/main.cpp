@@ -63,7 +63,13 @@ int main(int argc, char** argv) {
 
   auto* run = app.add_subcommand("run", "run a program in a partition: gpup run --vm NAME -- CMD [ARGS...]");
   std::vector<std::string> command;
+  RunOptions run_opts;
+  bool no_sandbox = false;
   run->add_option("--vm", name, "the VM")->required();
+  run->add_flag("--no-sandbox", no_sandbox, "run the program as a plain child process, unconfined (debugging)");
+  run->add_flag("--network", run_opts.network, "let the program use the host's network (default: none)");
+  run->add_flag("--allow-unsandboxed", run_opts.allow_unsandboxed,
+                "if this host refuses the sandbox's namespaces, run unconfined with a warning");
   run->add_option("command", command, "the program and its arguments (best after --)")->required();
   run->positionals_at_end();  // from the program's name on, every argument is the program's
 
@@ -86,7 +92,10 @@ int main(int argc, char** argv) {
     if (vm_show->parsed()) return cmd_vm_show(ctx, name, as_json);
     if (vm_remove->parsed()) return cmd_vm_remove(ctx, name);
     if (vm_start->parsed()) return cmd_vm_start(ctx, name, as_json);
-    if (run->parsed()) return cmd_run(ctx, name, command);
+    if (run->parsed()) {
+      run_opts.sandbox = !no_sandbox;
+      return cmd_run(ctx, name, command, run_opts);
+    }
   } catch (const CliError& e) {
     std::cerr << "gpup: " << e.what() << "\n";
     return e.code;

@@ -4,9 +4,14 @@
 // endpoint, where its gpup-vmwp listens) and GPUP_VM=<name>, and its OpenCL ICD loader is pointed at
 // gpup's ICD (OCL_ICD_VENDORS=<the gpup-icd directory>, or $GPUP_ICD_DIR), so unmodified OpenCL
 // programs see the partition as their one platform and device. gpup waits for it and exits with its
-// exit status, or 128+signal when it was killed (127/126 when it cannot be executed).
+// exit status, or 128+signal when it was killed (127/126 when it cannot be executed, 125 when its
+// sandbox cannot be set up).
+//
+// The guest runs in the partition's sandbox (sandbox.h) unless --no-sandbox; --allow-unsandboxed
+// lets it run unconfined, with a warning, on a host that refuses the namespaces.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,10 +19,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 
 #include <fmt/format.h>
 
 #include "cli/cli.h"
+#include "cli/sandbox.h"
 
 extern char** environ;
 
@@ -31,16 +38,19 @@ struct GuestLaunch {
   std::map<std::string, std::string> env;
 };
 
-// The sandbox seam. A guest partition on this host will be a sandboxed process group (namespaces,
-// seccomp, a memory cgroup) that can reach nothing but its VRD endpoint. Its set-up belongs here:
-// prepare() runs in gpup before fork (may fail with a CliError, may allocate), enter() runs in the
-// child between fork and exec (async-signal-safe calls only; returns errno or 0). For now there is
-// no confinement: the guest runs as a plain child process.
-class Sandbox {
- public:
-  void prepare(const GuestLaunch&) {}
-  int enter() noexcept { return 0; }
-};
+// The vendors directory the guest's ICD loader reads: $GPUP_ICD_DIR when set; else the one in the
+// partition's HostDriverStore (where gpupd copied the KMD package's ICD and its manifest at VM
+// start); else, for a KMD whose package carries no ICD, the build tree's.
+std::string guest_icd_dir(const std::string& driver_store) {
+  const char* icd_dir = std::getenv("GPUP_ICD_DIR");
+  if (icd_dir && *icd_dir) return icd_dir;
+  if (!driver_store.empty()) {
+    std::string vendors = driver_store + "/OpenCL/vendors";
+    struct stat st {};
+    if (::stat(vendors.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return vendors;
+  }
+  return GPUP_DEFAULT_ICD_DIR;
+}
 
 volatile sig_atomic_t g_child = 0;
 
@@ -50,7 +60,8 @@ void forward_signal(int sig) {
 
 }  // namespace
 
-int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<std::string>& command) {
+int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<std::string>& command,
+            const RunOptions& opts) {
   if (command.empty()) throw CliError("run: no command given (gpup run --vm NAME -- CMD [ARGS...])");
   json vm = call(ctx, json{{"op", "vm.show"}, {"name", vm_name}, {"stats", false}});
   std::string state = str(vm, "state");
@@ -71,11 +82,20 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   launch.env["GPUP_VRD"] = "unix:" + endpoint;
   launch.env["GPUP_VM"] = vm_name;
   // The guest's OpenCL is the partition: its ICD loader sees gpup's ICD and no host platform.
-  const char* icd_dir = std::getenv("GPUP_ICD_DIR");
-  launch.env["OCL_ICD_VENDORS"] = icd_dir && *icd_dir ? icd_dir : GPUP_DEFAULT_ICD_DIR;
+  launch.env["OCL_ICD_VENDORS"] = guest_icd_dir(str(vm, "driver_store"));
 
-  Sandbox sandbox;
-  sandbox.prepare(launch);
+  std::unique_ptr<Sandbox> sandbox;
+  if (opts.sandbox) {
+    SandboxOptions so;
+    so.network = opts.network;
+    so.runtime_dir = ctx.runtime_dir;
+    so.endpoint = endpoint;
+    so.driver_store = str(vm, "driver_store");
+    so.icd_dir = launch.env["OCL_ICD_VENDORS"];
+    sandbox = std::make_unique<Sandbox>(so);
+    sandbox->prepare();
+    for (const auto& [k, v] : sandbox->env_overrides()) launch.env[k] = v;
+  }
 
   // Everything the child needs is built before fork.
   std::vector<std::string> env_strings;
@@ -100,7 +120,24 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   ::sigaction(SIGHUP, &fwd, &old_hup);
 
   std::fflush(nullptr);
-  pid_t pid = ::fork();
+  pid_t pid = -1;
+  if (sandbox) {
+    pid = sandbox->start(argv.data(), envp.data(), errpipe[1]);
+    if (pid < 0) {
+      int e = errno;
+      if (!opts.allow_unsandboxed) {
+        ::close(errpipe[0]);
+        ::close(errpipe[1]);
+        throw CliError(fmt::format("sandbox: cannot create the guest's namespaces: {} (gpup run --allow-unsandboxed "
+                                   "runs it unconfined; --no-sandbox never confines)",
+                                   std::strerror(e)),
+                       125);
+      }
+      std::fprintf(stderr, "gpup: warning: sandbox unavailable (%s); running the guest unconfined\n", std::strerror(e));
+      sandbox.reset();
+    }
+  }
+  if (!sandbox) pid = ::fork();
   if (pid < 0) throw CliError(fmt::format("fork: {}", std::strerror(errno)));
   if (pid == 0) {
     ::close(errpipe[0]);
@@ -108,20 +145,19 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
     ::sigaction(SIGQUIT, &old_quit, nullptr);
     ::sigaction(SIGTERM, &old_term, nullptr);
     ::sigaction(SIGHUP, &old_hup, nullptr);
-    int err = sandbox.enter();
-    if (err == 0) {
-      ::execvpe(argv[0], argv.data(), envp.data());
-      err = errno;
-    }
-    ssize_t ignored = ::write(errpipe[1], &err, sizeof err);
+    ::execvpe(argv[0], argv.data(), envp.data());
+    SandboxReport r;
+    r.exec_failed = 1;
+    r.err = errno;
+    ssize_t ignored = ::write(errpipe[1], &r, sizeof r);
     (void)ignored;
     ::_exit(127);
   }
   g_child = pid;
   ::close(errpipe[1]);
-  int exec_errno = 0;
+  SandboxReport report;
   ssize_t n;
-  while ((n = ::read(errpipe[0], &exec_errno, sizeof exec_errno)) < 0 && errno == EINTR) {
+  while ((n = ::read(errpipe[0], &report, sizeof report)) < 0 && errno == EINTR) {
   }
   ::close(errpipe[0]);
 
@@ -133,9 +169,13 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   ::sigaction(SIGQUIT, &old_quit, nullptr);
   ::sigaction(SIGTERM, &old_term, nullptr);
   ::sigaction(SIGHUP, &old_hup, nullptr);
-  if (n == sizeof exec_errno)  // as a shell does: 127 for a command not found, 126 otherwise
-    throw CliError(fmt::format("cannot execute {}: {}", command[0], std::strerror(exec_errno)),
-                   exec_errno == ENOENT ? 127 : 126);
+  if (n == sizeof report && report.exec_failed)  // as a shell does: 127 for a command not found, 126 otherwise
+    throw CliError(fmt::format("cannot execute {}: {}", command[0], std::strerror(report.err)),
+                   report.err == ENOENT ? 127 : 126);
+  if (n == sizeof report) {
+    report.what[sizeof report.what - 1] = '\0';
+    throw CliError(fmt::format("sandbox: {}: {}", report.what, std::strerror(report.err)), 125);
+  }
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return 1;
