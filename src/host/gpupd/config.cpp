@@ -2,12 +2,14 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 #include <set>
 #include <sstream>
 
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
+#include "common/units.h"
 #include "host/control/protocol.h"
 
 namespace gpup::gpupd {
@@ -77,8 +79,29 @@ Result<Config> parse_config(std::string_view text, const std::string& source) {
   cfg.source = source;
 
   for (const auto& [key, node] : root) {
-    if (key.str() != "adapter")
-      return check.error(std::string(key.str()), "unknown key (expected [[adapter]] tables)", &node);
+    if (key.str() != "adapter" && key.str() != "worker_memory_overhead")
+      return check.error(std::string(key.str()), "unknown key (expected [[adapter]] tables or worker_memory_overhead)",
+                         &node);
+  }
+  if (const toml::node* n = root.get("worker_memory_overhead")) {
+    std::optional<uint64_t> size;
+    if (const auto* i = n->as_integer()) {
+      if (i->get() >= 0) size = static_cast<uint64_t>(i->get());
+    } else if (const auto* s = n->as_string()) {
+      size = parse_size(s->get());
+    } else {
+      return check.error("worker_memory_overhead",
+                         fmt::format("expected a size (integer bytes or a string such as \"512MiB\"), got {}",
+                                     node_type_name(*n)),
+                         n);
+    }
+    if (!size) return check.error("worker_memory_overhead", "not a size (e.g. 512MiB)", n);
+    if (*size < kMinWorkerMemoryOverhead || *size > kMaxWorkerMemoryOverhead)
+      return check.error("worker_memory_overhead",
+                         fmt::format("{} is outside {} .. {}", format_size(*size), format_size(kMinWorkerMemoryOverhead),
+                                     format_size(kMaxWorkerMemoryOverhead)),
+                         n);
+    cfg.worker_memory_overhead = *size;
   }
   const toml::node* adapters_node = root.get("adapter");
   if (!adapters_node) return cfg;

@@ -8,11 +8,16 @@
 //   platform = "Portable Computing Language"   # values are strings, integers or booleans
 //   device = "0"
 //
+//   # optional, top level: added to a partition's max VRAM to give its worker's memory limit
+//   # (cgroup.h); an integer number of bytes or a size with a unit. Default 512 MiB.
+//   worker_memory_overhead = "512MiB"
+//
 // No other keys are accepted anywhere, so a typo is an error rather than a silently ignored
 // setting. Without a file gpupd uses the built-in default: one adapter "pocl0", kmd "opencl",
 // empty config. Errors name the file, the key and the problem, e.g.
 //   "/etc/gpup/gpupd.toml: adapter[1].kmd: expected a string, got integer (line 7)".
 #pragma once
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -31,9 +36,16 @@ struct AdapterConfig {
   std::string config_text() const;
 };
 
+// What PoCL and its in-process LLVM need beside the partition's own memory: ~200-300 MiB measured
+// with the test programs, with room for larger kernels and their compiler state.
+inline constexpr uint64_t kDefaultWorkerMemoryOverhead = 512ull << 20;
+inline constexpr uint64_t kMinWorkerMemoryOverhead = 64ull << 20;
+inline constexpr uint64_t kMaxWorkerMemoryOverhead = 1ull << 40;
+
 struct Config {
   std::string source;  // the file it came from, or "<built-in default>"
   std::vector<AdapterConfig> adapters;
+  uint64_t worker_memory_overhead = kDefaultWorkerMemoryOverhead;
 };
 
 Config default_config();

@@ -14,6 +14,7 @@
 #include <spdlog/spdlog.h>
 
 #include "common/log.h"
+#include "common/units.h"
 #include "host/control/protocol.h"
 #include "host/gpupd/daemon.h"
 
@@ -139,6 +140,16 @@ int main(int argc, char** argv) {
   gpupd::block_daemon_signals();
   spdlog::info("gpupd {} starting (pid {}), config {}, runtime dir {}, state dir {}, worker {}", gpupd::kVersion,
                ::getpid(), opts.config.source, opts.runtime_dir, opts.state_dir, opts.worker.vmwp_path);
+  // Each worker's memory cgroup nests under gpupd's own (cgroup.h); found after daemonizing, as the
+  // instance name carries gpupd's final pid.
+  opts.worker.memory_overhead = opts.config.worker_memory_overhead;
+  opts.worker.memory_cgroups =
+      gpupd::MemoryCgroups::create(gpupd::CgroupEnv::from_proc(), "gpupd." + std::to_string(::getpid()));
+  if (opts.worker.memory_cgroups->version() == gpupd::CgroupVersion::kNone)
+    spdlog::warn("workers run without a memory limit: {}", opts.worker.memory_cgroups->unavailable_reason());
+  else
+    spdlog::info("worker memory limits: {} under {}, max VRAM + {}", to_string(opts.worker.memory_cgroups->version()),
+                 opts.worker.memory_cgroups->own(), format_size(opts.worker.memory_overhead));
 
   auto daemon = gpupd::Daemon::create(std::move(opts));
   if (!daemon) {

@@ -12,6 +12,8 @@
 #include <cstring>
 
 #include <fmt/format.h>
+
+#include "common/units.h"
 #include <spdlog/spdlog.h>
 
 extern char** environ;
@@ -70,6 +72,7 @@ Worker::~Worker() {
     while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
     }
     spdlog::info("vm {}: worker pid {} killed: {}", vm_, pid_, describe_wait_status(status));
+    (void)leave_memory_cgroup();
   }
 }
 
@@ -97,7 +100,72 @@ json Worker::describe() const {
   if (pid_ > 0) j["pid"] = pid_;
   if (!last_error_.empty()) j["last_error"] = last_error_;
   if (!last_exit_.empty()) j["last_exit"] = last_exit_;
+  if (pid_ > 0) {
+    json m{{"enforced", !cgroup_dir_.empty()}};
+    if (!cgroup_dir_.empty()) {
+      m["bytes"] = memory_limit_;
+      m["hierarchy"] = to_string(opts_.memory_cgroups->version());
+      m["cgroup"] = cgroup_dir_;
+    } else {
+      m["reason"] = memory_note_;
+    }
+    j["memory_limit"] = std::move(m);
+  }
   return j;
+}
+
+uint64_t Worker::memory_limit_for(uint64_t max_vram) const {
+  return max_vram > UINT64_MAX - opts_.memory_overhead ? UINT64_MAX : max_vram + opts_.memory_overhead;
+}
+
+// Called with a fresh, still unconfigured process: nothing of the KMD is loaded yet.
+void Worker::join_memory_cgroup(uint64_t max_vram) {
+  cgroup_dir_.clear();
+  memory_limit_ = 0;
+  if (!opts_.memory_cgroups) {
+    memory_note_ = "no memory cgroup configured for workers";
+  } else if (opts_.memory_cgroups->version() == CgroupVersion::kNone) {
+    memory_note_ = "no usable memory cgroup: " + opts_.memory_cgroups->unavailable_reason();
+  } else {
+    uint64_t limit = memory_limit_for(max_vram);
+    auto dir = opts_.memory_cgroups->prepare(vm_, limit);
+    Status joined = dir.ok() ? opts_.memory_cgroups->add_process(*dir, pid_) : Status(dir.error());
+    if (joined.ok()) {
+      cgroup_dir_ = *dir;
+      memory_limit_ = limit;
+      oom_kills_at_join_ = opts_.memory_cgroups->oom_kills(cgroup_dir_);
+      memory_note_.clear();
+      spdlog::info("vm {}: worker pid {} in memory cgroup {} ({}), limit {} (max VRAM {} + overhead {})", vm_, pid_,
+                   cgroup_dir_, to_string(opts_.memory_cgroups->version()), format_size(limit), format_size(max_vram),
+                   format_size(opts_.memory_overhead));
+      return;
+    }
+    memory_note_ = joined.error().message;
+    if (dir.ok()) (void)opts_.memory_cgroups->remove(*dir);
+  }
+  spdlog::warn("vm {}: worker pid {} runs without a memory limit: {}", vm_, pid_, memory_note_);
+}
+
+std::string Worker::leave_memory_cgroup() {
+  if (cgroup_dir_.empty()) return {};
+  std::string note;
+  if (opts_.memory_cgroups->oom_kills(cgroup_dir_) > oom_kills_at_join_)
+    note = fmt::format(" (out of memory: its cgroup reached the limit of {})", format_size(memory_limit_));
+  if (Status s = opts_.memory_cgroups->remove(cgroup_dir_); !s.ok())
+    spdlog::warn("vm {}: {} (it is reused at the next start)", vm_, s.error().message);
+  cgroup_dir_.clear();
+  memory_limit_ = 0;
+  return note;
+}
+
+void Worker::change_memory_limit(uint64_t limit) {
+  if (cgroup_dir_.empty() || limit == memory_limit_) return;
+  if (Status s = opts_.memory_cgroups->set_limit(cgroup_dir_, limit); !s.ok()) {
+    spdlog::warn("vm {}: memory limit stays {}: {}", vm_, format_size(memory_limit_), s.error().message);
+    return;
+  }
+  spdlog::info("vm {}: worker memory limit {} -> {}", vm_, format_size(memory_limit_), format_size(limit));
+  memory_limit_ = limit;
 }
 
 void Worker::start() {
@@ -214,6 +282,7 @@ void Worker::spawn() {
     ready_timer_ = 0;
     violation(fmt::format("did not report ready within {} ms", opts_.ready_timeout.count()));
   });
+  join_memory_cgroup(cfg->vm.max_vram);
   send(to_json(*cfg));
 }
 
@@ -287,6 +356,17 @@ void Worker::request(const std::string& op, json args, ReplyFn cb) {
     return deliver(std::move(cb),
                    make_error(GPUP_STATUS_BUSY, fmt::format("vm {}: {} requests already waiting for the worker", vm_,
                                                             pending_.size())));
+  if (op == "update" && !cgroup_dir_.empty() && args.is_object() && args.contains("vm") && args["vm"].is_object() &&
+      args["vm"].contains("max_vram") && args["vm"]["max_vram"].is_number_unsigned()) {
+    // More room before the worker may use it; less only once it has accepted the smaller budget.
+    uint64_t before = memory_limit_;
+    uint64_t after = memory_limit_for(args["vm"]["max_vram"].get<uint64_t>());
+    if (after > before) change_memory_limit(after);
+    cb = [this, alive = std::weak_ptr<int>(alive_), before, after, pid = pid_, cb = std::move(cb)](Result<json> r) {
+      if (!alive.expired() && pid == pid_) change_memory_limit(r.ok() ? after : before);
+      cb(std::move(r));
+    };
+  }
   uint64_t id = next_id_++;
   args["op"] = op;
   args["id"] = id;
@@ -395,6 +475,7 @@ void Worker::on_exit() {
   if (r == 0) return;  // spurious wake-up; the pidfd stays readable until the child is reaped
   std::string desc = r < 0 ? fmt::format("could not be reaped: {}", std::strerror(errno)) : describe_wait_status(status);
   pid_t old_pid = pid_;
+  desc += leave_memory_cgroup();
 
   loop_.unwatch(pidfd_.get());
   pidfd_.reset();

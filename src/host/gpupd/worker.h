@@ -16,12 +16,20 @@
 // A worker that breaks the protocol (overlong or malformed line, unknown event before ready, reply
 // to an id never issued, not draining its input) is killed with SIGKILL and handled as an exit.
 // Signals go through a pidfd, so a recycled pid is never signalled.
+//
+// Memory limit: with opts.memory_cgroups usable, each process is moved into its VM's memory cgroup
+// (cgroup.h) right after it is spawned and before it gets its configuration (so before it loads
+// the KMD), limited to the partition's max VRAM + opts.memory_overhead. An "update" request that
+// carries vm.max_vram moves the limit too (raised before the worker hears of it, lowered once it
+// accepted). The cgroup is removed when the process is gone. Without a usable cgroup the worker
+// still runs; describe()'s "memory_limit" says the limit is not enforced and why.
 #pragma once
 #include <sys/types.h>
 
 #include <chrono>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -29,6 +37,8 @@
 #include "common/result.h"
 #include "host/control/json_lines.h"
 #include "host/control/protocol.h"
+#include "host/gpupd/cgroup.h"
+#include "host/gpupd/config.h"
 #include "host/gpupd/event_loop.h"
 
 namespace gpup::gpupd {
@@ -43,6 +53,10 @@ struct WorkerOptions {
   std::chrono::milliseconds stable_after{10000};
   unsigned max_start_failures = 5;
   size_t max_pending = 64;
+  // Shared by every worker of one gpupd; null: no memory limit is set (describe() says so).
+  std::shared_ptr<MemoryCgroups> memory_cgroups;
+  // Worker memory limit = partition max VRAM + this (config.h: worker_memory_overhead).
+  uint64_t memory_overhead = kDefaultWorkerMemoryOverhead;
 };
 
 enum class WorkerState { kStopped, kStarting, kRunning, kRestarting, kStopping, kFailed };
@@ -78,8 +92,12 @@ class Worker {
   pid_t pid() const { return pid_; }
   unsigned restarts() const { return restarts_; }
   const std::string& last_error() const { return last_error_; }
-  // {"state":..,"pid":..,"restarts":..,"last_error":..,"last_exit":..} (absent fields omitted)
+  // {"state":..,"pid":..,"restarts":..,"last_error":..,"last_exit":..,
+  //  "memory_limit":{"enforced":bool,"bytes":..,"hierarchy":..,"cgroup":..,"reason":..}}
+  // (absent fields omitted; "reason" says why a limit is not enforced)
   control::json describe() const;
+  // The memory cgroup of the live process, or empty.
+  const std::string& memory_cgroup() const { return cgroup_dir_; }
 
  private:
   void spawn();
@@ -94,6 +112,11 @@ class Worker {
   void start_failed(const std::string& why);
   void set_state(WorkerState s);
   void deliver(ReplyFn cb, Result<control::json> r);
+  uint64_t memory_limit_for(uint64_t max_vram) const;
+  void join_memory_cgroup(uint64_t max_vram);
+  // Removes the cgroup of a process that is gone; says if the OOM killer ended it.
+  std::string leave_memory_cgroup();
+  void change_memory_limit(uint64_t limit);
 
   struct Pending {
     std::string op;
@@ -130,6 +153,12 @@ class Worker {
   std::string kill_reason_;  // why gpupd killed the current process, if it did
   std::vector<std::function<void()>> settled_waiters_;
   std::vector<std::function<void()>> stop_waiters_;
+
+  std::string cgroup_dir_;      // the live process's memory cgroup, empty when none
+  uint64_t memory_limit_ = 0;   // what cgroup_dir_ is limited to
+  uint64_t oom_kills_at_join_ = 0;
+  std::string memory_note_;     // why no limit is enforced
+  std::shared_ptr<int> alive_ = std::make_shared<int>(0);  // callbacks posted to the loop check it
 };
 
 }  // namespace gpup::gpupd

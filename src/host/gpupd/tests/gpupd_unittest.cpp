@@ -97,7 +97,7 @@ TEST(GpupdConfig, UnknownKeyIsNamedWithFileAndLine) {
             "/etc/gpup/gpupd.toml: adapter[0].kmdd: unknown key (expected name, kmd, config) (line 4)");
   auto top = parse_config("adapters = []\n", "g.toml");
   ASSERT_FALSE(top.ok());
-  EXPECT_EQ(top.error().message, "g.toml: adapters: unknown key (expected [[adapter]] tables) (line 1)");
+  EXPECT_EQ(top.error().message, "g.toml: adapters: unknown key (expected [[adapter]] tables or worker_memory_overhead) (line 1)");
 }
 
 TEST(GpupdConfig, BadTypeIsNamed) {
