@@ -1,6 +1,8 @@
 // gpup-vmwp: the worker process of one VM partition. Spawned and supervised by gpupd, which
 // configures it over a control socket (JSON lines, see docs/ARCHITECTURE.md); it then serves the
-// VM's VRD endpoint, one thread per guest process connected to it.
+// VM's VRD endpoint, one thread per guest process connected to it. It runs sandboxed
+// (seccomp_policy.h): rlimits before the KMD is loaded, the seccomp filter before it reports ready;
+// gpupd has put it in its memory cgroup before sending the configuration.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -19,6 +21,7 @@
 
 #include "channel/channel.h"
 #include "common/log.h"
+#include "host/vmwp/seccomp_policy.h"
 #include "host/vmwp/worker.h"
 
 namespace gpup::vmwp {
@@ -165,6 +168,11 @@ int run(const std::string& vm, int control_fd) {
     return 1;
   }
 
+  if (auto s = apply_worker_rlimits(); !s.ok()) {
+    write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
+    return 1;
+  }
+
   Worker worker(*config);
   if (auto s = worker.start(); !s.ok()) {
     spdlog::error("{}", s.error().describe());
@@ -181,6 +189,12 @@ int run(const std::string& vm, int control_fd) {
   chmod(endpoint.c_str(), 0666);
   // The loop only accepts; a client gone between poll() and accept4() must not block it.
   fcntl(listener->fd(), F_SETFL, fcntl(listener->fd(), F_GETFL) | O_NONBLOCK);
+  // From here on guest work runs: the KMD is loaded and its threads exist (TSYNC covers them).
+  if (auto s = install_worker_seccomp(); !s.ok()) {
+    spdlog::error("{}", s.error().message);
+    write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
+    return 1;
+  }
   write_line(control_fd, {{"event", "ready"}, {"endpoint", endpoint}, {"pid", getpid()}});
 
   std::list<Connection> connections;

@@ -1,9 +1,23 @@
 // Worker core tests: handle tables, GPU VA spaces, and the dispatch path driven in-process with
-// the mock KMD through a fake link (no processes, no channel).
+// the mock KMD through a fake link (no processes, no channel); the worker's sandbox policy in a
+// forked child.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <functional>
+#include <thread>
 
 #include <cstdlib>
 #include <fstream>
@@ -11,6 +25,7 @@
 
 #include "gpup/kmd_opencl.h"
 #include "gpup/kmt.h"
+#include "host/vmwp/seccomp_policy.h"
 #include "host/vmwp/worker.h"
 
 namespace gpup::vmwp {
@@ -751,6 +766,138 @@ TEST_F(WorkerTest, ProgramSourceAndBuildOutputThroughASection) {
   const std::string log(reinterpret_cast<const char*>(sec.map + out_off + sizeof br), br.LogBytes);
   EXPECT_NE(log.find("no_such_kernel"), std::string::npos) << log;
   EXPECT_EQ(totals().allocations, 1u);
+}
+
+// --- sandbox policy --------------------------------------------------------------------------
+
+// Runs body in a forked child with the worker's rlimits and seccomp filter installed; returns what
+// the child reported ("" when every check held).
+std::string in_sandboxed_child(const std::function<void(std::string&)>& body) {
+  int p[2];
+  if (pipe2(p, O_CLOEXEC) != 0) return "pipe failed";
+  pid_t pid = fork();
+  if (pid == 0) {
+    std::string fails;
+    if (auto s = apply_worker_rlimits(); !s.ok()) fails += "rlimits: " + s.error().message + "\n";
+    if (auto s = install_worker_seccomp(); !s.ok()) fails += "seccomp: " + s.error().message + "\n";
+    if (fails.empty()) body(fails);
+    ssize_t ignored = write(p[1], fails.data(), fails.size());
+    (void)ignored;
+    _exit(0);
+  }
+  close(p[1]);
+  std::string out;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(p[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  close(p[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) out += "child ended with status " + std::to_string(status) + "\n";
+  return out;
+}
+
+void expect_eperm(std::string& fails, const char* what, long rc) {
+  if (rc != -1 || errno != EPERM)
+    fails += std::string(what) + ": rc " + std::to_string(rc) + ", errno " + std::strerror(errno) + " (want EPERM)\n";
+}
+
+std::string status_field(const std::string& name) {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(name + ":", 0) == 0) {
+      auto v = line.substr(name.size() + 1);
+      return v.substr(v.find_first_not_of(" \t"));
+    }
+  return {};
+}
+
+TEST(SeccompPolicy, FilterIsInstalledWithNoNewPrivsAndLimits) {
+  auto fails = in_sandboxed_child([](std::string& f) {
+    if (status_field("Seccomp") != "2") f += "Seccomp: " + status_field("Seccomp") + "\n";
+    if (status_field("NoNewPrivs") != "1") f += "NoNewPrivs: " + status_field("NoNewPrivs") + "\n";
+    rlimit r{};
+    getrlimit(RLIMIT_CORE, &r);
+    if (r.rlim_cur != 0 || r.rlim_max != 0) f += "RLIMIT_CORE not 0\n";
+    getrlimit(RLIMIT_NOFILE, &r);
+    if (r.rlim_max > kWorkerMaxOpenFiles) f += "RLIMIT_NOFILE not bounded\n";
+  });
+  EXPECT_EQ(fails, "");
+}
+
+TEST(SeccompPolicy, EscapeRoutesFailWithEperm) {
+  auto fails = in_sandboxed_child([](std::string& f) {
+#if !defined(__SANITIZE_ADDRESS__)
+    expect_eperm(f, "ptrace(TRACEME)", ptrace(PTRACE_TRACEME, 0, nullptr, nullptr));
+    expect_eperm(f, "ptrace(ATTACH)", ptrace(PTRACE_ATTACH, getppid(), nullptr, nullptr));
+#endif
+    expect_eperm(f, "socket(AF_INET)", socket(AF_INET, SOCK_STREAM, 0));
+    expect_eperm(f, "socket(AF_INET6)", socket(AF_INET6, SOCK_DGRAM, 0));
+    expect_eperm(f, "socket(AF_NETLINK)", socket(AF_NETLINK, SOCK_RAW, 0));
+    expect_eperm(f, "socket(AF_PACKET)", socket(AF_PACKET, SOCK_RAW, 0));
+    int sv[2];
+    expect_eperm(f, "socketpair(AF_INET)", socketpair(AF_INET, SOCK_STREAM, 0, sv));
+    expect_eperm(f, "unshare(NEWUSER)", unshare(CLONE_NEWUSER));
+    expect_eperm(f, "unshare(NEWNS)", unshare(CLONE_NEWNS));
+    expect_eperm(f, "setns", setns(0, 0));
+    expect_eperm(f, "clone(NEWNET)", syscall(SYS_clone, CLONE_NEWNET | SIGCHLD, nullptr, nullptr, nullptr, 0));
+    expect_eperm(f, "mount", syscall(SYS_mount, "none", "/tmp", "tmpfs", 0, nullptr));
+    expect_eperm(f, "bpf", syscall(SYS_bpf, 0, nullptr, 0));
+    expect_eperm(f, "perf_event_open", syscall(SYS_perf_event_open, nullptr, 0, -1, -1, 0));
+    expect_eperm(f, "userfaultfd", syscall(SYS_userfaultfd, 0));
+    expect_eperm(f, "io_uring_setup", syscall(SYS_io_uring_setup, 1, nullptr));
+    expect_eperm(f, "process_vm_readv", syscall(SYS_process_vm_readv, getppid(), nullptr, 0, nullptr, 0, 0));
+    expect_eperm(f, "keyctl", syscall(SYS_keyctl, 0, 0, 0, 0, 0));
+    expect_eperm(f, "kexec_load", syscall(SYS_kexec_load, 0, 0, nullptr, 0));
+    expect_eperm(f, "init_module", syscall(SYS_init_module, nullptr, 0, ""));
+    expect_eperm(f, "reboot", syscall(SYS_reboot, 0, 0, 0, nullptr));
+    expect_eperm(f, "personality(set)", syscall(SYS_personality, 0x0400000UL /* READ_IMPLIES_EXEC */));
+    expect_eperm(f, "mknod", syscall(SYS_mknod, "/tmp/gpup-no-such-node", S_IFCHR | 0600, 0));
+    errno = 0;
+    if (syscall(SYS_clone3, nullptr, 0) != -1 || errno != ENOSYS) f += "clone3 is not ENOSYS\n";
+    if (syscall(SYS_personality, 0xffffffffUL) == -1) f += "personality query refused\n";
+  });
+  EXPECT_EQ(fails, "");
+}
+
+// What PoCL and its LLVM do after the filter is in: threads, executable memory, AF_UNIX sockets
+// and memfds, and the linker started with vfork+exec.
+TEST(SeccompPolicy, WhatTheKmdNeedsStillWorks) {
+  auto fails = in_sandboxed_child([](std::string& f) {
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) f += "socketpair(AF_UNIX) refused\n";
+    int fd = memfd_create("gpup-test", MFD_CLOEXEC);
+    if (fd < 0 || ftruncate(fd, 1 << 20) != 0) f += "memfd refused\n";
+    void* x = mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (x == MAP_FAILED || mprotect(x, 4096, PROT_READ | PROT_EXEC) != 0) f += "mprotect(PROT_EXEC) refused\n";
+    bool ran = false;
+    std::thread t([&] { ran = true; });
+    t.join();
+    if (!ran) f += "thread did not run\n";
+    pid_t c = vfork();
+    if (c == 0) {
+      execl("/bin/true", "true", nullptr);
+      _exit(127);
+    }
+    int st = 0;
+    if (c < 0 || waitpid(c, &st, 0) != c || !WIFEXITED(st) || WEXITSTATUS(st) != 0) f += "vfork+exec failed\n";
+    c = fork();
+    if (c == 0) _exit(3);
+    if (c < 0 || waitpid(c, &st, 0) != c || WEXITSTATUS(st) != 3) f += "fork failed\n";
+  });
+  EXPECT_EQ(fails, "");
+}
+
+TEST(SeccompPolicy, DeniedListNamesTheEscapeRoutes) {
+  auto names = worker_denied_syscalls();
+  for (const char* want : {"ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root",
+                           "unshare", "setns", "bpf", "perf_event_open", "kexec_load", "kexec_file_load",
+                           "init_module", "finit_module", "delete_module", "keyctl", "add_key", "request_key",
+                           "reboot", "swapon", "swapoff", "userfaultfd"})
+    EXPECT_NE(std::find_if(names.begin(), names.end(), [&](const char* n) { return std::strcmp(n, want) == 0; }),
+              names.end())
+        << want;
 }
 
 }  // namespace
