@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -191,6 +192,7 @@ class Host {
     return m;
   }
   const std::string& config() const { return config_; }
+  std::string runtime_dir() const { return dir_ + "/run"; }
 
  private:
   std::string dir_, config_;
@@ -362,6 +364,101 @@ TEST_F(E2E, GuestKilledMidWorkLeavesNothingBehind) {
   EXPECT_EQ(after["sync_objects"], base["sync_objects"]);
   EXPECT_EQ(after["vram"], base["vram"]);
   EXPECT_EQ(after["processes"], base["processes"]);
+  expect_host_alive();
+}
+
+// The worker sandbox (src/host/vmwp/seccomp_policy.h, src/host/gpupd/cgroup.h): the running
+// worker has its seccomp filter and rlimits, sits in its VM's memory cgroup nested under gpupd's
+// own, limited to max VRAM + the default 512 MiB overhead, the limit follows `vm set --max-vram`
+// and the cgroup goes with the partition.
+std::string proc_field(pid_t pid, const std::string& file, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/" + file);
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key, 0) == 0) {
+      std::string v = line.substr(key.size());
+      return v.substr(std::min(v.size(), v.find_first_not_of(" \t")));
+    }
+  return {};
+}
+
+std::string read_trimmed(const std::string& path) {
+  std::ifstream in(path);
+  std::string s;
+  std::getline(in, s);
+  return s;
+}
+
+TEST_F(E2E, WorkerRunsUnderItsSeccompPolicyRlimitsAndMemoryCgroup) {
+  constexpr uint64_t MiB = 1ull << 20;
+  auto shown = host_->gpup({"vm", "show", "a", "--json"});
+  ASSERT_EQ(shown.code, 0) << shown.out;
+  auto vm = nlohmann::json::parse(shown.out);
+  const pid_t worker = vm.at("pid").get<pid_t>();
+  EXPECT_EQ(proc_field(worker, "status", "Seccomp:"), "2");
+  EXPECT_EQ(proc_field(worker, "status", "NoNewPrivs:"), "1");
+  rlimit core{};
+  ASSERT_EQ(prlimit(worker, RLIMIT_CORE, nullptr, &core), 0) << std::strerror(errno);
+  EXPECT_EQ(core.rlim_max, 0u);
+
+  const auto& mem = vm.at("memory_limit");
+  if (!mem.at("enforced").get<bool>()) {
+    // Only acceptable when this machine gives gpupd no writable memory cgroup.
+    std::string v1;
+    std::ifstream in("/proc/self/cgroup");
+    for (std::string l; std::getline(in, l);)
+      if (l.find(":memory:") != std::string::npos) v1 = "/sys/fs/cgroup/memory" + l.substr(l.find(":memory:") + 8);
+    bool writable = !v1.empty() && access((v1 + "/memory.limit_in_bytes").c_str(), F_OK) == 0 &&
+                    access(v1.c_str(), W_OK) == 0;
+    ASSERT_FALSE(writable) << "memory cgroup " << v1 << " is writable but the limit is not enforced: " << mem.dump();
+    GTEST_SKIP() << "no writable memory cgroup here: " << mem.value("reason", std::string());
+  }
+  const std::string cgroup = mem.at("cgroup").get<std::string>();
+  const bool v2 = mem.at("hierarchy").get<std::string>() == "cgroup v2";
+  EXPECT_EQ(mem.at("bytes").get<uint64_t>(), 256 * MiB + 512 * MiB);
+  const std::string limit_file = cgroup + (v2 ? "/memory.max" : "/memory.limit_in_bytes");
+  EXPECT_EQ(read_trimmed(limit_file), std::to_string(768 * MiB));
+
+  // Nested under gpupd's own memory cgroup, as <own>/gpupd.<pid>/<vm>.
+  const std::string gpupd_pid = read_trimmed(host_->runtime_dir() + "/gpupd.pid");
+  ASSERT_FALSE(gpupd_pid.empty());
+  std::string gpupd_cg, worker_cg;
+  for (auto [pid, out] : {std::pair<std::string, std::string*>{gpupd_pid, &gpupd_cg},
+                          std::pair<std::string, std::string*>{std::to_string(worker), &worker_cg}}) {
+    std::ifstream in("/proc/" + pid + "/cgroup");
+    std::string l;
+    while (std::getline(in, l)) {
+      if (v2 && l.rfind("0::", 0) == 0) *out = l.substr(3);
+      if (!v2 && l.find(":memory:") != std::string::npos) *out = l.substr(l.find(":memory:") + 8);
+    }
+  }
+  std::string expected = (gpupd_cg == "/" ? "" : gpupd_cg) + "/gpupd." + gpupd_pid + "/a";
+  EXPECT_EQ(worker_cg, expected);
+  EXPECT_EQ(cgroup.substr(cgroup.size() - std::min(cgroup.size(), expected.size())), expected) << cgroup;
+
+  // The limit follows the partition's max VRAM.
+  auto r = host_->gpup({"vm", "set", "a", "--max-vram", "300MiB"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read_trimmed(limit_file), std::to_string(812 * MiB));
+  r = host_->gpup({"vm", "set", "a", "--max-vram", "256MiB"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(read_trimmed(limit_file), std::to_string(768 * MiB));
+
+  // Real kernels still build and run in the sandboxed worker.
+  auto g = host_->run_guest("a", {"full"});
+  EXPECT_EQ(g.code, 0) << g.out;
+  EXPECT_NE(g.out.find("0 wrong"), std::string::npos) << g.out;
+
+  // A removed partition's cgroup is gone with its worker.
+  r = host_->gpup({"vm", "add", "sandboxed", "--max-vram", "64MiB"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  auto c = nlohmann::json::parse(host_->gpup({"vm", "show", "sandboxed", "--json"}).out);
+  const std::string c_cgroup = c.at("memory_limit").value("cgroup", std::string());
+  ASSERT_FALSE(c_cgroup.empty()) << c.dump();
+  EXPECT_TRUE(fs::is_directory(c_cgroup));
+  r = host_->gpup({"vm", "remove", "sandboxed"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_FALSE(fs::exists(c_cgroup));
   expect_host_alive();
 }
 
