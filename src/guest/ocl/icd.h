@@ -315,7 +315,8 @@ struct _cl_command_queue : gpup::ocl::IcdObject {
   // the device, except by a host command whose dependencies are all complete or on their way.
   std::mutex mu;
   GPUPKMT_CMDBUF* cmdbuf = nullptr;
-  uint64_t next_value = 0;               // last value handed out
+  uint64_t next_value = 0;               // last value signalled in the command stream
+  bool open_tail = false;                // commands recorded since that signal (no event asked)
   std::deque<gpup::ocl::Retained> retained;
   GPUPKMT_HANDLE host_fence = 0;         // deferred host commands (created on first use)
   uint64_t host_seq = 0;

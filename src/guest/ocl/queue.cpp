@@ -1,15 +1,19 @@
 // Command queues and every enqueue.
 //
 // A queue is one thunk context and one monitored fence. Each enqueued command appends its
-// device commands to the queue's guest command buffer followed by a fence signal of the next
-// value; the command's event is that (queue, value) pair and completes when the fence page shows
-// the value. The buffer crosses to the host only at a flush point: clFlush, clFinish, a blocking
+// device commands to the queue's guest command buffer; a command whose event the application
+// asked for is followed by a fence signal of the next value, and its event is that (queue, value)
+// pair, complete when the fence page shows the value. Commands without events share the next
+// signal (a flush or finish records one), so a run of them reaches the host as one batch. A
+// read or write on an idle queue is a memcpy with no device command at all. The buffer crosses to the host only at a flush point: clFlush, clFinish, a blocking
 // call, a wait on one of its events (clWaitForEvents, a status query of an unsubmitted event, a
 // dependency of another queue), or when it holds kFlushBytes. Transfers between the application
 // and buffers are memcpy on the buffer's shared section once the work before them completed;
 // they never travel in messages.
 //
 // Out-of-order queues execute in order (a permitted implementation of out-of-order).
+#include <sched.h>
+
 #include <algorithm>
 #include <condition_variable>
 #include <functional>
@@ -22,6 +26,10 @@ namespace gpup::ocl {
 namespace {
 
 constexpr uint32_t kFlushBytes = 64 * 1024;
+// The value of what a command without an event keeps alive until the next signal is recorded.
+constexpr uint64_t kUnsignalled = UINT64_MAX;
+// How long a wait watches the fence page before it asks the host to wake it.
+constexpr uint64_t kSpinNs = 50'000;
 
 cl_int queue_failure(cl_command_queue q, gpup_status s, const char* what) {
   log_failure(what, s);
@@ -68,6 +76,27 @@ void release_retired(std::vector<Retained>& retired) {
   retired.clear();
 }
 
+// Records a fence signal of the next value; the commands since the last signal, and what they
+// keep alive, complete with it.
+cl_int signal_locked(cl_command_queue q) {
+  const uint64_t value = q->next_value + 1;
+  if (gpup_status s = GpupKmtCmdSignal(q->cmdbuf, q->fence, value); GPUP_FAILED(s))
+    return queue_failure(q, s, "recording a fence signal");
+  q->next_value = value;
+  for (auto it = q->retained.rbegin(); it != q->retained.rend() && it->value == kUnsignalled; ++it) it->value = value;
+  q->open_tail = false;
+  return CL_SUCCESS;
+}
+
+// The value that completes everything recorded so far (sealing commands recorded without one).
+cl_int last_value_locked(cl_command_queue q, uint64_t* out) {
+  if (q->open_tail) {
+    if (cl_int e = signal_locked(q); e != CL_SUCCESS) return e;
+  }
+  *out = q->next_value;
+  return CL_SUCCESS;
+}
+
 bool in_failed_batch(cl_command_queue q, uint64_t value) {
   std::lock_guard lock(q->aux_mu);
   for (const auto& [first, last] : q->failed)
@@ -77,6 +106,9 @@ bool in_failed_batch(cl_command_queue q, uint64_t value) {
 
 cl_int flush_locked(cl_command_queue q) {
   if (GpupKmtCmdBufCount(q->cmdbuf) == 0) return CL_SUCCESS;
+  if (q->open_tail) {
+    if (cl_int e = signal_locked(q); e != CL_SUCCESS) return e;
+  }
   const uint64_t first_unsubmitted = q->submitted_value + 1;
   GPUPKMT_SUBMITCOMMAND sc{q->hw_context, 0, q->cmdbuf, 0};
   gpup_status s = GpupKmtSubmitCommand(&sc);
@@ -110,6 +142,11 @@ cl_int wait_value(cl_command_queue q, uint64_t value, bool locked = false) {
     }
   }
   if (in_failed_batch(q, value)) return q->error;
+  // Short work completes within microseconds of its submission: watch the fence page for a while
+  // (yielding, so the host side of a small machine keeps its CPU) before a wait that crosses.
+  const uint64_t spin_until = now_ns() + kSpinNs;
+  while (q->completed() < value && now_ns() < spin_until) sched_yield();
+  if (q->completed() >= value) return q->error;
   GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT w{q->fence, value, 0, -1};
   gpup_status s = GpupKmtWaitForSynchronizationObjectFromCpu(&w);
   if (GPUP_FAILED(s)) {
@@ -204,13 +241,17 @@ void drop(Retained& keep) {
   keep = {};
 }
 
-// Ends a command: signals its fence value and keeps `keep` alive until it completes. On failure
-// `keep` is left to the caller and no event is made.
+// Ends a command and keeps `keep` alive until it completes. A command with an event signals its
+// own fence value; one without shares the next signal recorded (another command's, or the one a
+// flush or finish adds), so a run of queued commands is one batch with one signal for the host
+// to apply. On failure `keep` is left to the caller and no event is made.
 cl_int end_command_locked(cl_command_queue q, cl_command_type type, Retained& keep, cl_event* event_out) {
-  const uint64_t value = q->next_value + 1;
-  if (gpup_status s = GpupKmtCmdSignal(q->cmdbuf, q->fence, value); GPUP_FAILED(s))
-    return queue_failure(q, s, "recording a fence signal");
-  q->next_value = value;
+  if (event_out) {
+    if (cl_int e = signal_locked(q); e != CL_SUCCESS) return e;
+  } else {
+    q->open_tail = true;
+  }
+  const uint64_t value = event_out ? q->next_value : kUnsignalled;
   if (!keep.mems.empty() || !keep.kernels.empty() || !keep.events.empty()) {
     keep.value = value;
     q->retained.push_back(std::move(keep));
@@ -321,11 +362,10 @@ cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn f
       return queue_failure(q, s, "creating a queue's host fence");
     q->host_fence = cs.hSyncObject;
   }
-  const uint64_t ready = q->next_value + 1;
-  gpup_status s = GpupKmtCmdSignal(q->cmdbuf, q->fence, ready);
-  if (GPUP_SUCCEEDED(s)) s = GpupKmtCmdWait(q->cmdbuf, q->host_fence, q->host_seq + 1);
-  if (GPUP_FAILED(s)) return queue_failure(q, s, "recording a host command");
-  q->next_value = ready;
+  if (cl_int e = signal_locked(q); e != CL_SUCCESS) return e;
+  const uint64_t ready = q->next_value;
+  if (gpup_status s = GpupKmtCmdWait(q->cmdbuf, q->host_fence, q->host_seq + 1); GPUP_FAILED(s))
+    return queue_failure(q, s, "recording a host command");
   ++q->host_seq;
   cl_event ev = nullptr;
   if (cl_int e = end_command_locked(q, type, keep, &ev); e != CL_SUCCESS) return e;
@@ -345,6 +385,12 @@ cl_int defer_locked(cl_command_queue q, cl_command_type type, cl_mem m, HostFn f
   }
   h.cv.notify_one();
   return CL_SUCCESS;
+}
+
+// Nothing recorded and everything submitted has completed (its wait list added no waits).
+bool idle_locked(cl_command_queue q) {
+  return GpupKmtCmdBufCount(q->cmdbuf) == 0 && !q->open_tail && q->completed() >= q->next_value &&
+         q->error.load() == CL_SUCCESS;
 }
 
 bool any_failed(cl_uint n, const cl_event* list) {
@@ -369,6 +415,14 @@ cl_int enqueue_host(cl_command_queue q, cl_command_type type, cl_bool blocking, 
     err = append_waits_locked(q, n, list, &keep);
     if (err == CL_SUCCESS && deferred) {
       err = defer_locked(q, type, m, std::move(fn), keep, &ev);
+    } else if (err == CL_SUCCESS && idle_locked(q)) {
+      // Nothing before it is pending: the memcpy runs now, with no command for the device, and
+      // its event is complete from the start (the value the fence already passed).
+      ev = new_event(q, type, q->next_value);
+      ev->t_submit = ev->t_start = now_ns();
+      err = fn();
+      ev->t_end = now_ns();
+      if (err != CL_SUCCESS) ev->failed.store(err);
     } else if (err == CL_SUCCESS) {
       // Everything before it completes on its own: wait here, keeping later commands of this
       // queue behind the memcpy.
@@ -447,10 +501,10 @@ void queue_retain(cl_command_queue q) { q->refs.fetch_add(1, std::memory_order_r
 
 void queue_release(cl_command_queue q) {
   if (q->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
-  uint64_t last;
+  uint64_t last = 0;
   {
     std::lock_guard lock(q->mu);
-    last = q->next_value;
+    last_value_locked(q, &last);
   }
   wait_value(q, last);  // a released queue still finishes its work
   std::vector<Retained> retired;
@@ -630,10 +684,10 @@ cl_int Flush(cl_command_queue q) {
 
 cl_int Finish(cl_command_queue q) {
   if (!valid(q)) return CL_INVALID_COMMAND_QUEUE;
-  uint64_t last;
+  uint64_t last = 0;
   {
     std::lock_guard lock(q->mu);
-    last = q->next_value;
+    if (last_value_locked(q, &last) != CL_SUCCESS) return CL_OUT_OF_RESOURCES;
   }
   cl_int err = queue_wait(q, last);
   return err == CL_SUCCESS ? CL_SUCCESS : CL_OUT_OF_RESOURCES;
