@@ -17,13 +17,23 @@ struct Rect {
 // arithmetic that would overflow.
 cl_int make_rect(const size_t* origin, const size_t* region, size_t row_pitch, size_t slice_pitch, Rect* r);
 
-// Calls fn(offset in a, offset in b, bytes) for every row of two rectangles of the same region.
+// Calls fn(offset in a, offset in b, bytes) for every row of two rectangles with the same row
+// length and number of rows, taken in order (the shapes may differ: the rows of a 1D image array
+// are its layers, those of a 2D image its lines).
 template <typename Fn>
 void for_each_row(const Rect& a, const Rect& b, Fn&& fn) {
-  for (size_t z = 0; z < a.region[2]; ++z)
-    for (size_t y = 0; y < a.region[1]; ++y)
-      fn(a.offset() + z * a.slice_pitch + y * a.row_pitch, b.offset() + z * b.slice_pitch + y * b.row_pitch,
-         a.region[0]);
+  const size_t rows = a.region[1] * a.region[2];
+  const size_t a0 = a.offset(), b0 = b.offset();
+  for (size_t i = 0; i < rows; ++i) {
+    const size_t ay = i % a.region[1], az = i / a.region[1];
+    const size_t by = i % b.region[1], bz = i / b.region[1];
+    fn(a0 + az * a.slice_pitch + ay * a.row_pitch, b0 + bz * b.slice_pitch + by * b.row_pitch, a.region[0]);
+  }
+}
+
+// True when the rectangle's rows follow each other without gaps.
+inline bool contiguous(const Rect& r) {
+  return r.row_pitch == r.region[0] && (r.region[2] == 1 || r.slice_pitch == r.region[0] * r.region[1]);
 }
 
 // Images (image.cpp).

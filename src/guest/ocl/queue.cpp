@@ -1096,21 +1096,10 @@ cl_int host_pitches(cl_mem m, const size_t* region, size_t row_pitch, size_t sli
   return CL_SUCCESS;
 }
 
-// Records device copies of the rows of two rectangles (merged into one copy per slice, or one in
-// all, where both sides are contiguous).
+// Records device copies of the rows of two rectangles: one copy when both are contiguous.
 gpup_status copy_rows(GPUPKMT_CMDBUF* cb, uint64_t src_va, const Rect& s, uint64_t dst_va, const Rect& d) {
-  const bool rows_tight = s.row_pitch == s.region[0] && d.row_pitch == d.region[0];
-  if (rows_tight) {
-    const size_t slice = s.region[0] * s.region[1];
-    const bool slices_tight = s.slice_pitch == slice && d.slice_pitch == slice;
-    if (slices_tight) return GpupKmtCmdCopy(cb, src_va + s.offset(), dst_va + d.offset(), slice * s.region[2]);
-    for (size_t z = 0; z < s.region[2]; ++z)
-      if (gpup_status st = GpupKmtCmdCopy(cb, src_va + s.offset() + z * s.slice_pitch,
-                                          dst_va + d.offset() + z * d.slice_pitch, slice);
-          GPUP_FAILED(st))
-        return st;
-    return GPUP_STATUS_SUCCESS;
-  }
+  if (contiguous(s) && contiguous(d))
+    return GpupKmtCmdCopy(cb, src_va + s.offset(), dst_va + d.offset(), s.region[0] * s.region[1] * s.region[2]);
   gpup_status st = GPUP_STATUS_SUCCESS;
   for_each_row(s, d, [&](size_t so, size_t dof, size_t len) {
     if (GPUP_SUCCEEDED(st)) st = GpupKmtCmdCopy(cb, src_va + so, dst_va + dof, len);
@@ -1246,7 +1235,7 @@ cl_int EnqueueFillImage(cl_command_queue q, cl_mem m, const void* color, const s
   const Rect r = image_rect(m, origin, region);
   return enqueue_device(q, CL_COMMAND_FILL_IMAGE, n, list, ev, [&](Retained& keep) -> cl_int {
     gpup_status st = GPUP_STATUS_SUCCESS;
-    if (r.row_pitch == r.region[0] && r.slice_pitch == r.region[0] * r.region[1]) {
+    if (contiguous(r)) {
       st = GpupKmtCmdFill(q->cmdbuf, m->va() + r.offset(), r.region[0] * r.region[1] * r.region[2], pixel,
                           static_cast<uint32_t>(e));
     } else {
