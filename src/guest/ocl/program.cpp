@@ -155,7 +155,7 @@ void append_set_entry(std::vector<uint8_t>* set, std::string_view name, const vo
   const size_t at = align8(set->size());
   set->resize(at + sizeof e + name.size() + size, 0);
   std::memcpy(set->data() + at, &e, sizeof e);
-  std::memcpy(set->data() + at + sizeof e, name.data(), name.size());
+  if (!name.empty()) std::memcpy(set->data() + at + sizeof e, name.data(), name.size());
   if (size) std::memcpy(set->data() + at + sizeof e + name.size(), data, size);
 }
 
