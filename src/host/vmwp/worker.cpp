@@ -244,7 +244,10 @@ FencePage::~FencePage() {
 // Guest process: decode, validate, dispatch
 
 GuestProcess::GuestProcess(Worker& worker, std::unique_ptr<GuestLink> link, uint64_t id)
-    : w_(worker), link_(std::move(link)), id_(id), fence_slots_used_(FencePage::kSlots, false) {}
+    : w_(worker), link_(std::move(link)), id_(id), fence_slots_used_(FencePage::kSlots, false) {
+  // The page-table shape the KMD reported (Worker::start refused the adapter if it is inconsistent).
+  if (auto mmu = MmuLayout::from_kmd(w_.caps_.mmu, w_.caps_.levels); mmu.ok()) va_ = VaSpace(std::move(*mmu));
+}
 
 GuestProcess::~GuestProcess() = default;
 
@@ -1315,6 +1318,8 @@ Status Worker::start() {
   auto caps = kmd::query_adapter_caps(*driver_, adapter_);
   if (!caps.ok()) return caps.error();
   caps_ = *caps;
+  if (auto mmu = MmuLayout::from_kmd(caps_.mmu, caps_.levels); !mmu.ok())
+    return Error(mmu.status(), fmt::format("adapter {}: KMD {}: {}", config_.adapter_name, driver_->name(), mmu.error().message));
   if (!caps_.driver.MemoryManagementCaps.ParavirtualizationSupported)
     return Error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("adapter {}: KMD {} does not declare ParavirtualizationSupported; it cannot be partitioned",
                                                         config_.adapter_name, driver_->name()));
