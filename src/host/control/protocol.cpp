@@ -219,6 +219,10 @@ Result<json> sanitize_worker_stats(const json& stats) {
   auto max = r.u64("vram_max");
   if (!r.ok()) return make_error(GPUP_STATUS_PROTOCOL_ERROR, r.error());
   json out{{"vram_used", *used}, {"vram_max", *max}};
+  // The partition's device memory beside the arbiter's: min, held (min included), borrowed, refused.
+  for (std::string_view key : {"vram_min", "vram_held", "vram_borrowed", "vram_refused"})
+    if (auto v = r.opt_u64(key)) out[std::string(key)] = *v;
+  if (!r.ok()) return make_error(GPUP_STATUS_PROTOCOL_ERROR, r.error());
   if (const json* totals = r.opt_object("totals")) {
     ObjectReader t(*totals, "stats.totals");
     json o = json::object();

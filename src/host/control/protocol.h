@@ -21,8 +21,9 @@
 //   {"op":"update","id":N,"vm":<VmSpec>}  -> {"reply":N,"ok":true}  (after pfnSetVirtualMachineData)
 //   {"op":"shutdown","id":N}              -> {"reply":N,"ok":true}, then the worker closes its guests
 //                                            and exits 0
-// and any request may fail with {"reply":N,"ok":false,"error":"<why>"}. The worker must exit when
-// fd 3 reaches EOF (gpupd died). Lines from the worker are capped at kMaxWorkerLine; a longer or
+// and any request may fail with {"reply":N,"ok":false,"error":"<why>"}. The worker may ask gpupd for
+// device memory above its min with {"ask":N,...} lines, answered by {"answer":N,...} at once
+// (gpupd/worker.h). The worker must exit when fd 3 reaches EOF (gpupd died). Lines from the worker are capped at kMaxWorkerLine; a longer or
 // malformed line, a reply to an unknown id or a missed deadline counts against the worker (see
 // gpupd's worker.h for what gpupd does then).
 #pragma once
@@ -117,11 +118,11 @@ json to_json(const ConfigureMessage& m);  // includes "op":"configure"
 Result<ConfigureMessage> configure_from_json(const json& j);
 
 // Checks a worker's stats object and returns a copy holding only the known, well-typed fields:
-//   {"vram_used":N,"vram_max":N,
+//   {"vram_used":N,"vram_max":N,"vram_min":N,"vram_held":N,"vram_borrowed":N,"vram_refused":N,
 //    "totals":{"processes":N,"devices":N,"contexts":N,"allocations":N,"sync_objects":N},
 //    "processes":[{"pid":N,"name":"...","vram_used":N,"devices":N,"contexts":N,
 //                  "allocations":N,"sync_objects":N}, ...]}
-// vram_used and vram_max are required; the counters are optional; at most kMaxStatsProcesses
+// vram_used and vram_max are required; the other vram_ fields and the counters are optional; at most kMaxStatsProcesses
 // processes, names at most kMaxProcessName bytes. Other counters (snake_case keys, at most 32
 // characters, non-negative integer values; up to 32 per object) are kept, e.g. "submissions";
 // anything else is dropped.

@@ -185,6 +185,11 @@ Status Daemon::init() {
   if (!signal_fd_) return sys_error("signalfd");
   if (Status s = loop_.watch(signal_fd_.get(), EPOLLIN, [this](uint32_t) { on_signal(); }); !s.ok()) return s;
 
+  // One arbiter for the memory of every adapter, reading the partitions' current settings.
+  opts_.worker.vram = std::make_shared<VramArbiter>([this] { return specs(); }, [this](const std::string& adapter) {
+    const AdapterInfo* a = find_adapter(adapter);
+    return a ? a->total_vram : uint64_t{0};
+  });
   for (auto& [name, vm] : vms_) start_worker(vm);
   spdlog::info("gpupd {} listening on {} ({} adapter(s), {} vm(s))", kVersion, socket_path_, adapters_.size(),
                vms_.size());
@@ -538,6 +543,7 @@ json Daemon::adapters_json() const {
            {"total_vram", a.total_vram},
            {"reserved_vram", reserved},
            {"available_vram", a.total_vram > reserved ? a.total_vram - reserved : 0},
+           {"borrowed_vram", opts_.worker.vram ? opts_.worker.vram->borrowed_on(a.name) : 0},
            {"partitions", count}};
     if (a.state == AdapterState::kFailed) j["error"] = a.error;
     if (!a.partitionable()) j["reason"] = a.not_partitionable_reason();
@@ -576,6 +582,8 @@ void Daemon::op_vm_add(const json& req, Reply reply) {
   for (const auto& a : adapters_) adapters.push_back(&a.info);
   auto all = specs();
   auto spec = admit_new_vm(*request, adapters, all, control::new_guid());
+  if (spec && opts_.worker.vram)  // the min must also fit what running partitions borrow now
+    if (Status s = opts_.worker.vram->check_min(spec->name, spec->adapter, spec->min_vram); !s.ok()) spec = s.error();
   if (!spec) {
     spdlog::info("vm.add {} refused: {}", request->name, spec.error().message);
     return reply(spec.error());
@@ -643,6 +651,9 @@ void Daemon::op_vm_set(const json& req, Reply reply) {
   if (!change) return reply(change.error());
   auto next = admit_vm_change(vm.spec, *change, find_adapter(vm.spec.adapter), specs());
   if (!next) return reply(next.error());
+  if (next->min_vram > vm.spec.min_vram && opts_.worker.vram)
+    if (Status s = opts_.worker.vram->check_min(vm.spec.name, vm.spec.adapter, next->min_vram); !s.ok())
+      return reply(s.error());
   if (*next == vm.spec) return reply(vm_json(vm));
 
   control::VmSpec previous = vm.spec;

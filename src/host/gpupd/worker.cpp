@@ -73,6 +73,7 @@ Worker::~Worker() {
     }
     spdlog::info("vm {}: worker pid {} killed: {}", vm_, pid_, describe_wait_status(status));
     (void)leave_memory_cgroup();
+    release_vram();
   }
 }
 
@@ -111,7 +112,16 @@ json Worker::describe() const {
     }
     j["memory_limit"] = std::move(m);
   }
+  if (pid_ > 0 && ready_seen_ && opts_.vram) {
+    auto a = opts_.vram->query(vm_);
+    j["vram"] = json{{"min", a.min}, {"hold", a.hold}, {"borrowed", a.hold - std::min(a.hold, a.min)},
+                     {"borrowable", a.borrowable}};
+  }
   return j;
+}
+
+void Worker::release_vram() {
+  if (opts_.vram) opts_.vram->release_all(vm_);
 }
 
 uint64_t Worker::memory_limit_for(uint64_t max_vram) const {
@@ -426,6 +436,7 @@ void Worker::handle_line(const std::string& line) {
       ready_seen_ = true;
       ready_at_ = EventLoop::Clock::now();
       last_error_.clear();
+      if (opts_.vram) opts_.vram->attach(vm_);
       spdlog::info("vm {}: worker pid {} ready at {}", vm_, pid_, endpoint_);
       set_state(WorkerState::kRunning);
       return;
@@ -445,6 +456,8 @@ void Worker::handle_line(const std::string& line) {
     spdlog::debug("vm {}: worker event '{}' ignored", vm_, control::printable(*event, 64));
     return;
   }
+
+  if (r.has("ask")) return handle_ask(*msg);
 
   if (r.has("reply")) {
     auto id = r.u64("reply");
@@ -467,6 +480,41 @@ void Worker::handle_line(const std::string& line) {
   violation("sent a line that is neither an event nor a reply");
 }
 
+// A worker asking for device memory above its min; answered at once (nothing waits on it).
+void Worker::handle_ask(const json& msg) {
+  control::ObjectReader r(msg, "ask");
+  r.only({"ask", "op", "need", "want"});
+  auto id = r.u64("ask", 1);
+  auto op = r.str("op", 64);
+  auto need = r.opt_u64("need");
+  auto want = r.opt_u64("want");
+  if (!r.ok()) return violation("sent a bad ask: " + r.error());
+  if (!ready_seen_) return violation("asked before it was ready");
+  if (*op != "vram") {
+    send(json{{"answer", *id}, {"ok", false}, {"error", fmt::format("unknown ask '{}'", control::printable(*op, 64))}});
+    return;
+  }
+  if (need.has_value() != want.has_value() || (need && *need > *want))
+    return violation("sent a vram ask with need and want not both given, or need above want");
+  json a{{"answer", *id}, {"ok", true}};
+  if (!opts_.vram) {
+    // No arbiter: nothing is shared to protect; the worker's max is its only limit.
+    a.update(json{{"granted", true}, {"hold", want.value_or(0)}, {"borrowable", 0}});
+    return send(a);
+  }
+  VramArbiter::Answer ans = need ? opts_.vram->request(vm_, *need, *want) : opts_.vram->query(vm_);
+  a.update(json{{"granted", ans.granted}, {"hold", ans.hold}, {"min", ans.min}, {"max", ans.max},
+                {"borrowable", ans.borrowable}});
+  if (!ans.granted) {
+    a["error"] = ans.why;
+    spdlog::info("vm {}: device memory refused: {}", vm_, ans.why);
+  } else if (need) {
+    spdlog::debug("vm {}: device memory held {} (asked {} at least {})", vm_, format_size(ans.hold), format_size(*want),
+                  format_size(*need));
+  }
+  send(a);
+}
+
 void Worker::on_exit() {
   int status = 0;
   pid_t r;
@@ -476,6 +524,7 @@ void Worker::on_exit() {
   std::string desc = r < 0 ? fmt::format("could not be reaped: {}", std::strerror(errno)) : describe_wait_status(status);
   pid_t old_pid = pid_;
   desc += leave_memory_cgroup();
+  release_vram();  // whatever it borrowed is free again
 
   loop_.unwatch(pidfd_.get());
   pidfd_.reset();

@@ -23,6 +23,12 @@
 // carries vm.max_vram moves the limit too (raised before the worker hears of it, lowered once it
 // accepted). The cgroup is removed when the process is gone. Without a usable cgroup the worker
 // still runs; describe()'s "memory_limit" says the limit is not enforced and why.
+//
+// Device memory above the partition's min (vram_pool.h): the worker asks with
+//   {"ask":N,"op":"vram","need":BYTES,"want":BYTES}   (or without need/want: only what it holds)
+// and gpupd answers at once, from opts.vram, with
+//   {"answer":N,"ok":true,"granted":bool,"hold":H,"min":..,"max":..,"borrowable":B[,"error":why]}
+// Asks are accepted once the worker is ready; everything it held returns when its process is gone.
 #pragma once
 #include <sys/types.h>
 
@@ -40,6 +46,7 @@
 #include "host/gpupd/cgroup.h"
 #include "host/gpupd/config.h"
 #include "host/gpupd/event_loop.h"
+#include "host/gpupd/vram_pool.h"
 
 namespace gpup::gpupd {
 
@@ -57,6 +64,8 @@ struct WorkerOptions {
   std::shared_ptr<MemoryCgroups> memory_cgroups;
   // Worker memory limit = partition max VRAM + this (config.h: worker_memory_overhead).
   uint64_t memory_overhead = kDefaultWorkerMemoryOverhead;
+  // The device-memory arbiter of every adapter; null: a worker may grow to its max unasked.
+  std::shared_ptr<VramArbiter> vram;
 };
 
 enum class WorkerState { kStopped, kStarting, kRunning, kRestarting, kStopping, kFailed };
@@ -93,7 +102,8 @@ class Worker {
   unsigned restarts() const { return restarts_; }
   const std::string& last_error() const { return last_error_; }
   // {"state":..,"pid":..,"restarts":..,"last_error":..,"last_exit":..,
-  //  "memory_limit":{"enforced":bool,"bytes":..,"hierarchy":..,"cgroup":..,"reason":..}}
+  //  "memory_limit":{"enforced":bool,"bytes":..,"hierarchy":..,"cgroup":..,"reason":..},
+  //  "vram":{"min":..,"hold":..,"borrowed":..,"borrowable":..}}  (vram: while it runs, with an arbiter)
   // (absent fields omitted; "reason" says why a limit is not enforced)
   control::json describe() const;
   // The memory cgroup of the live process, or empty.
@@ -104,6 +114,8 @@ class Worker {
   void on_control(uint32_t events);
   void on_exit();
   void handle_line(const std::string& line);
+  void handle_ask(const control::json& msg);
+  void release_vram();
   void violation(const std::string& why);
   void send(const control::json& msg);
   void signal(int sig);

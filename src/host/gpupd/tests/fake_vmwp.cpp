@@ -10,6 +10,8 @@
 //   crash*   exits 3 before it is ready
 //   junk*    answers the first stats request with a line over the size limit
 //   refuse*  answers update with {"ok":false}
+//   borrow*  right after ready asks for device memory (need 16 MiB, want 96 MiB) and reports what
+//            gpupd answered as its stats' vram_held (control/protocol.h, gpupd/worker.h)
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -102,12 +104,19 @@ int main(int argc, char** argv) {
     return 1;
   }
   send_line(json{{"event", "ready"}, {"endpoint", cfg->endpoint}});
+  if (starts_with(vm, "borrow")) send_line(json{{"ask", 1}, {"op", "vram"}, {"need", 16u << 20}, {"want", 96u << 20}});
 
   VmSpec spec = cfg->vm;
   unsigned updates = 0;
+  uint64_t held = 0;
   while (auto line = next_line(reader)) {
     auto req = parse_object_line(*line);
     if (!req) return 2;
+    if (req->contains("answer")) {
+      if (!(*req)["granted"].is_boolean() || !(*req)["hold"].is_number_unsigned()) return 2;
+      held = (*req)["hold"].get<uint64_t>();
+      continue;
+    }
     ObjectReader r(*req, "request");
     auto op = r.str("op", 32);
     auto id = r.u64("id");
@@ -121,6 +130,7 @@ int main(int argc, char** argv) {
       }
       json stats{{"vram_used", 4096},
                  {"vram_max", spec.max_vram},
+                 {"vram_held", held},
                  {"totals", {{"processes", 1}, {"devices", 1}, {"contexts", 0}, {"allocations", updates}, {"sync_objects", 0}}},
                  {"processes", json::array({json{{"pid", ::getpid()}, {"name", "fake-guest"}, {"vram_used", 4096}}})}};
       send_line(json{{"reply", *id}, {"ok", true}, {"stats", stats}});

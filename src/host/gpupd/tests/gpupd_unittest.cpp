@@ -484,6 +484,34 @@ TEST_F(GpupdWorker, StartsAnswersStatsAndStops) {
   EXPECT_EQ(w.restarts(), 0u);
 }
 
+// A worker borrowing device memory above its min through the control channel; everything it
+// borrowed returns the moment its process is gone.
+TEST_F(GpupdWorker, BorrowedMemoryReturnsWhenTheWorkerDies) {
+  std::vector<VmSpec> specs = {VmSpec{"borrow1", control::new_guid(), "mock0", 0, 256 * MiB, 256 * MiB, 100, 100, false},
+                               VmSpec{"other", control::new_guid(), "mock0", 64 * MiB, 64 * MiB, 64 * MiB, 100, 100, false}};
+  auto arbiter = std::make_shared<VramArbiter>([&] { return specs; }, [](const std::string&) { return 128 * MiB; });
+  opts_.vram = arbiter;
+  Worker w(loop_, opts_, "borrow1", configure("borrow1", 256 * MiB));
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRunning; }));
+  // It wanted 96 MiB; 64 MiB is what other's min leaves.
+  ASSERT_TRUE(run_until([&] { return arbiter->borrowed("borrow1") == 64 * MiB; }));
+  auto stats = request(w, "stats");
+  ASSERT_TRUE(stats.ok()) << stats.error().message;
+  EXPECT_EQ(control::sanitize_worker_stats((*stats)["stats"])->value("vram_held", uint64_t{0}), 64 * MiB);
+  EXPECT_EQ(w.describe()["vram"]["borrowed"], 64 * MiB);
+  EXPECT_EQ(w.describe()["vram"]["borrowable"], 0u);
+  EXPECT_EQ(arbiter->query("other").hold, 64 * MiB);
+
+  ASSERT_EQ(::kill(w.pid(), SIGKILL), 0);
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRestarting; }));
+  EXPECT_EQ(arbiter->borrowed("borrow1"), 0u);
+  EXPECT_EQ(arbiter->borrowed_on("mock0"), 0u);
+  bool stopped = false;
+  w.stop([&] { stopped = true; });
+  ASSERT_TRUE(run_until([&] { return stopped; }));
+}
+
 TEST_F(GpupdWorker, KilledWorkerIsRestarted) {
   Worker w(loop_, opts_, "v1", configure("v1"));
   w.start();
