@@ -462,4 +462,90 @@ TEST_F(E2E, WorkerRunsUnderItsSeccompPolicyRlimitsAndMemoryCgroup) {
   expect_host_alive();
 }
 
+// VidMm's minimum guarantee, on a mock adapter of 256 MiB shared by two partitions: a (min 64 MiB)
+// and b (no min, max = the whole adapter). b borrowing everything it can never takes a's min; b's
+// refusal is the same out-of-memory as the max cap; what b borrowed returns once it frees it.
+// Its own host, so the pool is not shared with the E2E suite's partitions (ctest: e2e_vidmm).
+const char* kMockVidMmConfig = R"TOML(
+[[adapter]]
+name = "mock0"
+kmd = "mock"
+
+[adapter.config]
+memory = 268435456
+)TOML";
+
+nlohmann::json json_of(const Run& r) {
+  auto j = nlohmann::json::parse(r.out, nullptr, false);
+  return j.is_discarded() ? nlohmann::json::object() : j;
+}
+
+uint64_t field(const std::string& out, const std::string& key) {
+  auto p = out.find(key + "=");
+  return p == std::string::npos ? UINT64_MAX : std::stoull(out.substr(p + key.size() + 1));
+}
+
+TEST(VidMm, MinReservationHoldsWhileAnotherPartitionTakesAllFreeMemory) {
+  constexpr uint64_t MiB = 1ull << 20;
+  Host host(kMockVidMmConfig);
+  auto r = host.gpup({"host", "start", "--config", host.config()});
+  ASSERT_EQ(r.code, 0) << r.out;
+  ASSERT_EQ((r = host.gpup({"vm", "add", "a", "--min-vram", "64MiB", "--max-vram", "128MiB"})).code, 0) << r.out;
+  ASSERT_EQ((r = host.gpup({"vm", "add", "b", "--max-vram", "256MiB"})).code, 0) << r.out;
+
+  // b takes everything it can, 16 MiB at a time, and keeps it.
+  auto b = host.guest("b", {"fill", "16"});
+  ASSERT_TRUE(b->wait_for("VMI ", 60s)) << b->output();
+  ASSERT_TRUE(b->wait_for("\n", 5s));
+  const std::string& bout = b->output();
+  EXPECT_NE(bout.find("FILLED " + std::to_string(192 * MiB) + " QUOTA_EXCEEDED"), std::string::npos) << bout;
+  EXPECT_NE(bout.find("above its min of 0 B plus what it could borrow"), std::string::npos) << bout;
+  EXPECT_NE(bout.find("64 MiB their reserved mins"), std::string::npos) << bout;
+  EXPECT_EQ(field(bout, "budget"), 192 * MiB) << bout;
+  EXPECT_EQ(field(bout, "usage"), 192 * MiB) << bout;
+  EXPECT_EQ(field(bout, "reservation"), 0u) << bout;
+
+  auto shown = json_of(host.gpup({"vm", "show", "b", "--json"}));
+  EXPECT_EQ(shown["vram"].value("borrowed", uint64_t{0}), 192 * MiB) << shown.dump();
+  EXPECT_EQ(shown["stats"].value("vram_borrowed", uint64_t{0}), 192 * MiB) << shown.dump();
+  EXPECT_GE(shown["stats"].value("vram_refused", uint64_t{0}), 1u) << shown.dump();
+  auto adapters = json_of(host.gpup({"adapters", "--json"}));
+  ASSERT_TRUE(adapters.is_array() && !adapters.empty()) << adapters.dump();
+  EXPECT_EQ(adapters[0].value("borrowed_vram", uint64_t{0}), 192 * MiB) << adapters.dump();
+
+  // a still gets its whole min...
+  auto a = host.run_guest("a", {"alloc", "64", "16"});
+  EXPECT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("ALLOCATED " + std::to_string(64 * MiB)), std::string::npos) << a.out;
+  EXPECT_EQ(field(a.out, "budget"), 64 * MiB) << a.out;
+  EXPECT_EQ(field(a.out, "reservation"), 64 * MiB) << a.out;
+  EXPECT_EQ(field(a.out, "available"), 64 * MiB) << a.out;
+  // ...but nothing above it while b borrows the rest.
+  a = host.run_guest("a", {"alloc", "80", "16"});
+  EXPECT_NE(a.out.find("REFUSED " + std::to_string(64 * MiB) + " QUOTA_EXCEEDED"), std::string::npos) << a.out;
+  // Nor can a min be raised into what b borrows now.
+  r = host.gpup({"vm", "set", "a", "--min-vram", "96MiB"});
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("192 MiB borrowed"), std::string::npos) << r.out;
+
+  // b frees everything; what it borrowed goes back to the pool.
+  b->close_stdin();
+  EXPECT_EQ(b->wait(30s), 0) << b->output();
+  EXPECT_NE(b->output().find("FREED"), std::string::npos) << b->output();
+  uint64_t borrowed = UINT64_MAX;
+  for (int i = 0; i < 100 && borrowed != 0; ++i) {
+    std::this_thread::sleep_for(100ms);
+    borrowed = json_of(host.gpup({"adapters", "--json"}))[0].value("borrowed_vram", UINT64_MAX);
+  }
+  EXPECT_EQ(borrowed, 0u);
+  shown = json_of(host.gpup({"vm", "show", "b", "--json"}));
+  EXPECT_EQ(shown["stats"].value("vram_used", UINT64_MAX), 0u) << shown.dump();
+
+  // Now a may borrow up to its max.
+  a = host.run_guest("a", {"alloc", "128", "16"});
+  EXPECT_EQ(a.code, 0) << a.out;
+  EXPECT_NE(a.out.find("ALLOCATED " + std::to_string(128 * MiB)), std::string::npos) << a.out;
+  EXPECT_EQ(field(a.out, "budget"), 128 * MiB) << a.out;
+}
+
 }  // namespace

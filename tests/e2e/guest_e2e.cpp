@@ -12,10 +12,16 @@
 //   guest_e2e foreign H VA      use another process's handle and GPU VA: both must fail
 //   guest_e2e busy              create objects and keep the device busy until killed
 //   guest_e2e stats             print the VM's statistics as "STATS key=value ..."
+//   guest_e2e fill MIB          allocate MIB-sized allocations until one is refused, print
+//                               "FILLED <bytes> <status>: <message>", wait for stdin EOF, free them
+//   guest_e2e alloc TOTAL MIB   allocate TOTAL MiB in MIB-sized allocations, print the video memory
+//                               info ("VMI budget=.. usage=.. reservation=.. available=..") and
+//                               "ALLOCATED <bytes>", or "REFUSED <bytes> <status>: <message>"
 //
 // Exit code 0 means every check held; each failed check prints "FAIL: ..." first.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cinttypes>
 #include <cstdio>
 #include <cstdlib>
@@ -554,6 +560,66 @@ int mode_stats() {
   return 0;
 }
 
+gpup_status allocate(Session& s, uint64_t size, GPUPKMT_HANDLE* out) {
+  GPUPKMT_CREATEALLOCATION ca{};
+  ca.hDevice = s.device;
+  ca.Flags = GPUPKMT_ALLOCATION_CPU_VISIBLE;
+  ca.Size = size;
+  gpup_status st = GpupKmtCreateAllocation(&ca);
+  *out = ca.hAllocation;
+  return st;
+}
+
+void print_video_memory_info(Session& s) {
+  GPUPKMT_QUERYVIDEOMEMORYINFO q{};
+  q.hAdapter = s.adapter;
+  REQUIRE_OK(GpupKmtQueryVideoMemoryInfo(&q));
+  std::printf("VMI budget=%" PRIu64 " usage=%" PRIu64 " reservation=%" PRIu64 " available=%" PRIu64 "\n", q.Budget,
+              q.CurrentUsage, q.CurrentReservation, q.AvailableForReservation);
+}
+
+int mode_fill(uint64_t chunk) {
+  Session s = open_session();
+  std::vector<GPUPKMT_HANDLE> allocs;
+  gpup_status st = GPUP_STATUS_SUCCESS;
+  for (;;) {
+    GPUPKMT_HANDLE h = 0;
+    st = allocate(s, chunk, &h);
+    if (GPUP_FAILED(st)) break;
+    allocs.push_back(h);
+  }
+  std::printf("FILLED %" PRIu64 " %s: %s\n", chunk * allocs.size(), gpup_status_name(st), GpupKmtGetLastErrorMessage());
+  print_video_memory_info(s);
+  std::fflush(stdout);
+  char buf[64];
+  while (read(0, buf, sizeof buf) > 0) {
+  }
+  for (GPUPKMT_HANDLE h : allocs) {
+    GPUPKMT_DESTROYALLOCATION d{s.device, h};
+    REQUIRE_OK(GpupKmtDestroyAllocation(&d));
+  }
+  std::printf("FREED\n");
+  return 0;
+}
+
+int mode_alloc(uint64_t total, uint64_t chunk) {
+  Session s = open_session();
+  uint64_t done = 0;
+  while (done < total) {
+    GPUPKMT_HANDLE h = 0;
+    gpup_status st = allocate(s, std::min(chunk, total - done), &h);
+    if (GPUP_FAILED(st)) {
+      std::printf("REFUSED %" PRIu64 " %s: %s\n", done, gpup_status_name(st), GpupKmtGetLastErrorMessage());
+      print_video_memory_info(s);
+      return 1;
+    }
+    done += std::min(chunk, total - done);
+  }
+  print_video_memory_info(s);
+  std::printf("ALLOCATED %" PRIu64 "\n", done);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -567,6 +633,9 @@ int main(int argc, char** argv) {
   if (mode == "foreign" && argc > 3) return mode_foreign(static_cast<uint32_t>(std::strtoul(argv[2], nullptr, 0)), std::strtoull(argv[3], nullptr, 0));
   if (mode == "busy") return mode_busy();
   if (mode == "stats") return mode_stats();
+  if (mode == "fill" && argc > 2) return mode_fill(std::strtoull(argv[2], nullptr, 0) << 20);
+  if (mode == "alloc" && argc > 3)
+    return mode_alloc(std::strtoull(argv[2], nullptr, 0) << 20, std::strtoull(argv[3], nullptr, 0) << 20);
   std::fprintf(stderr, "usage: guest_e2e full|limit|bulk|bad-handles|hold|foreign H VA|busy|stats\n");
   return 2;
 }

@@ -13,9 +13,12 @@
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
 #include <list>
+#include <map>
 #include <mutex>
 #include <thread>
 
@@ -60,7 +63,11 @@ class LineReader {
   std::string buf_;
 };
 
+// Serializes whole lines from the control loop and from guest threads asking for memory.
+std::mutex g_write_mu;
+
 void write_line(int fd, const nlohmann::json& j) {
+  std::lock_guard l(g_write_mu);
   std::string s = j.dump() + "\n";
   const char* p = s.data();
   size_t left = s.size();
@@ -72,6 +79,75 @@ void write_line(int fd, const nlohmann::json& j) {
     left -= static_cast<size_t>(n);
   }
 }
+
+// The worker's side of gpupd's memory arbiter (gpupd/worker.h has the lines): a guest thread
+// writes {"ask":N,...} and waits; the control loop hands it gpupd's {"answer":N,...}.
+class GpupdVramBroker : public VramBroker {
+ public:
+  explicit GpupdVramBroker(int fd) : fd_(fd) {}
+
+  Result<Grant> ask(uint64_t need, uint64_t want) override {
+    return round_trip({{"op", "vram"}, {"need", need}, {"want", want}});
+  }
+  Result<Grant> query() override { return round_trip({{"op", "vram"}}); }
+  void release(uint64_t hold) override {
+    nlohmann::json j = {{"op", "vram"}, {"need", hold}, {"want", hold}};
+    {
+      std::lock_guard l(mu_);
+      if (closed_) return;
+      j["ask"] = next_++;  // its answer is not waited for
+    }
+    write_line(fd_, j);
+  }
+  // From the control loop.
+  void on_answer(const nlohmann::json& a) {
+    if (!a["answer"].is_number_unsigned()) return;
+    std::lock_guard l(mu_);
+    auto it = waiting_.find(a["answer"].get<uint64_t>());
+    if (it == waiting_.end()) return;  // a release, or a request that timed out
+    it->second = a;
+    cv_.notify_all();
+  }
+  // gpupd is gone or the worker stops: nobody waits any more.
+  void close() {
+    std::lock_guard l(mu_);
+    closed_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  static constexpr auto kTimeout = std::chrono::seconds(5);
+
+  Result<Grant> round_trip(nlohmann::json j) {
+    std::unique_lock l(mu_);
+    if (closed_) return Error(GPUP_STATUS_CONNECTION_LOST, "the control channel to gpupd is closed");
+    const uint64_t id = next_++;
+    j["ask"] = id;
+    waiting_[id] = nullptr;
+    l.unlock();
+    write_line(fd_, j);
+    l.lock();
+    bool answered = cv_.wait_for(l, kTimeout, [&] { return closed_ || !waiting_[id].is_null(); });
+    nlohmann::json a = std::move(waiting_[id]);
+    waiting_.erase(id);
+    if (!answered || a.is_null())
+      return Error(GPUP_STATUS_TIMEOUT, closed_ ? "the control channel to gpupd closed" : "no answer within 5 s");
+    if (!a.value("ok", false)) return Error(GPUP_STATUS_INVALID_PARAMETER, a.value("error", std::string("refused")));
+    Grant g;
+    g.granted = a.value("granted", false);
+    g.hold = a.value("hold", uint64_t{0});
+    g.borrowable = a.value("borrowable", uint64_t{0});
+    g.why = a.value("error", std::string());
+    return g;
+  }
+
+  int fd_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  uint64_t next_ = 1;
+  bool closed_ = false;
+  std::map<uint64_t, nlohmann::json> waiting_;
+};
 
 class ChannelLink : public GuestLink {
  public:
@@ -174,6 +250,8 @@ int run(const std::string& vm, int control_fd) {
   }
 
   Worker worker(*config);
+  GpupdVramBroker broker(control_fd);
+  worker.set_vram_broker(&broker);
   if (auto s = worker.start(); !s.ok()) {
     spdlog::error("{}", s.error().describe());
     write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
@@ -199,6 +277,7 @@ int run(const std::string& vm, int control_fd) {
 
   std::list<Connection> connections;
   bool running = true;
+  auto last_release_tick = std::chrono::steady_clock::now();
   while (running) {
     for (auto it = connections.begin(); it != connections.end();) {
       if (it->done) {
@@ -209,7 +288,12 @@ int run(const std::string& vm, int control_fd) {
       }
     }
     pollfd fds[2] = {{listener->fd(), POLLIN, 0}, {control_fd, POLLIN, 0}};
-    int n = control.buffered() ? 1 : poll(fds, 2, 500);
+    // About four release ticks a second, however busy the loop is.
+    if (auto now = std::chrono::steady_clock::now(); now - last_release_tick >= std::chrono::milliseconds(250)) {
+      last_release_tick = now;
+      worker.release_idle_vram();
+    }
+    int n = control.buffered() ? 1 : poll(fds, 2, 250);
     if (n < 0 && errno != EINTR) break;
     if (fds[0].revents & POLLIN) {
       UniqueFd sock(::accept4(listener->fd(), nullptr, nullptr, SOCK_CLOEXEC));
@@ -228,6 +312,10 @@ int run(const std::string& vm, int control_fd) {
         break;
       }
       auto req = nlohmann::json::parse(line, nullptr, false);
+      if (req.is_object() && req.contains("answer")) {
+        broker.on_answer(req);
+        continue;
+      }
       // gpupd numbers every request from 1; anything else is not a request to answer.
       if (req.is_discarded() || !req.is_object() || !req.contains("id") || !req["id"].is_number_unsigned() ||
           req["id"].get<uint64_t>() == 0) {
@@ -251,6 +339,7 @@ int run(const std::string& vm, int control_fd) {
       write_line(control_fd, rep);
     }
   }
+  broker.close();  // a guest thread waiting for gpupd gives up
   for (auto& c : connections) c.shutdown();
   for (auto& c : connections) c.thread.join();
   worker.stop();

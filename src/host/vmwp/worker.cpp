@@ -285,7 +285,19 @@ Status GuestProcess::handle(std::span<const uint8_t> bytes) {
       if (fd_status == GPUP_STATUS_TIMEOUT) fd_status = GPUP_STATUS_INVALID_PARAMETER;
     }
   }
+  // Device memory above the partition's min is asked of gpupd here too, without the object lock
+  // (the control loop that carries gpupd's answer takes that lock for stats).
+  uint64_t vram_pending = 0;
+  std::string vram_refusal;
+  if (dec.ok() && dec->op() == Op::CreateAllocation && hello_done_) {
+    const auto& req = dec->as<CreateAllocationRequest>();
+    if (!(req.flags & GPUPKMT_ALLOCATION_PROGRAM)) vram_pending = w_.reserve_vram(req.size, &vram_refusal);
+  } else if (dec.ok() && dec->op() == Op::QueryVideoMemoryInfo && hello_done_) {
+    w_.refresh_vram();
+  }
   std::lock_guard lock(w_.mu_);
+  w_.vram_pending_ -= vram_pending;  // from here the handler charges it, under this lock
+  vram_refusal_ = std::move(vram_refusal);
   incoming_fd_ = std::move(fd);
   incoming_fd_status_ = fd_status;
   incoming_fd_error_ = std::move(fd_error);
@@ -565,6 +577,18 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
         return Error(GPUP_STATUS_QUOTA_EXCEEDED,
                      fmt::format("allocation of {} would bring partition {} to {}, above its max of {}", format_size(size),
                                  w_.config_.vm_name, format_size(w_.vram_used_ + size), format_size(w_.config_.max_vram)));
+      if (w_.vram_used_ + size > w_.vram_limit_locked()) {
+        // Within its max, but above its min and what gpupd lets it borrow: the memory is another
+        // partition's guarantee or already lent out. The same out-of-memory as the max cap.
+        ++w_.vram_refused_;
+        return Error(GPUP_STATUS_QUOTA_EXCEEDED,
+                     fmt::format("allocation of {} would bring partition {} to {}, above its min of {} plus what it "
+                                 "could borrow: {}",
+                                 format_size(size), w_.config_.vm_name, format_size(w_.vram_used_ + size),
+                                 format_size(w_.config_.min_vram),
+                                 vram_refusal_.empty() ? std::string("the memory is in use by other partitions")
+                                                       : vram_refusal_));
+      }
       auto alloc = std::make_shared<Allocation>();
       alloc->size = size;
       alloc->flags = req.flags;
@@ -807,10 +831,15 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       auto req = m.as<QueryVideoMemoryInfoRequest>();
       if (auto s = check_adapter(req.adapter_luid); !s.ok()) return s.error();
       if (req.segment_group > 1) return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("segment group {}", req.segment_group));
+      // Budget: what this partition could use right now (its min, what it holds above it, and
+      // what it could still borrow; never above its max). Usage: this process's. Reservation: the
+      // partition's min, which is reserved for it on the adapter whatever others do; a guest cannot
+      // reserve more, so AvailableForReservation is that min too.
       QueryVideoMemoryInfoReply rep{};
-      rep.budget = w_.config_.max_vram;
+      const uint64_t limit = w_.vram_limit_locked();
+      rep.budget = w_.broker_ ? std::min(w_.config_.max_vram, limit + w_.vram_borrowable_) : limit;
       rep.current_usage = vram_used_;
-      rep.current_reservation = 0;
+      rep.current_reservation = w_.config_.min_vram;
       rep.available_for_reservation = w_.config_.min_vram;
       return reply(rep);
     }
@@ -1350,6 +1379,9 @@ Status Worker::start() {
 
 Status Worker::update(const WorkerConfig& c) {
   std::lock_guard lock(mu_);
+  // A lowered min: what may be in use under the old one stays held (gpupd counts it the same way)
+  // until release_idle_vram() gives it back.
+  if (broker_ && c.min_vram < config_.min_vram) vram_hold_ = std::max(vram_hold_, config_.min_vram);
   config_.min_vram = c.min_vram;
   config_.optimal_vram = c.optimal_vram;
   config_.max_vram = (c.max_vram == 0 || (device_memory_ && c.max_vram > device_memory_)) ? device_memory_ : c.max_vram;
@@ -1539,6 +1571,75 @@ Counts Worker::totals() {
   return totals_locked();
 }
 
+uint64_t Worker::vram_limit_locked() const {
+  if (!broker_) return config_.max_vram;
+  return std::min(config_.max_vram, std::max(config_.min_vram, vram_hold_));
+}
+
+uint64_t Worker::reserve_vram(uint64_t size, std::string* why) {
+  if (!broker_ || size == 0) return 0;
+  std::lock_guard ask(ask_mu_);
+  uint64_t need = 0, want = 0;
+  {
+    std::lock_guard lock(mu_);
+    const uint64_t in_use = vram_used_ + vram_pending_;
+    if (add_overflows(in_use, size) || in_use + size > config_.max_vram) return 0;  // the max cap refuses it
+    need = in_use + size;
+    vram_pending_ += size;
+    const uint64_t limit = vram_limit_locked();
+    if (need <= limit) return size;
+    want = std::min(config_.max_vram, std::max(need, limit + kVramGranule));
+  }
+  auto g = broker_->ask(need, want);
+  std::lock_guard lock(mu_);
+  if (!g.ok()) {
+    *why = "gpupd did not answer: " + g.error().message;
+    return size;
+  }
+  vram_hold_ = g->hold;
+  vram_borrowable_ = g->borrowable;
+  if (!g->granted) *why = g->why;
+  return size;
+}
+
+void Worker::refresh_vram() {
+  if (!broker_) return;
+  std::lock_guard ask(ask_mu_);
+  auto g = broker_->query();
+  if (!g.ok()) return;  // the last numbers stay
+  std::lock_guard lock(mu_);
+  vram_hold_ = g->hold;
+  vram_borrowable_ = g->borrowable;
+}
+
+void Worker::release_idle_vram() {
+  if (!broker_) return;
+  std::unique_lock ask(ask_mu_, std::try_to_lock);
+  if (!ask.owns_lock()) return;  // a request is on its way; try at the next tick
+  uint64_t target = 0;
+  {
+    std::lock_guard lock(mu_);
+    const uint64_t in_use = vram_used_ + vram_pending_;
+    const uint64_t held = std::max(config_.min_vram, vram_hold_);
+    // Keep a granule of headroom while it borrows; within its min it needs nothing.
+    target = in_use <= config_.min_vram
+                 ? config_.min_vram
+                 : std::max({config_.min_vram, std::min(config_.max_vram, in_use + kVramGranule), in_use});
+    const bool excess = in_use <= config_.min_vram ? held > config_.min_vram
+                                                   : held > target + kVramGranule || held > config_.max_vram;
+    if (!excess) {
+      vram_idle_ticks_ = 0;
+      return;
+    }
+    if (++vram_idle_ticks_ < 2) return;
+    vram_idle_ticks_ = 0;
+    spdlog::debug("VM {}: giving back device memory: held {}, in use {}, keeping {}", config_.vm_name,
+                  format_size(held), format_size(in_use), format_size(target));
+    vram_hold_ = target;  // from now on only this may be used
+  }
+  broker_->release(target);
+}
+
 nlohmann::json Worker::stats_json() {
   std::lock_guard lock(mu_);
   Counts t = totals_locked();
@@ -1549,12 +1650,21 @@ nlohmann::json Worker::stats_json() {
                      {"sections", p->sections_}, {"section_bytes", p->section_bytes_},
                      {"submissions", p->submissions_}, {"faults", p->faults_}});
   }
-  return {{"vram_used", vram_used_},
-          {"vram_max", config_.max_vram},
-          {"totals",
-           {{"processes", t.processes}, {"devices", t.devices}, {"contexts", t.contexts}, {"allocations", t.allocations},
-            {"sync_objects", t.sync_objects}, {"va_mappings", t.va_mappings}, {"submissions", t.submissions}, {"faults", t.faults}}},
-          {"processes", procs}};
+  nlohmann::json j = {
+      {"vram_used", vram_used_},
+      {"vram_max", config_.max_vram},
+      {"vram_min", config_.min_vram},
+      {"totals",
+       {{"processes", t.processes}, {"devices", t.devices}, {"contexts", t.contexts}, {"allocations", t.allocations},
+        {"sync_objects", t.sync_objects}, {"va_mappings", t.va_mappings}, {"submissions", t.submissions}, {"faults", t.faults}}},
+      {"processes", procs}};
+  if (broker_) {  // what it holds of the adapter (min included), borrows above its min, was refused
+    const uint64_t held = std::max(config_.min_vram, vram_hold_);
+    j["vram_held"] = held;
+    j["vram_borrowed"] = held - config_.min_vram;
+    j["vram_refused"] = vram_refused_;
+  }
+  return j;
 }
 
 }  // namespace gpup::vmwp

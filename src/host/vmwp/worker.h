@@ -62,6 +62,31 @@ struct WorkerConfig {
 Result<WorkerConfig> parse_worker_config(const nlohmann::json& configure);
 std::string guid_to_string(const GPUPDDI_GUID& g);
 
+// gpupd's arbiter of the adapter's memory, as the worker reaches it (main.cpp: the control
+// channel). The partition uses its min without asking; above it, it must hold a grant. hold is
+// absolute (the min included): what gpupd counts for this partition.
+class VramBroker {
+ public:
+  struct Grant {
+    bool granted = false;     // hold covers need
+    uint64_t hold = 0;        // what the partition holds now
+    uint64_t borrowable = 0;  // what it could add right now
+    std::string why;          // when refused: the numbers
+  };
+  virtual ~VramBroker() = default;
+  // Round trips to gpupd (an error when it does not answer): to hold `want` in all, at least
+  // `need`; or only what is held and borrowable now.
+  virtual Result<Grant> ask(uint64_t need, uint64_t want) = 0;
+  virtual Result<Grant> query() = 0;
+  // Gives back everything above hold; does not wait for the answer.
+  virtual void release(uint64_t hold) = 0;
+};
+
+// Borrowing goes in steps of at least this much. Memory is given back (hysteresis) once, for two
+// release ticks in a row, more than two steps above what is in use stay unused (one step is kept),
+// or everything borrowed is unused (use back within the min).
+inline constexpr uint64_t kVramGranule = 16ull << 20;
+
 // How the worker reaches one guest process: the channel, seen through what the core needs.
 class GuestLink {
  public:
@@ -197,6 +222,8 @@ class GuestProcess {
   // The fd of the RegisterSection being handled, collected by handle() before Worker::mu_ is
   // taken (so a guest that never sends it stalls only its own connection).
   UniqueFd incoming_fd_;
+  // Why gpupd refused device memory for the CreateAllocation being handled (set with the fd above).
+  std::string vram_refusal_;
   gpup_status incoming_fd_status_ = GPUP_STATUS_SUCCESS;
   std::string incoming_fd_error_;
   std::set<std::shared_ptr<Device>> devices_;  // roots of the object graph
@@ -214,6 +241,12 @@ class Worker {
   Status update(const WorkerConfig& config);
   // Closes every guest process and stops the adapter.
   void stop();
+
+  // Device memory above the min goes through broker (not owned; set before guests connect, kept
+  // until stop()). Without one the partition may grow to its max unasked.
+  void set_vram_broker(VramBroker* broker) { broker_ = broker; }
+  // Called regularly from the control loop: gives gpupd back memory borrowed and no longer used.
+  void release_idle_vram();
 
   std::shared_ptr<GuestProcess> connect(std::unique_ptr<GuestLink> link);
   void disconnect(const std::shared_ptr<GuestProcess>& p);
@@ -235,6 +268,14 @@ class Worker {
   void pump_locked(Context& ctx);
   void fence_changed_locked(SyncObject& s);
   Counts totals_locked();
+  // What the partition may use now: its max, or, with a broker, min(max, max(min, hold)).
+  uint64_t vram_limit_locked() const;
+  // Before a CreateAllocation of size takes mu_: borrows from gpupd when it would not fit what is
+  // held, and counts size as pending (so no release takes it away) until the handler runs. Returns
+  // what it counted; *why is gpupd's reason when it refused.
+  uint64_t reserve_vram(uint64_t size, std::string* why);
+  // Before QueryVideoMemoryInfo takes mu_: fresh numbers from gpupd.
+  void refresh_vram();
   GPUPDDI_ARG_SETVIRTUALMACHINEDATA vm_data() const;
 
   WorkerConfig config_;
@@ -253,6 +294,16 @@ class Worker {
   uint64_t next_submission_ = 1;
   uint64_t vram_used_ = 0;
   uint32_t state_counter_ = 1;
+
+  // Device memory above the min (VramBroker). hold/borrowable as gpupd last said, under mu_;
+  // pending: bytes reserve_vram() let through whose handler has not run yet.
+  VramBroker* broker_ = nullptr;
+  std::mutex ask_mu_;  // one request to gpupd at a time; never taken with mu_ held
+  uint64_t vram_hold_ = 0;
+  uint64_t vram_borrowable_ = 0;
+  uint64_t vram_pending_ = 0;
+  unsigned vram_idle_ticks_ = 0;
+  uint64_t vram_refused_ = 0;  // allocations gpupd refused memory for
 
   // Completions from KMD threads.
   struct Completion {
