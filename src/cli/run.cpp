@@ -17,6 +17,7 @@
 
 #include <cerrno>
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -50,6 +51,28 @@ std::string guest_icd_dir(const std::string& driver_store) {
     if (::stat(vendors.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) return vendors;
   }
   return GPUP_DEFAULT_ICD_DIR;
+}
+
+// Where the program is on the host: as given when it names a path, else the first executable
+// of that name on PATH (empty when there is none; exec reports it).
+std::string program_path(const std::string& program, const std::string& path) {
+  if (program.find('/') != std::string::npos) return program;
+  size_t at = 0;
+  while (at <= path.size()) {
+    const size_t end = std::min(path.find(':', at), path.size());
+    std::string dir = path.substr(at, end - at);
+    std::string candidate = (dir.empty() ? std::string(".") : dir) + "/" + program;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+    at = end + 1;
+  }
+  return {};
+}
+
+// This gpup executable (its tree holds the ICD's libraries when run from a build).
+std::string self_exe() {
+  char buf[4096];
+  const ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  return n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
 }
 
 volatile sig_atomic_t g_child = 0;
@@ -92,6 +115,7 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
     so.endpoint = endpoint;
     so.driver_store = str(vm, "driver_store");
     so.icd_dir = launch.env["OCL_ICD_VENDORS"];
+    so.visible = {program_path(launch.argv.front(), launch.env["PATH"]), self_exe()};
     sandbox = std::make_unique<Sandbox>(so);
     sandbox->prepare();
     for (const auto& [k, v] : sandbox->env_overrides()) launch.env[k] = v;

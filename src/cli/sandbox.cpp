@@ -252,6 +252,16 @@ void Sandbox::prepare() {
       hidden_libs_.push_back(lib);
   }
 
+  // What the guest needs from the host's /tmp: the entry directly under /tmp holding each path.
+  for (const auto& p : opts_.visible) {
+    std::string rp = real_path(p);
+    if (rp.rfind("/tmp/", 0) != 0) continue;
+    const auto end = rp.find('/', 5);
+    std::string top = rp.substr(0, end);
+    if (top.size() > 5 && std::find(tmp_kept_.begin(), tmp_kept_.end(), top) == tmp_kept_.end())
+      tmp_kept_.push_back(top);
+  }
+
   char tmpl[] = "/tmp/gpup-sandbox-XXXXXX";
   if (!::mkdtemp(tmpl)) throw CliError(fmt::format("sandbox: mkdtemp /tmp: {}", std::strerror(errno)));
   scratch_ = tmpl;
@@ -320,8 +330,13 @@ bool Sandbox::build_root(int rfd) {
   if (!bind(rfd, "/", root, false, true)) return false;
   if (!set_tree_attr(rfd, root, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)) return false;
 
-  // A private /tmp.
+  // A private /tmp, but for the entries holding the guest's program and gpup's own files.
   if (!do_mount(rfd, "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", "mount tmpfs")) return false;
+  for (const auto& top : tmp_kept_) {
+    const bool dir = is_dir(top);
+    if (!(dir ? make_dirs(rfd, root + top) : touch(rfd, root + top, 0600)) || !bind(rfd, top, root + top, true, dir))
+      return false;
+  }
 
   // A minimal /dev.
   const std::string dev = root + "/dev";

@@ -33,6 +33,10 @@ struct SandboxOptions {
   std::string driver_store;      // this VM's HostDriverStore (may be empty or missing)
   std::string icd_dir;           // the vendors directory whose .icd files the guest's loader gets
   std::string host_vendors_dir = "/etc/OpenCL/vendors";  // the host's, replaced inside
+  // Host paths the guest must see even where they live under /tmp (which is private inside): its
+  // program and gpup's own tree (the ICD's libraries). Each keeps the /tmp entry holding it
+  // visible, read-only.
+  std::vector<std::string> visible;
 };
 
 // How the child side reports a failure before exec, through a close-on-exec pipe.
@@ -72,6 +76,7 @@ class Sandbox {
   std::string runtime_dir_, endpoint_, store_;
   std::vector<std::pair<std::string, std::string>> icd_files_;  // name, content
   std::vector<std::string> hidden_libs_;
+  std::vector<std::string> tmp_kept_;  // entries of the host's /tmp shown inside, read-only
   bool vendors_replaced_ = false;
 };
 
