@@ -354,7 +354,9 @@ Status GuestProcess::on_hello(const Message& m) {
                   fmt::format("guest speaks protocol versions {}..{}, this host speaks {}..{}", req.version_min,
                               req.version_max, kLastCompatibleVersion, kVersion));
   version_ = std::min(req.version_max, kVersion);
-  pid_ = req.pid;
+  // The kernel's word (SO_PEERCRED, in this worker's pid namespace) over the guest's: a sandboxed
+  // guest is pid 2 of its own namespace. Remote guests (TCP) have only their claim.
+  pid_ = link_->peer_pid() > 0 ? static_cast<uint32_t>(link_->peer_pid()) : req.pid;
   size_t n = strnlen(req.process_name, sizeof req.process_name);
   for (size_t i = 0; i < n; ++i) {
     char c = req.process_name[i];
