@@ -265,11 +265,29 @@ TEST_F(Crossings, ImagesMoveThroughTheSharedSectionAndKeepTheSpecificationsError
   clReleaseMemObject(image);
 }
 
-TEST(Partition, TheDeviceIsThePartition) {
-  cl_platform_id platform;
-  cl_device_id device;
-  ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
-  ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
+// The partition as one device, with a context and an in-order queue on it.
+class Partition : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    cl_int err;
+    ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
+    ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
+    context = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
+    ASSERT_EQ(err, CL_SUCCESS);
+    queue = clCreateCommandQueueWithProperties(context, device, nullptr, &err);
+    ASSERT_EQ(err, CL_SUCCESS);
+  }
+  void TearDown() override {
+    if (queue) clReleaseCommandQueue(queue);
+    if (context) clReleaseContext(context);
+  }
+  cl_platform_id platform = nullptr;
+  cl_device_id device = nullptr;
+  cl_context context = nullptr;
+  cl_command_queue queue = nullptr;
+};
+
+TEST_F(Partition, TheDeviceIsThePartition) {
   cl_ulong global = 0, max_alloc = 0;
   ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof global, &global, nullptr), CL_SUCCESS);
   ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr), CL_SUCCESS);
@@ -283,16 +301,8 @@ TEST(Partition, TheDeviceIsThePartition) {
   EXPECT_STREQ(platform_name, "gpup");
 }
 
-TEST(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
-  cl_platform_id platform;
-  cl_device_id device;
+TEST_F(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
   cl_int err;
-  ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
-  ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
-  cl_context context = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
-  ASSERT_EQ(err, CL_SUCCESS);
-  cl_command_queue queue = clCreateCommandQueueWithProperties(context, device, nullptr, &err);
-  ASSERT_EQ(err, CL_SUCCESS);
   const size_t chunk = (expected_max_vram() * 2 / 5) & ~size_t{0xfffff};  // 100 MiB of 256
   cl_mem a = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
   ASSERT_EQ(err, CL_SUCCESS);
@@ -319,22 +329,12 @@ TEST(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
   EXPECT_EQ(err, CL_SUCCESS);
   if (c) clReleaseMemObject(c);
   clReleaseMemObject(a);
-  clReleaseCommandQueue(queue);
-  clReleaseContext(context);
 }
 
 // Each guest allocates up to its partition's max and not one allocation past it; what it frees
 // comes back to the partition.
-TEST(Partition, AllocatesExactlyUpToItsMaxAndGetsReleasedMemoryBack) {
-  cl_platform_id platform;
-  cl_device_id device;
+TEST_F(Partition, AllocatesExactlyUpToItsMaxAndGetsReleasedMemoryBack) {
   cl_int err;
-  ASSERT_EQ(clGetPlatformIDs(1, &platform, nullptr), CL_SUCCESS);
-  ASSERT_EQ(clGetDeviceIDs(platform, CL_DEVICE_TYPE_ALL, 1, &device, nullptr), CL_SUCCESS);
-  cl_context context = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
-  ASSERT_EQ(err, CL_SUCCESS);
-  cl_command_queue queue = clCreateCommandQueueWithProperties(context, device, nullptr, &err);
-  ASSERT_EQ(err, CL_SUCCESS);
   cl_ulong max_alloc = 0;
   ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr), CL_SUCCESS);
 
@@ -376,8 +376,6 @@ TEST(Partition, AllocatesExactlyUpToItsMaxAndGetsReleasedMemoryBack) {
   cl_mem again = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
   EXPECT_EQ(err, CL_SUCCESS);
   if (again) clReleaseMemObject(again);
-  clReleaseCommandQueue(queue);
-  clReleaseContext(context);
 }
 
 }  // namespace

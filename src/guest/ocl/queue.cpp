@@ -465,6 +465,30 @@ cl_int with_bytes(cl_mem m, Fn&& fn) {
 
 bool ranges_overlap(size_t a, size_t as, size_t b, size_t bs) { return a < b + bs && b < a + as; }
 
+// Records device copies of the rows of two rectangles: one copy when both are contiguous.
+gpup_status copy_rows(GPUPKMT_CMDBUF* cb, uint64_t src_va, const Rect& s, uint64_t dst_va, const Rect& d) {
+  if (contiguous(s) && contiguous(d))
+    return GpupKmtCmdCopy(cb, src_va + s.offset(), dst_va + d.offset(), s.region[0] * s.region[1] * s.region[2]);
+  gpup_status st = GPUP_STATUS_SUCCESS;
+  for_each_row(s, d, [&](size_t so, size_t dof, size_t len) {
+    if (GPUP_SUCCEEDED(st)) st = GpupKmtCmdCopy(cb, src_va + so, dst_va + dof, len);
+  });
+  return st;
+}
+
+// The device copy of a rectangle of rows between two memory objects (buffers or images).
+cl_int enqueue_rows_copy(cl_command_queue q, cl_command_type type, cl_mem src, const Rect& s, cl_mem dst, const Rect& d,
+                         cl_uint n, const cl_event* list, cl_event* ev) {
+  return enqueue_device(q, type, n, list, ev, [&](Retained& keep) -> cl_int {
+    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), s, dst->va(), d); GPUP_FAILED(st))
+      return queue_failure(q, st, "recording a copy");
+    mem_retain(src);
+    mem_retain(dst);
+    keep.mems = {src, dst};
+    return CL_SUCCESS;
+  });
+}
+
 // The mapped region of a USE_HOST_PTR image in the application's memory and layout.
 Rect host_map_rect(cl_mem m, const Rect& img) {
   Rect r = img;
@@ -798,17 +822,7 @@ cl_int EnqueueCopyBufferRect(cl_command_queue q, cl_mem src, cl_mem dst, const s
       if (!ranges_overlap(src_origin[i], region[i], dst_origin[i], region[i])) overlap = false;
     if (overlap) return CL_MEM_COPY_OVERLAP;
   }
-  return enqueue_device(q, CL_COMMAND_COPY_BUFFER_RECT, n, list, ev, [&](Retained& keep) -> cl_int {
-    gpup_status st = GPUP_STATUS_SUCCESS;
-    for_each_row(s, d, [&](size_t so, size_t dof, size_t len) {
-      if (GPUP_SUCCEEDED(st)) st = GpupKmtCmdCopy(q->cmdbuf, src->va() + so, dst->va() + dof, len);
-    });
-    if (GPUP_FAILED(st)) return queue_failure(q, st, "recording a rectangular copy");
-    mem_retain(src);
-    mem_retain(dst);
-    keep.mems = {src, dst};
-    return CL_SUCCESS;
-  });
+  return enqueue_rows_copy(q, CL_COMMAND_COPY_BUFFER_RECT, src, s, dst, d, n, list, ev);
 }
 
 cl_int EnqueueFillBuffer(cl_command_queue q, cl_mem m, const void* pattern, size_t pattern_size, size_t offset,
@@ -1096,17 +1110,6 @@ cl_int host_pitches(cl_mem m, const size_t* region, size_t row_pitch, size_t sli
   return CL_SUCCESS;
 }
 
-// Records device copies of the rows of two rectangles: one copy when both are contiguous.
-gpup_status copy_rows(GPUPKMT_CMDBUF* cb, uint64_t src_va, const Rect& s, uint64_t dst_va, const Rect& d) {
-  if (contiguous(s) && contiguous(d))
-    return GpupKmtCmdCopy(cb, src_va + s.offset(), dst_va + d.offset(), s.region[0] * s.region[1] * s.region[2]);
-  gpup_status st = GPUP_STATUS_SUCCESS;
-  for_each_row(s, d, [&](size_t so, size_t dof, size_t len) {
-    if (GPUP_SUCCEEDED(st)) st = GpupKmtCmdCopy(cb, src_va + so, dst_va + dof, len);
-  });
-  return st;
-}
-
 // A buffer's side of an image <-> buffer copy: the region's rows packed tightly from `offset`.
 cl_int buffer_rect(cl_mem image, cl_mem buffer, size_t offset, const size_t* region, Rect* out) {
   Rect r = host_rect(image, region, 0, 0);
@@ -1173,14 +1176,7 @@ cl_int EnqueueCopyImage(cl_command_queue q, cl_mem src, cl_mem dst, const size_t
     if (overlap) return CL_MEM_COPY_OVERLAP;
   }
   const Rect s = image_rect(src, src_origin, region), d = image_rect(dst, dst_origin, region);
-  return enqueue_device(q, CL_COMMAND_COPY_IMAGE, n, list, ev, [&](Retained& keep) -> cl_int {
-    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), s, dst->va(), d); GPUP_FAILED(st))
-      return queue_failure(q, st, "recording an image copy");
-    mem_retain(src);
-    mem_retain(dst);
-    keep.mems = {src, dst};
-    return CL_SUCCESS;
-  });
+  return enqueue_rows_copy(q, CL_COMMAND_COPY_IMAGE, src, s, dst, d, n, list, ev);
 }
 
 cl_int EnqueueCopyImageToBuffer(cl_command_queue q, cl_mem src, cl_mem dst, const size_t* src_origin,
@@ -1192,14 +1188,7 @@ cl_int EnqueueCopyImageToBuffer(cl_command_queue q, cl_mem src, cl_mem dst, cons
   Rect b;
   if (cl_int e = buffer_rect(src, dst, dst_offset, region, &b); e != CL_SUCCESS) return e;
   const Rect s = image_rect(src, src_origin, region);
-  return enqueue_device(q, CL_COMMAND_COPY_IMAGE_TO_BUFFER, n, list, ev, [&](Retained& keep) -> cl_int {
-    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), s, dst->va(), b); GPUP_FAILED(st))
-      return queue_failure(q, st, "recording an image to buffer copy");
-    mem_retain(src);
-    mem_retain(dst);
-    keep.mems = {src, dst};
-    return CL_SUCCESS;
-  });
+  return enqueue_rows_copy(q, CL_COMMAND_COPY_IMAGE_TO_BUFFER, src, s, dst, b, n, list, ev);
 }
 
 cl_int EnqueueCopyBufferToImage(cl_command_queue q, cl_mem src, cl_mem dst, size_t src_offset, const size_t* dst_origin,
@@ -1211,14 +1200,7 @@ cl_int EnqueueCopyBufferToImage(cl_command_queue q, cl_mem src, cl_mem dst, size
   Rect b;
   if (cl_int e = buffer_rect(dst, src, src_offset, region, &b); e != CL_SUCCESS) return e;
   const Rect d = image_rect(dst, dst_origin, region);
-  return enqueue_device(q, CL_COMMAND_COPY_BUFFER_TO_IMAGE, n, list, ev, [&](Retained& keep) -> cl_int {
-    if (gpup_status st = copy_rows(q->cmdbuf, src->va(), b, dst->va(), d); GPUP_FAILED(st))
-      return queue_failure(q, st, "recording a buffer to image copy");
-    mem_retain(src);
-    mem_retain(dst);
-    keep.mems = {src, dst};
-    return CL_SUCCESS;
-  });
+  return enqueue_rows_copy(q, CL_COMMAND_COPY_BUFFER_TO_IMAGE, src, b, dst, d, n, list, ev);
 }
 
 cl_int EnqueueFillImage(cl_command_queue q, cl_mem m, const void* color, const size_t* origin, const size_t* region,
