@@ -24,6 +24,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "host/gpupd/config.h"  // kDefaultWorkerMemoryOverhead
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -369,7 +371,7 @@ TEST_F(E2E, GuestKilledMidWorkLeavesNothingBehind) {
 
 // The worker sandbox (src/host/vmwp/seccomp_policy.h, src/host/gpupd/cgroup.h): the running
 // worker has its seccomp filter and rlimits, sits in its VM's memory cgroup nested under gpupd's
-// own, limited to max VRAM + the default 512 MiB overhead, the limit follows `vm set --max-vram`
+// own, limited to max VRAM + the default overhead (512 MiB; 4 GiB in sanitizer builds), the limit follows `vm set --max-vram`
 // and the cgroup goes with the partition.
 std::string proc_field(pid_t pid, const std::string& file, const std::string& key) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/" + file);
@@ -415,9 +417,10 @@ TEST_F(E2E, WorkerRunsUnderItsSeccompPolicyRlimitsAndMemoryCgroup) {
   }
   const std::string cgroup = mem.at("cgroup").get<std::string>();
   const bool v2 = mem.at("hierarchy").get<std::string>() == "cgroup v2";
-  EXPECT_EQ(mem.at("bytes").get<uint64_t>(), 256 * MiB + 512 * MiB);
+  const uint64_t overhead = gpup::gpupd::kDefaultWorkerMemoryOverhead;
+  EXPECT_EQ(mem.at("bytes").get<uint64_t>(), 256 * MiB + overhead);
   const std::string limit_file = cgroup + (v2 ? "/memory.max" : "/memory.limit_in_bytes");
-  EXPECT_EQ(read_trimmed(limit_file), std::to_string(768 * MiB));
+  EXPECT_EQ(read_trimmed(limit_file), std::to_string(256 * MiB + overhead));
 
   // Nested under gpupd's own memory cgroup, as <own>/gpupd.<pid>/<vm>.
   const std::string gpupd_pid = read_trimmed(host_->runtime_dir() + "/gpupd.pid");
@@ -439,10 +442,10 @@ TEST_F(E2E, WorkerRunsUnderItsSeccompPolicyRlimitsAndMemoryCgroup) {
   // The limit follows the partition's max VRAM.
   auto r = host_->gpup({"vm", "set", "a", "--max-vram", "300MiB"});
   ASSERT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(read_trimmed(limit_file), std::to_string(812 * MiB));
+  EXPECT_EQ(read_trimmed(limit_file), std::to_string(300 * MiB + overhead));
   r = host_->gpup({"vm", "set", "a", "--max-vram", "256MiB"});
   ASSERT_EQ(r.code, 0) << r.out;
-  EXPECT_EQ(read_trimmed(limit_file), std::to_string(768 * MiB));
+  EXPECT_EQ(read_trimmed(limit_file), std::to_string(256 * MiB + overhead));
 
   // Real kernels still build and run in the sandboxed worker.
   auto g = host_->run_guest("a", {"full"});

@@ -9,7 +9,8 @@
 //   device = "0"
 //
 //   # optional, top level: added to a partition's max VRAM to give its worker's memory limit
-//   # (cgroup.h); an integer number of bytes or a size with a unit. Default 512 MiB.
+//   # (cgroup.h); an integer number of bytes or a size with a unit. Default 512 MiB (4 GiB in
+//   # sanitizer builds).
 //   worker_memory_overhead = "512MiB"
 //
 // No other keys are accepted anywhere, so a typo is an error rather than a silently ignored
@@ -37,8 +38,14 @@ struct AdapterConfig {
 };
 
 // What PoCL and its in-process LLVM need beside the partition's own memory: ~200-300 MiB measured
-// with the test programs, with room for larger kernels and their compiler state.
+// with the test programs, with room for larger kernels and their compiler state. A sanitizer build
+// (GPUP_SANITIZE, GPUP_FUZZ: GPUP_SANITIZER_BUILD) multiplies that: its shadow memory and quarantine took an ASan worker
+// compiling a kernel past 780 MiB resident, so its default is 4 GiB.
+#ifdef GPUP_SANITIZER_BUILD
+inline constexpr uint64_t kDefaultWorkerMemoryOverhead = 4ull << 30;
+#else
 inline constexpr uint64_t kDefaultWorkerMemoryOverhead = 512ull << 20;
+#endif
 inline constexpr uint64_t kMinWorkerMemoryOverhead = 64ull << 20;
 inline constexpr uint64_t kMaxWorkerMemoryOverhead = 1ull << 40;
 
