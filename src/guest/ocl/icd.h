@@ -12,6 +12,9 @@
 //                      batched into a guest command buffer, submitted at flush points
 //   cl_mem (buffer)    a CPU-visible allocation mapped at a GPU VA; the guest reads and writes its
 //                      bytes through the shared mapping (shared section)
+//   cl_mem (image)     a CPU-visible image allocation (DDI 1.1): pixels in a tight linear layout,
+//                      shared like a buffer's bytes; the KMD's image object over them
+//   cl_sampler         guest-only: its properties travel with each dispatch
 //   cl_program         a program allocation built by the host KMD; its kernel table comes back with
 //                      the build, so kernel queries cross nothing
 //   cl_kernel          guest-only: arguments are kept locally and travel with each dispatch

@@ -335,9 +335,7 @@ cl_mem CreateImageWithProperties(cl_context c, const cl_mem_properties* props, c
   if (wants_ptr != (host_ptr != nullptr)) return fail(errcode_ret, CL_INVALID_HOST_PTR);
 
   const cl_mem_object_type type = desc->image_type;
-  const bool has_height = type == CL_MEM_OBJECT_IMAGE2D || type == CL_MEM_OBJECT_IMAGE3D ||
-                          type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
-  const bool is_array = type == CL_MEM_OBJECT_IMAGE1D_ARRAY || type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  const bool has_height = image_has_height(type), is_array = image_is_array(type), slices = image_has_slices(type);
   const size_t e = element_size(*format);
   const size_t width = desc->image_width;
   const size_t height = has_height ? desc->image_height : 1;
@@ -351,7 +349,7 @@ cl_mem CreateImageWithProperties(cl_context c, const cl_mem_properties* props, c
     host_row = desc->image_row_pitch ? desc->image_row_pitch : width * e;
     if (host_row < width * e || host_row % e != 0) return fail(errcode_ret, CL_INVALID_VALUE);
     const size_t min_slice = type == CL_MEM_OBJECT_IMAGE1D_ARRAY ? host_row : host_row * height;
-    if (layers > 1 || type == CL_MEM_OBJECT_IMAGE3D || is_array) {
+    if (slices) {
       host_slice = desc->image_slice_pitch ? desc->image_slice_pitch : min_slice;
       if (host_slice < min_slice || host_slice % host_row != 0) return fail(errcode_ret, CL_INVALID_VALUE);
     }
@@ -376,7 +374,7 @@ cl_mem CreateImageWithProperties(cl_context c, const cl_mem_properties* props, c
   id.Depth = type == CL_MEM_OBJECT_IMAGE3D ? layers : 0;
   id.ArraySize = is_array ? layers : 0;
   id.RowPitch = row;
-  id.SlicePitch = (type == CL_MEM_OBJECT_IMAGE3D || is_array) ? slice : 0;
+  id.SlicePitch = slices ? slice : 0;
   std::shared_ptr<Backing> backing;
   if (cl_int err = make_backing(c, total, &id, &backing); err != CL_SUCCESS) return fail(errcode_ret, err);
 
@@ -391,7 +389,7 @@ cl_mem CreateImageWithProperties(cl_context c, const cl_mem_properties* props, c
   m->format = *format;
   m->desc = *desc;
   m->desc.image_row_pitch = row;
-  m->desc.image_slice_pitch = (type == CL_MEM_OBJECT_IMAGE3D || is_array) ? slice : 0;
+  m->desc.image_slice_pitch = slices ? slice : 0;
   m->element_size = e;
   m->host_row_pitch = host_row;
   m->host_slice_pitch = host_slice;
@@ -469,9 +467,7 @@ cl_int GetSupportedImageFormats(cl_context c, cl_mem_flags flags, cl_mem_object_
 cl_int GetImageInfo(cl_mem m, cl_image_info param, size_t n, void* v, size_t* ret) {
   if (!valid(m) || !m->is_image()) return CL_INVALID_MEM_OBJECT;
   const cl_image_desc& d = m->desc;
-  const bool has_height = m->type == CL_MEM_OBJECT_IMAGE2D || m->type == CL_MEM_OBJECT_IMAGE3D ||
-                          m->type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
-  const bool is_array = m->type == CL_MEM_OBJECT_IMAGE1D_ARRAY || m->type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  const bool has_height = image_has_height(m->type), is_array = image_is_array(m->type);
   switch (param) {
     case CL_IMAGE_FORMAT: return info_value(n, v, ret, m->format);
     case CL_IMAGE_ELEMENT_SIZE: return info_value(n, v, ret, m->element_size);

@@ -36,6 +36,16 @@ inline bool contiguous(const Rect& r) {
   return r.row_pitch == r.region[0] && (r.region[2] == 1 || r.slice_pitch == r.region[0] * r.region[1]);
 }
 
+// Which coordinates an image type uses beyond x: rows (a height), array layers, and so a slice
+// pitch (3D images and arrays; a 1D array's slice is one row).
+inline bool image_has_height(cl_mem_object_type t) {
+  return t == CL_MEM_OBJECT_IMAGE2D || t == CL_MEM_OBJECT_IMAGE3D || t == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+}
+inline bool image_is_array(cl_mem_object_type t) {
+  return t == CL_MEM_OBJECT_IMAGE1D_ARRAY || t == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+}
+inline bool image_has_slices(cl_mem_object_type t) { return t == CL_MEM_OBJECT_IMAGE3D || image_is_array(t); }
+
 // Images (image.cpp).
 size_t element_size(const cl_image_format& f);  // 0: not a valid format
 cl_int check_image_region(cl_mem image, const size_t* origin, const size_t* region);

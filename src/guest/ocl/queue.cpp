@@ -1098,8 +1098,7 @@ cl_int host_pitches(cl_mem m, const size_t* region, size_t row_pitch, size_t sli
   const size_t row = region[0] * m->element_size;
   if (row_pitch != 0 && row_pitch < row) return CL_INVALID_VALUE;
   const size_t rp = row_pitch ? row_pitch : row;
-  const bool slices = m->type == CL_MEM_OBJECT_IMAGE3D || m->type == CL_MEM_OBJECT_IMAGE1D_ARRAY ||
-                      m->type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  const bool slices = image_has_slices(m->type);
   if (!slices) {
     slice_pitch = 0;  // unused, as the host implementation treats it
   } else {
@@ -1242,8 +1241,7 @@ void* EnqueueMapImage(cl_command_queue q, cl_mem m, cl_bool blocking, cl_map_fla
   if (!valid(q)) return fail(CL_INVALID_COMMAND_QUEUE);
   if (cl_int e = check_image(q, m); e != CL_SUCCESS) return fail(e);
   if (cl_int e = check_image_region(m, origin, region); e != CL_SUCCESS) return fail(e);
-  const bool slices = m->type == CL_MEM_OBJECT_IMAGE3D || m->type == CL_MEM_OBJECT_IMAGE1D_ARRAY ||
-                      m->type == CL_MEM_OBJECT_IMAGE2D_ARRAY;
+  const bool slices = image_has_slices(m->type);
   if (row_pitch == nullptr || (slices && slice_pitch == nullptr)) return fail(CL_INVALID_VALUE);
   if ((flags & CL_MAP_READ) && !readable_by_host(m)) return fail(CL_INVALID_OPERATION);
   if ((flags & (CL_MAP_WRITE | CL_MAP_WRITE_INVALIDATE_REGION)) && !writable_by_host(m))
