@@ -79,6 +79,18 @@ std::string code(cl_int e) {
 // Prints "label=CODE".
 void rc(const char* label, cl_int e) { line("%s=%s", label, code(e).c_str()); }
 
+// CL_MEM_MAP_COUNT once every map has been unmapped and the queue finished. PoCL 3.1 may update
+// the count a moment after clFinish returns (about 1 run in 30), so it gets a second to settle.
+cl_uint settled_map_count(cl_mem m) {
+  cl_uint mc = 99;
+  for (int i = 0; i < 1000; ++i) {
+    clGetMemObjectInfo(m, CL_MEM_MAP_COUNT, sizeof mc, &mc, nullptr);
+    if (mc == 0) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return mc;
+}
+
 // Records a wrong computed result (or a broken invariant the test relies on).
 void check(bool ok, const char* what) {
   if (ok) return;
