@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -16,6 +17,8 @@
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
+
+#include "host/control/protocol.h"
 
 namespace gpup::gpupd {
 
@@ -81,8 +84,8 @@ struct Mount {
   std::string point;  // where
 };
 
-// The first cgroup2 mount, and the first v1 mount carrying the memory controller.
-void find_mounts(const std::string& mountinfo, Mount* v2, Mount* v1_memory) {
+// The first cgroup2 mount, and the first v1 mount carrying the controller (possibly with others).
+void find_mounts(const std::string& mountinfo, std::string_view controller, Mount* v2, Mount* v1) {
   std::istringstream in(mountinfo);
   std::string line;
   while (std::getline(in, line)) {
@@ -96,11 +99,34 @@ void find_mounts(const std::string& mountinfo, Mount* v2, Mount* v1_memory) {
     if (!(post >> fstype >> source >> superopts)) continue;
     if (fstype == "cgroup2" && v2->point.empty()) {
       *v2 = Mount{unescape(root), unescape(point)};
-    } else if (fstype == "cgroup" && v1_memory->point.empty()) {
+    } else if (fstype == "cgroup" && v1->point.empty()) {
       for (const auto& opt : split(superopts, ','))
-        if (opt == "memory") *v1_memory = Mount{unescape(root), unescape(point)};
+        if (opt == controller) *v1 = Mount{unescape(root), unescape(point)};
     }
   }
+}
+
+// gpupd's cgroup paths from /proc/self/cgroup: in the v2 hierarchy ("0::<path>") and in the v1
+// hierarchy carrying the controller ("<id>:cpu,cpuacct:<path>").
+struct SelfPaths {
+  std::optional<std::string> v2;
+  std::optional<std::string> v1;
+};
+SelfPaths self_paths(const std::string& self_cgroup, std::string_view controller) {
+  SelfPaths out;
+  std::istringstream in(self_cgroup);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto c1 = line.find(':');
+    auto c2 = c1 == std::string::npos ? std::string::npos : line.find(':', c1 + 1);
+    if (c2 == std::string::npos) continue;
+    std::string controllers = line.substr(c1 + 1, c2 - c1 - 1);
+    std::string path = line.substr(c2 + 1);
+    if (line.compare(0, c1, "0") == 0 && controllers.empty()) out.v2 = path;
+    for (const auto& c : split(controllers, ','))
+      if (c == controller) out.v1 = path;
+  }
+  return out;
 }
 
 // The directory of a cgroup path (as /proc/self/cgroup names it) under a mount of its hierarchy;
@@ -141,14 +167,88 @@ std::optional<uint64_t> read_u64(const std::string& path) {
   return v;
 }
 
-// "key value" lines (memory.events, memory.oom_control).
-uint64_t keyed_value(const std::string& path, const std::string& key) {
+// cgroup v1's signed values (cpu.cfs_quota_us is -1 when unlimited).
+std::optional<int64_t> read_i64(const std::string& path) {
+  std::string t = read_text(path);
+  while (!t.empty() && (t.back() == '\n' || t.back() == ' ')) t.pop_back();
+  int64_t v = 0;
+  auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), v);
+  if (ec != std::errc() || p != t.data() + t.size() || t.empty()) return std::nullopt;
+  return v;
+}
+
+// "key value" lines (memory.events, memory.oom_control, cpu.stat); nullopt when the key is absent.
+std::optional<uint64_t> keyed(const std::string& path, const std::string& key) {
   std::istringstream in(read_text(path));
   std::string k;
   uint64_t v;
   while (in >> k >> v)
     if (k == key) return v;
-  return 0;
+  return std::nullopt;
+}
+
+uint64_t keyed_value(const std::string& path, const std::string& key) { return keyed(path, key).value_or(0); }
+
+bool has_subdirs(const std::string& dir) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return false;
+  bool found = false;
+  while (dirent* e = ::readdir(d)) {
+    std::string child = dir + "/" + e->d_name;
+    struct stat st;
+    if (e->d_name[0] != '.' && ::lstat(child.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) found = true;
+  }
+  ::closedir(d);
+  return found;
+}
+
+// Where the controller's cgroups for workers go. v1_probe: a control file every cgroup of the
+// controller's v1 hierarchy has (so a directory with it is gpupd's cgroup as seen from here).
+CgroupSite find_site(const CgroupEnv& env, std::string_view controller, const std::string& v1_probe) {
+  Mount v2, v1;
+  find_mounts(env.mountinfo, controller, &v2, &v1);
+  SelfPaths self = self_paths(env.self_cgroup, controller);
+
+  std::vector<std::string> why;
+  // cgroup v2: the controller has to exist in the hierarchy and reach gpupd's cgroup.
+  if (v2.point.empty() || !self.v2) {
+    why.push_back("no cgroup v2 hierarchy");
+  } else {
+    std::string top = env.prefix + v2.point;
+    std::string own = dir_under(v2, env.prefix, *self.v2);
+    if (!has_word(read_text(top + "/cgroup.controllers"), controller)) {
+      why.push_back(fmt::format("cgroup v2 at {} has no {} controller", top, controller));
+    } else if (own.empty() || !has_word(read_text(own + "/cgroup.controllers"), controller)) {
+      why.push_back(fmt::format("cgroup v2: {} controller not available in gpupd's cgroup {}", controller, own));
+    } else if (::access(own.c_str(), W_OK) != 0) {
+      why.push_back(fmt::format("cgroup v2: gpupd's cgroup {} is not writable", own));
+    } else {
+      // Children get the controller only when the parent delegates it. A non-root cgroup with
+      // processes in it (gpupd's, usually) cannot start delegating: then v2 is not usable here.
+      std::string subtree = own + "/cgroup.subtree_control";
+      bool delegated = has_word(read_text(subtree), controller);
+      if (!delegated) delegated = write_file(subtree, fmt::format("+{}", controller)).ok();
+      if (delegated) return CgroupSite{CgroupVersion::kV2, own, ""};
+      why.push_back(fmt::format("cgroup v2: cannot enable the {} controller in {}", controller, subtree));
+    }
+  }
+  // cgroup v1: the controller's hierarchy, mounted, writable at gpupd's cgroup.
+  if (v1.point.empty() || !self.v1) {
+    why.push_back(fmt::format("no cgroup v1 {} hierarchy", controller));
+  } else {
+    std::string own = dir_under(v1, env.prefix, *self.v1);
+    if (own.empty() || !exists(own + "/" + v1_probe)) {
+      why.push_back(
+          fmt::format("cgroup v1: gpupd's {} cgroup {} is not visible under {}", controller, *self.v1, v1.point));
+    } else if (::access(own.c_str(), W_OK) != 0) {
+      why.push_back(fmt::format("cgroup v1: gpupd's {} cgroup {} is not writable", controller, own));
+    } else {
+      return CgroupSite{CgroupVersion::kV1, own, ""};
+    }
+  }
+  std::string reason;
+  for (const auto& w : why) reason += (reason.empty() ? "" : "; ") + w;
+  return CgroupSite{CgroupVersion::kNone, "", reason};
 }
 
 }  // namespace
@@ -166,92 +266,27 @@ CgroupEnv CgroupEnv::from_proc() {
   return CgroupEnv{read_text("/proc/self/mountinfo"), read_text("/proc/self/cgroup"), ""};
 }
 
-MemoryCgroupSite find_memory_cgroup(const CgroupEnv& env) {
-  Mount v2, v1;
-  find_mounts(env.mountinfo, &v2, &v1);
-  std::string v2_path, v1_path;
-  bool v2_listed = false, v1_listed = false;
-  std::istringstream in(env.self_cgroup);
-  std::string line;
-  while (std::getline(in, line)) {
-    auto c1 = line.find(':');
-    auto c2 = c1 == std::string::npos ? std::string::npos : line.find(':', c1 + 1);
-    if (c2 == std::string::npos) continue;
-    std::string controllers = line.substr(c1 + 1, c2 - c1 - 1);
-    std::string path = line.substr(c2 + 1);
-    if (line.compare(0, c1, "0") == 0 && controllers.empty()) {
-      v2_path = path;
-      v2_listed = true;
-    }
-    for (const auto& c : split(controllers, ','))
-      if (c == "memory") {
-        v1_path = path;
-        v1_listed = true;
-      }
-  }
+MemoryCgroupSite find_memory_cgroup(const CgroupEnv& env) { return find_site(env, "memory", "memory.limit_in_bytes"); }
 
-  std::vector<std::string> why;
-  // cgroup v2: the controller has to exist in the hierarchy and reach gpupd's cgroup.
-  if (v2.point.empty() || !v2_listed) {
-    why.push_back("no cgroup v2 hierarchy");
-  } else {
-    std::string top = env.prefix + v2.point;
-    std::string own = dir_under(v2, env.prefix, v2_path);
-    if (!has_word(read_text(top + "/cgroup.controllers"), "memory")) {
-      why.push_back(fmt::format("cgroup v2 at {} has no memory controller", top));
-    } else if (own.empty() || !has_word(read_text(own + "/cgroup.controllers"), "memory")) {
-      why.push_back(fmt::format("cgroup v2: memory controller not available in gpupd's cgroup {}", own));
-    } else if (::access(own.c_str(), W_OK) != 0) {
-      why.push_back(fmt::format("cgroup v2: gpupd's cgroup {} is not writable", own));
-    } else {
-      // Children get the controller only when the parent delegates it. A non-root cgroup with
-      // processes in it (gpupd's, usually) cannot start delegating: then v2 is not usable here.
-      std::string subtree = own + "/cgroup.subtree_control";
-      bool delegated = has_word(read_text(subtree), "memory");
-      if (!delegated) delegated = write_file(subtree, "+memory").ok();
-      if (delegated) return MemoryCgroupSite{CgroupVersion::kV2, own, ""};
-      why.push_back(fmt::format("cgroup v2: cannot enable the memory controller in {}", subtree));
-    }
-  }
-  // cgroup v1: the memory hierarchy, mounted, writable at gpupd's cgroup.
-  if (v1.point.empty() || !v1_listed) {
-    why.push_back("no cgroup v1 memory hierarchy");
-  } else {
-    std::string own = dir_under(v1, env.prefix, v1_path);
-    if (own.empty() || !exists(own + "/memory.limit_in_bytes")) {
-      why.push_back(fmt::format("cgroup v1: gpupd's memory cgroup {} is not visible under {}", v1_path, v1.point));
-    } else if (::access(own.c_str(), W_OK) != 0) {
-      why.push_back(fmt::format("cgroup v1: gpupd's memory cgroup {} is not writable", own));
-    } else {
-      return MemoryCgroupSite{CgroupVersion::kV1, own, ""};
-    }
-  }
-  std::string reason;
-  for (const auto& w : why) reason += (reason.empty() ? "" : "; ") + w;
-  return MemoryCgroupSite{CgroupVersion::kNone, "", reason};
-}
+CpuCgroupSite find_cpu_cgroup(const CgroupEnv& env) { return find_site(env, "cpu", "cpu.shares"); }
 
-std::shared_ptr<MemoryCgroups> MemoryCgroups::create(const CgroupEnv& env, const std::string& instance) {
-  auto site = find_memory_cgroup(env);
-  std::shared_ptr<MemoryCgroups> m(new MemoryCgroups(std::move(site), instance, !env.prefix.empty()));
-  if (m->version() != CgroupVersion::kNone) m->remove_stale_instances();
-  return m;
-}
+// ---------------------------------------------------------------------------------------------
+// VmCgroups: <own>/<instance>/<vm> of one controller.
 
-MemoryCgroups::MemoryCgroups(MemoryCgroupSite site, std::string instance, bool fake)
-    : site_(std::move(site)), instance_(std::move(instance)), fake_(fake) {
+VmCgroups::VmCgroups(const char* controller, CgroupSite site, std::string instance, bool fake)
+    : controller_(controller), site_(std::move(site)), instance_(std::move(instance)), fake_(fake) {
   if (site_.version != CgroupVersion::kNone) base_ = site_.own + "/" + instance_;
 }
 
-MemoryCgroups::~MemoryCgroups() {
+VmCgroups::~VmCgroups() {
   if (base_ready_) (void)remove(base_);
 }
 
-std::string MemoryCgroups::vm_dir(const std::string& vm) const { return base_.empty() ? "" : base_ + "/" + vm; }
+std::string VmCgroups::vm_dir(const std::string& vm) const { return base_.empty() ? "" : base_ + "/" + vm; }
 
 // Instances are "gpupd.<pid>"; those of a gpupd that is gone are removed with their VMs' cgroups
 // (empty ones only: rmdir refuses a cgroup with a process in it).
-void MemoryCgroups::remove_stale_instances() {
+void VmCgroups::remove_stale_instances() {
   DIR* d = ::opendir(site_.own.c_str());
   if (!d) return;
   std::vector<std::string> stale;
@@ -276,32 +311,77 @@ void MemoryCgroups::remove_stale_instances() {
       ::closedir(s);
       for (const auto& c : children) (void)remove(c);
     }
-    if (remove(dir).ok()) spdlog::info("removed the memory cgroup {} of a gpupd that is gone", dir);
+    if (remove(dir).ok()) spdlog::info("removed the {} cgroup {} of a gpupd that is gone", controller_, dir);
   }
 }
 
-Status MemoryCgroups::ensure_base() {
-  if (base_.empty()) return make_error(GPUP_STATUS_NOT_SUPPORTED, "no memory cgroup: " + site_.reason);
+Status VmCgroups::ensure_base() {
+  if (base_.empty())
+    return make_error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("no {} cgroup: {}", controller_, site_.reason));
   if (base_ready_) return {};
   if (::mkdir(base_.c_str(), 0755) != 0 && errno != EEXIST)
     return make_error(GPUP_STATUS_INTERNAL, fmt::format("cannot create {}: {}", base_, std::strerror(errno)));
   if (site_.version == CgroupVersion::kV2) {
     // The instance cgroup holds no process, so it may pass the controller on to the VMs.
     std::string subtree = base_ + "/cgroup.subtree_control";
-    if (!has_word(read_text(subtree), "memory")) {
-      if (Status s = write_file(subtree, "+memory", fake_); !s.ok()) return s;
+    if (!has_word(read_text(subtree), controller_)) {
+      if (Status s = write_file(subtree, fmt::format("+{}", controller_), fake_); !s.ok()) return s;
     }
   }
   base_ready_ = true;
   return {};
 }
 
-Result<std::string> MemoryCgroups::prepare(const std::string& vm, uint64_t limit) {
+Result<std::string> VmCgroups::make_vm_dir(const std::string& vm) {
   if (Status s = ensure_base(); !s.ok()) return s.error();
   std::string dir = vm_dir(vm);
   if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST)
     return make_error(GPUP_STATUS_INTERNAL, fmt::format("cannot create {}: {}", dir, std::strerror(errno)));
-  if (Status s = set_limit(dir, limit); !s.ok()) return s.error();
+  return dir;
+}
+
+Status VmCgroups::add_process(const std::string& dir, pid_t pid) {
+  return write_file(dir + "/cgroup.procs", std::to_string(pid), fake_);
+}
+
+Status VmCgroups::remove(const std::string& dir) {
+  // A fake tree's control files are ordinary files; cgroupfs would not need this. Kept while
+  // the cgroup has children (rmdir fails then, as on cgroupfs, and the cgroup stays whole).
+  if (fake_ && !has_subdirs(dir)) {
+    if (DIR* d = ::opendir(dir.c_str())) {
+      std::vector<std::string> files;
+      while (dirent* e = ::readdir(d)) {
+        std::string f = dir + "/" + e->d_name;
+        struct stat st;
+        if (::lstat(f.c_str(), &st) == 0 && S_ISREG(st.st_mode)) files.push_back(f);
+      }
+      ::closedir(d);
+      for (const auto& f : files) ::unlink(f.c_str());
+    }
+  }
+  if (::rmdir(dir.c_str()) != 0 && errno != ENOENT)
+    return make_error(GPUP_STATUS_BUSY, fmt::format("cannot remove {}: {}", dir, std::strerror(errno)));
+  if (dir == base_) base_ready_ = false;
+  return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// MemoryCgroups
+
+std::shared_ptr<MemoryCgroups> MemoryCgroups::create(const CgroupEnv& env, const std::string& instance) {
+  auto site = find_memory_cgroup(env);
+  std::shared_ptr<MemoryCgroups> m(new MemoryCgroups(std::move(site), instance, !env.prefix.empty()));
+  if (m->version() != CgroupVersion::kNone) m->remove_stale_instances();
+  return m;
+}
+
+MemoryCgroups::MemoryCgroups(CgroupSite site, std::string instance, bool fake)
+    : VmCgroups("memory", std::move(site), std::move(instance), fake) {}
+
+Result<std::string> MemoryCgroups::prepare(const std::string& vm, uint64_t limit) {
+  auto dir = make_vm_dir(vm);
+  if (!dir.ok()) return dir;
+  if (Status s = set_limit(*dir, limit); !s.ok()) return s.error();
   return dir;
 }
 
@@ -336,33 +416,107 @@ Result<uint64_t> MemoryCgroups::limit(const std::string& dir) const {
   return *v;
 }
 
-Status MemoryCgroups::add_process(const std::string& dir, pid_t pid) {
-  return write_file(dir + "/cgroup.procs", std::to_string(pid), fake_);
-}
-
 uint64_t MemoryCgroups::oom_kills(const std::string& dir) const {
   if (site_.version == CgroupVersion::kV2) return keyed_value(dir + "/memory.events", "oom_kill");
   return keyed_value(dir + "/memory.oom_control", "oom_kill");
 }
 
-Status MemoryCgroups::remove(const std::string& dir) {
-  if (fake_) {
-    // A fake tree's control files are ordinary files; cgroupfs would not need this.
-    if (DIR* d = ::opendir(dir.c_str())) {
-      std::vector<std::string> files;
-      while (dirent* e = ::readdir(d)) {
-        std::string f = dir + "/" + e->d_name;
-        struct stat st;
-        if (::lstat(f.c_str(), &st) == 0 && S_ISREG(st.st_mode)) files.push_back(f);
-      }
-      ::closedir(d);
-      for (const auto& f : files) ::unlink(f.c_str());
+// ---------------------------------------------------------------------------------------------
+// CpuCgroups
+
+namespace {
+
+constexpr uint64_t kCfsPeriodUs = 100000;
+
+// The tightest cap (µs per kCfsPeriodUs) of gpupd's own v1 cpu cgroup and its ancestors, up to
+// the top of the hierarchy; nullopt when none is capped. v1 refuses (EINVAL) a quota above an
+// ancestor's, and such a cap could not take effect anyway.
+std::optional<uint64_t> v1_ancestor_quota(std::string dir) {
+  std::optional<uint64_t> tightest;
+  while (!dir.empty() && exists(dir + "/cpu.cfs_quota_us")) {
+    auto quota = read_i64(dir + "/cpu.cfs_quota_us");
+    auto period = read_i64(dir + "/cpu.cfs_period_us");
+    if (quota && *quota > 0 && period && *period > 0) {
+      uint64_t q = static_cast<uint64_t>(*quota) * kCfsPeriodUs / static_cast<uint64_t>(*period);
+      if (!tightest || q < *tightest) tightest = q;
+    }
+    auto slash = dir.rfind('/');
+    if (slash == std::string::npos || slash == 0) break;
+    dir.resize(slash);
+  }
+  return tightest;
+}
+
+}  // namespace
+
+std::shared_ptr<CpuCgroups> CpuCgroups::create(const CgroupEnv& env, const std::string& instance, unsigned cpus) {
+  if (cpus == 0) {
+    long online = ::sysconf(_SC_NPROCESSORS_ONLN);
+    cpus = online > 0 ? static_cast<unsigned>(online) : 1;
+  }
+  auto site = find_cpu_cgroup(env);
+  std::shared_ptr<CpuCgroups> c(new CpuCgroups(std::move(site), instance, !env.prefix.empty(), cpus));
+  if (c->version() != CgroupVersion::kNone) c->remove_stale_instances();
+  return c;
+}
+
+CpuCgroups::CpuCgroups(CgroupSite site, std::string instance, bool fake, unsigned cpus)
+    : VmCgroups("cpu", std::move(site), std::move(instance), fake), cpus_(cpus) {}
+
+Result<std::string> CpuCgroups::prepare(const std::string& vm, uint32_t weight, uint32_t max_percent) {
+  auto dir = make_vm_dir(vm);
+  if (!dir.ok()) return dir;
+  if (Status s = set(*dir, weight, max_percent); !s.ok()) return s.error();
+  return dir;
+}
+
+Status CpuCgroups::set(const std::string& dir, uint32_t weight, uint32_t max_percent) {
+  if (site_.version == CgroupVersion::kNone)
+    return make_error(GPUP_STATUS_NOT_SUPPORTED, "no cpu cgroup: " + site_.reason);
+  // VmSpec has checked both already; a clamped value still says what was meant.
+  weight = std::clamp(weight, control::kMinComputeWeight, control::kMaxComputeWeight);
+  max_percent = std::clamp(max_percent, control::kMinComputePercent, control::kMaxComputePercent);
+  const bool capped = max_percent < control::kMaxComputePercent;
+  // Percent of all the CPUs: 50% of 4 CPUs is 2 CPUs' worth, 200000 µs every 100000 µs.
+  uint64_t quota = uint64_t{max_percent} * cpus_ * kCfsPeriodUs / 100;
+  if (site_.version == CgroupVersion::kV2) {
+    if (Status s = write_file(dir + "/cpu.weight", std::to_string(weight), fake_); !s.ok()) return s;
+    // v2 holds a child to its ancestors' cpu.max itself.
+    std::string max = capped ? fmt::format("{} {}", quota, kCfsPeriodUs) : fmt::format("max {}", kCfsPeriodUs);
+    return write_file(dir + "/cpu.max", max, fake_);
+  }
+  // v1's default of 1024 shares is our default weight of 100; 2 is its least.
+  uint64_t shares = std::max<uint64_t>(2, uint64_t{weight} * 1024 / 100);
+  if (Status s = write_file(dir + "/cpu.shares", std::to_string(shares), fake_); !s.ok()) return s;
+  if (Status s = write_file(dir + "/cpu.cfs_period_us", std::to_string(kCfsPeriodUs), fake_); !s.ok()) return s;
+  if (capped) {
+    if (auto ceiling = v1_ancestor_quota(site_.own); ceiling && quota > *ceiling) {
+      spdlog::info("{}: a cap of {}% of {} CPUs ({} µs per {} µs) is above what gpupd's cpu cgroup {} (or one "
+                   "above it) allows; capping at {} µs",
+                   dir, max_percent, cpus_, quota, kCfsPeriodUs, site_.own, *ceiling);
+      quota = *ceiling;
     }
   }
-  if (::rmdir(dir.c_str()) != 0 && errno != ENOENT)
-    return make_error(GPUP_STATUS_BUSY, fmt::format("cannot remove {}: {}", dir, std::strerror(errno)));
-  if (dir == base_) base_ready_ = false;
-  return {};
+  return write_file(dir + "/cpu.cfs_quota_us", capped ? std::to_string(quota) : "-1", fake_);
+}
+
+Result<uint64_t> CpuCgroups::usage_ns(const std::string& dir) const {
+  if (site_.version == CgroupVersion::kNone)
+    return make_error(GPUP_STATUS_NOT_SUPPORTED, "no cpu cgroup: " + site_.reason);
+  if (site_.version == CgroupVersion::kV2) {
+    auto usec = keyed(dir + "/cpu.stat", "usage_usec");
+    if (!usec) return make_error(GPUP_STATUS_INTERNAL, fmt::format("cannot read usage_usec from {}/cpu.stat", dir));
+    return *usec * 1000;
+  }
+  const std::string file = dir + "/cpuacct.usage";
+  if (!exists(file))
+    return make_error(GPUP_STATUS_NOT_SUPPORTED,
+                      fmt::format("no CPU usage for {}: the cgroup v1 cpu hierarchy is not co-mounted with cpuacct, "
+                                  "and its cpu.stat counts only throttling",
+                                  dir));
+  auto ns = read_u64(file);
+  if (!ns) return make_error(GPUP_STATUS_INTERNAL, "cannot read " + file);
+  return *ns;
 }
 
 }  // namespace gpup::gpupd

@@ -1,6 +1,7 @@
-// Memory cgroups for workers (cgroup.h): detection and limits against fake v1, v2 and hybrid trees
-// built in a temp directory, the worker supervisor moving a process into its cgroup, and the same
-// code against this machine's real cgroup fs (skipped, saying why, when it is not writable).
+// Memory and cpu cgroups for workers (cgroup.h): detection, limits, weights and caps against fake
+// v1, v2 and hybrid trees built in a temp directory, the worker supervisor moving a process into
+// its memory cgroup, and the same code against this machine's real cgroup fs (skipped, saying why,
+// when it is not writable).
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -12,6 +13,7 @@
 #include <functional>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include <gtest/gtest.h>
 
@@ -212,6 +214,284 @@ TEST(GpupdCgroup, InstancesOfDeadGpupdsAreRemoved) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CPU cgroups: the partition's compute weight and cap.
+
+// This machine's layout: cpu and cpuacct in hierarchies of their own, a cgroup2 mount without
+// controllers.
+const char* kSeparateCpuMounts =
+    "30 22 0:27 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+    "31 30 0:28 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n"
+    "32 30 0:29 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct\n"
+    "33 30 0:30 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset\n"
+    "34 30 0:31 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+    "40 30 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+const char* kSeparateCpuSelf = "4:memory:/svc/host1\n3:cpuset:/\n2:cpuacct:/svc\n1:cpu:/svc\n0::/\n";
+
+TEST(GpupdCpuCgroup, V1SeparateHierarchyMapsWeightAndCap) {
+  FakeTree t;
+  const std::string own = "/sys/fs/cgroup/cpu/svc";
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "");
+  t.file("/sys/fs/cgroup/unified/cgroup.subtree_control", "");
+  t.file(own + "/cpu.shares", "1024\n");
+  t.file("/sys/fs/cgroup/cpuacct/svc/cpuacct.usage", "123\n");
+  auto c = CpuCgroups::create(t.env(kSeparateCpuMounts, kSeparateCpuSelf), "gpupd.42", 2);
+  ASSERT_EQ(c->version(), CgroupVersion::kV1) << c->unavailable_reason();
+  EXPECT_EQ(c->own(), t.path(own));
+  EXPECT_EQ(c->cpus(), 2u);
+  EXPECT_EQ(slurp(t.path("/sys/fs/cgroup/unified/cgroup.subtree_control")), "");
+
+  // The defaults: v1's default shares, no cap.
+  auto dir = c->prepare("alpha", 100, 100);
+  ASSERT_TRUE(dir.ok()) << dir.error().message;
+  EXPECT_EQ(*dir, t.path(own + "/gpupd.42/alpha"));
+  EXPECT_EQ(*dir, c->vm_dir("alpha"));
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "1024");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_period_us"), "100000");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "-1");
+
+  // Half of 2 CPUs is one CPU's worth.
+  ASSERT_TRUE(c->set(*dir, 250, 50).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "2560");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "100000");
+  ASSERT_TRUE(c->set(*dir, 1, 1).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "10");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "2000");
+  ASSERT_TRUE(c->set(*dir, 10000, 99).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "102400");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "198000");
+  // Out of range: clamped to the range, not refused.
+  ASSERT_TRUE(c->set(*dir, 0, 0).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "10");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "2000");
+  ASSERT_TRUE(c->set(*dir, 20000, 250).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "102400");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "-1");
+
+  // Prepared again (a restarted worker): the same cgroup, the new values.
+  auto again = c->prepare("alpha", 200, 25);
+  ASSERT_TRUE(again.ok()) << again.error().message;
+  EXPECT_EQ(*again, *dir);
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "2048");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "50000");
+
+  ASSERT_TRUE(c->add_process(*dir, 4321).ok());
+  EXPECT_EQ(slurp(*dir + "/cgroup.procs"), "4321");
+  // cpuacct in a hierarchy of its own is not under this cgroup: no usage from here.
+  auto usage = c->usage_ns(*dir);
+  ASSERT_FALSE(usage.ok());
+  EXPECT_EQ(usage.status(), GPUP_STATUS_NOT_SUPPORTED);
+  EXPECT_NE(usage.error().message.find("cpuacct"), std::string::npos) << usage.error().message;
+
+  // The instance stays while a VM's cgroup is in it, whole.
+  auto other = c->prepare("beta", 100, 100);
+  ASSERT_TRUE(other.ok());
+  ASSERT_TRUE(c->remove(*dir).ok());
+  EXPECT_FALSE(is_dir(*dir));
+  EXPECT_FALSE(c->remove(t.path(own + "/gpupd.42")).ok());
+  EXPECT_TRUE(is_dir(*other));
+  ASSERT_TRUE(c->remove(*other).ok());
+  ASSERT_TRUE(c->remove(*other).ok());  // already gone
+  c.reset();
+  EXPECT_FALSE(is_dir(t.path(own + "/gpupd.42")));
+  EXPECT_TRUE(is_dir(t.path(own)));
+}
+
+TEST(GpupdCpuCgroup, V1CoMountedWithCpuacctGivesUsage) {
+  FakeTree t;
+  // cpuset comes first and has "cpu" in its name only: not the hierarchy.
+  const char* mounts =
+      "33 30 0:30 / /sys/fs/cgroup/cpuset rw,relatime - cgroup cgroup rw,cpuset\n"
+      "31 30 0:28 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n";
+  const std::string own = "/sys/fs/cgroup/cpu,cpuacct/system.slice/gpupd.service";
+  t.file("/sys/fs/cgroup/cpuset/cpu.shares", "1024\n");
+  t.file(own + "/cpu.shares", "1024\n");
+  auto c = CpuCgroups::create(t.env(mounts, "3:cpuset:/\n2:cpu,cpuacct:/system.slice/gpupd.service\n"), "gpupd.9", 4);
+  ASSERT_EQ(c->version(), CgroupVersion::kV1) << c->unavailable_reason();
+  EXPECT_EQ(c->own(), t.path(own));
+  auto dir = c->prepare("a", 50, 75);
+  ASSERT_TRUE(dir.ok()) << dir.error().message;
+  EXPECT_EQ(slurp(*dir + "/cpu.shares"), "512");
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "300000");  // 75% of 4 CPUs
+  std::ofstream(*dir + "/cpuacct.usage") << "987654321\n";
+  auto usage = c->usage_ns(*dir);
+  ASSERT_TRUE(usage.ok()) << usage.error().message;
+  EXPECT_EQ(*usage, 987654321u);
+}
+
+TEST(GpupdCpuCgroup, V1CapStaysWithinWhatGpupdsCgroupAllows) {
+  FakeTree t;
+  const std::string top = "/sys/fs/cgroup/cpu";
+  const std::string own = top + "/svc";
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "");
+  t.file(top + "/cpu.shares", "1024\n");
+  t.file(top + "/cpu.cfs_quota_us", "-1\n");
+  t.file(top + "/cpu.cfs_period_us", "100000\n");
+  // gpupd itself may use 1.5 CPUs, measured over 200 ms.
+  t.file(own + "/cpu.shares", "1024\n");
+  t.file(own + "/cpu.cfs_quota_us", "300000\n");
+  t.file(own + "/cpu.cfs_period_us", "200000\n");
+  auto c = CpuCgroups::create(t.env(kSeparateCpuMounts, kSeparateCpuSelf), "gpupd.3", 4);
+  ASSERT_EQ(c->version(), CgroupVersion::kV1) << c->unavailable_reason();
+  auto dir = c->prepare("a", 100, 25);  // one CPU: within
+  ASSERT_TRUE(dir.ok()) << dir.error().message;
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "100000");
+  ASSERT_TRUE(c->set(*dir, 100, 80).ok());  // 3.2 CPUs: v1 would refuse it
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "150000");
+  ASSERT_TRUE(c->set(*dir, 100, 100).ok());  // unlimited is inherited, never refused
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "-1");
+  // The tightest ancestor counts, above gpupd's own cgroup too.
+  std::ofstream(t.path(top + "/cpu.cfs_quota_us")) << "120000\n";
+  ASSERT_TRUE(c->set(*dir, 100, 50).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), "120000");
+}
+
+TEST(GpupdCpuCgroup, PureV2DelegatesTheControllerAndMapsWeightAndCap) {
+  FakeTree t;
+  const char* mounts = "30 22 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+  const std::string own = "/sys/fs/cgroup/system.slice/gpupd.service";
+  t.file("/sys/fs/cgroup/cgroup.controllers", "cpuset cpu io memory pids\n");
+  t.file(own + "/cgroup.controllers", "cpu memory pids\n");
+  t.file(own + "/cgroup.subtree_control", "");
+  auto c = CpuCgroups::create(t.env(mounts, "0::/system.slice/gpupd.service\n"), "gpupd.42", 4);
+  ASSERT_EQ(c->version(), CgroupVersion::kV2) << c->unavailable_reason();
+  EXPECT_EQ(c->own(), t.path(own));
+  EXPECT_EQ(slurp(t.path(own + "/cgroup.subtree_control")), "+cpu");
+
+  auto dir = c->prepare("alpha", 300, 25);
+  ASSERT_TRUE(dir.ok()) << dir.error().message;
+  EXPECT_EQ(*dir, t.path(own + "/gpupd.42/alpha"));
+  EXPECT_EQ(slurp(t.path(own + "/gpupd.42/cgroup.subtree_control")), "+cpu");
+  EXPECT_EQ(slurp(*dir + "/cpu.weight"), "300");
+  EXPECT_EQ(slurp(*dir + "/cpu.max"), "100000 100000");  // 25% of 4 CPUs
+  ASSERT_TRUE(c->set(*dir, 100, 100).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.weight"), "100");
+  EXPECT_EQ(slurp(*dir + "/cpu.max"), "max 100000");
+  ASSERT_TRUE(c->set(*dir, 0, 1).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.weight"), "1");
+  EXPECT_EQ(slurp(*dir + "/cpu.max"), "4000 100000");
+  ASSERT_TRUE(c->set(*dir, 10001, 100).ok());
+  EXPECT_EQ(slurp(*dir + "/cpu.weight"), "10000");
+
+  EXPECT_FALSE(c->usage_ns(*dir).ok());  // no cpu.stat
+  std::ofstream(*dir + "/cpu.stat") << "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\n";
+  auto usage = c->usage_ns(*dir);
+  ASSERT_TRUE(usage.ok()) << usage.error().message;
+  EXPECT_EQ(*usage, 1500000u);
+  ASSERT_TRUE(c->add_process(*dir, 77).ok());
+  EXPECT_EQ(slurp(*dir + "/cgroup.procs"), "77");
+  ASSERT_TRUE(c->remove(*dir).ok());
+  c.reset();
+  EXPECT_FALSE(is_dir(t.path(own + "/gpupd.42")));
+}
+
+TEST(GpupdCpuCgroup, V2MemoryAndCpuShareTheVmsCgroup) {
+  FakeTree t;
+  const char* mounts = "30 22 0:27 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+  const std::string own = "/sys/fs/cgroup/gpupd";
+  t.file("/sys/fs/cgroup/cgroup.controllers", "cpu memory\n");
+  t.file(own + "/cgroup.controllers", "cpu memory\n");
+  t.file(own + "/cgroup.subtree_control", "cpu memory\n");
+  auto env = t.env(mounts, "0::/gpupd\n");
+  auto m = MemoryCgroups::create(env, "gpupd.8");
+  auto c = CpuCgroups::create(env, "gpupd.8", 2);
+  ASSERT_EQ(m->version(), CgroupVersion::kV2) << m->unavailable_reason();
+  ASSERT_EQ(c->version(), CgroupVersion::kV2) << c->unavailable_reason();
+  auto mdir = m->prepare("vm", 64 * MiB);
+  auto cdir = c->prepare("vm", 200, 50);
+  ASSERT_TRUE(mdir.ok() && cdir.ok());
+  EXPECT_EQ(*mdir, *cdir);
+  EXPECT_EQ(slurp(*mdir + "/memory.max"), std::to_string(64 * MiB));
+  EXPECT_EQ(slurp(*cdir + "/cpu.max"), "100000 100000");
+  ASSERT_TRUE(m->add_process(*mdir, 5).ok());
+  ASSERT_TRUE(c->add_process(*cdir, 5).ok());
+  // Whichever goes first removes it; the other finds it gone.
+  ASSERT_TRUE(m->remove(*mdir).ok());
+  ASSERT_TRUE(c->remove(*cdir).ok());
+  EXPECT_FALSE(is_dir(*cdir));
+  m.reset();
+  c.reset();
+  EXPECT_FALSE(is_dir(t.path(own + "/gpupd.8")));
+}
+
+TEST(GpupdCpuCgroup, HybridUsesV2OnlyWhenItHasTheCpuController) {
+  FakeTree t;
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "memory pids\n");
+  t.file("/sys/fs/cgroup/unified/cgroup.subtree_control", "");
+  t.file("/sys/fs/cgroup/cpu/cpu.shares", "1024\n");
+  auto v1 = find_cpu_cgroup(t.env(kHybridMounts, kHybridSelf));
+  EXPECT_EQ(v1.version, CgroupVersion::kV1) << v1.reason;
+  EXPECT_EQ(v1.own, t.path("/sys/fs/cgroup/cpu"));
+  EXPECT_EQ(slurp(t.path("/sys/fs/cgroup/unified/cgroup.subtree_control")), "");  // nothing enabled
+
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "cpu memory pids\n");
+  auto v2 = find_cpu_cgroup(t.env(kHybridMounts, kHybridSelf));
+  EXPECT_EQ(v2.version, CgroupVersion::kV2) << v2.reason;
+  EXPECT_EQ(v2.own, t.path("/sys/fs/cgroup/unified"));
+  EXPECT_EQ(slurp(t.path("/sys/fs/cgroup/unified/cgroup.subtree_control")), "+cpu");
+
+  // v2 whose own cgroup cannot delegate (it holds processes): v1.
+  t.file("/sys/fs/cgroup/unified/svc/cgroup.controllers", "cpu\n");
+  ::mkdir(t.path("/sys/fs/cgroup/unified/svc/cgroup.subtree_control").c_str(), 0755);
+  auto busy = find_cpu_cgroup(t.env(kHybridMounts, "1:cpu:/\n0::/svc\n"));
+  EXPECT_EQ(busy.version, CgroupVersion::kV1) << busy.reason;
+}
+
+TEST(GpupdCpuCgroup, NoUsableHierarchySaysWhy) {
+  FakeTree t;
+  // Nothing mounted at all.
+  auto bare = CpuCgroups::create(t.env("", ""), "gpupd.1", 2);
+  EXPECT_EQ(bare->version(), CgroupVersion::kNone);
+  EXPECT_EQ(bare->unavailable_reason(), "no cgroup v2 hierarchy; no cgroup v1 cpu hierarchy");
+  EXPECT_EQ(bare->vm_dir("x"), "");
+  auto dir = bare->prepare("x", 100, 100);
+  ASSERT_FALSE(dir.ok());
+  EXPECT_EQ(dir.status(), GPUP_STATUS_NOT_SUPPORTED);
+  EXPECT_NE(dir.error().message.find("no cpu cgroup: no cgroup v2"), std::string::npos) << dir.error().message;
+  EXPECT_EQ(bare->set("/nonexistent", 100, 100).status(), GPUP_STATUS_NOT_SUPPORTED);
+  EXPECT_EQ(bare->usage_ns("/nonexistent").status(), GPUP_STATUS_NOT_SUPPORTED);
+
+  // v2 without cpu, and only a memory v1 hierarchy.
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "memory pids\n");
+  const char* mounts =
+      "34 30 0:31 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+      "40 30 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+  auto no_cpu = find_cpu_cgroup(t.env(mounts, "4:memory:/\n0::/\n"));
+  EXPECT_EQ(no_cpu.version, CgroupVersion::kNone);
+  EXPECT_NE(no_cpu.reason.find("has no cpu controller"), std::string::npos) << no_cpu.reason;
+  EXPECT_NE(no_cpu.reason.find("no cgroup v1 cpu hierarchy"), std::string::npos) << no_cpu.reason;
+
+  // v2 has cpu but does not pass it to gpupd's cgroup; the v1 cpu hierarchy does not show it.
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "cpu memory pids\n");
+  t.file("/sys/fs/cgroup/unified/svc/cgroup.controllers", "memory\n");
+  const char* container = "31 30 0:28 /docker/abc /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"
+                          "40 30 0:37 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
+  auto hidden = find_cpu_cgroup(t.env(container, "1:cpu:/docker/other\n0::/svc\n"));
+  EXPECT_EQ(hidden.version, CgroupVersion::kNone);
+  EXPECT_NE(hidden.reason.find("cpu controller not available in gpupd's cgroup"), std::string::npos) << hidden.reason;
+  EXPECT_NE(hidden.reason.find("cpu cgroup /docker/other is not visible under /sys/fs/cgroup/cpu"), std::string::npos)
+      << hidden.reason;
+}
+
+TEST(GpupdCpuCgroup, InstancesOfDeadGpupdsAreRemoved) {
+  FakeTree t;
+  const std::string own = "/sys/fs/cgroup/cpu/svc";
+  t.file("/sys/fs/cgroup/unified/cgroup.controllers", "");
+  t.file(own + "/cpu.shares", "1024\n");
+  t.file(own + "/gpupd.999999999/a/cpu.shares", "1024\n");  // above any pid_max: gone
+  std::string alive = "gpupd." + std::to_string(::getppid());
+  t.file(own + "/" + alive + "/a/cpu.shares", "1024\n");
+  t.file(own + "/unrelated/cpu.shares", "1024\n");
+  // The memory hierarchy's instance of the same dead gpupd is MemoryCgroups' to remove.
+  t.file("/sys/fs/cgroup/memory/svc/host1/gpupd.999999999/a/memory.limit_in_bytes", "1\n");
+  auto c = CpuCgroups::create(t.env(kSeparateCpuMounts, kSeparateCpuSelf), "gpupd." + std::to_string(::getpid()), 1);
+  ASSERT_EQ(c->version(), CgroupVersion::kV1);
+  EXPECT_FALSE(is_dir(t.path(own + "/gpupd.999999999")));
+  EXPECT_TRUE(is_dir(t.path(own + "/" + alive + "/a")));
+  EXPECT_TRUE(is_dir(t.path(own + "/unrelated")));
+  EXPECT_TRUE(is_dir(t.path("/sys/fs/cgroup/memory/svc/host1/gpupd.999999999/a")));
+}
+
+// ---------------------------------------------------------------------------------------------
 // The supervisor puts each worker process in its cgroup, moves the limit, removes it at exit.
 
 class GpupdWorkerCgroup : public ::testing::Test {
@@ -333,6 +613,75 @@ TEST(GpupdCgroupReal, ProcessIsLimitedInANestedCgroupWhichIsRemovedAfterwards) {
   EXPECT_FALSE(is_dir(*dir));
   std::string base = dir->substr(0, dir->rfind('/'));
   m.reset();
+  EXPECT_FALSE(is_dir(base));
+}
+
+TEST(GpupdCpuCgroupReal, ProcessRunsInANestedCpuCgroupWithItsWeightAndCap) {
+  auto c = CpuCgroups::create(CgroupEnv::from_proc(), "gpupd." + std::to_string(::getpid()), 0);
+  if (c->version() == CgroupVersion::kNone) GTEST_SKIP() << "no writable cpu cgroup: " << c->unavailable_reason();
+  ASSERT_GE(c->cpus(), 1u);
+  const bool v2 = c->version() == CgroupVersion::kV2;
+  auto dir = c->prepare("ut", 250, 50);
+  ASSERT_TRUE(dir.ok()) << dir.error().message;
+  EXPECT_EQ(dir->rfind(c->own() + "/", 0), 0u) << *dir;
+  const uint64_t quota = 50ull * c->cpus() * 1000;  // half of the CPUs, per 100 ms
+  if (v2) {
+    EXPECT_EQ(slurp(*dir + "/cpu.weight"), "250");
+    EXPECT_EQ(slurp(*dir + "/cpu.max"), std::to_string(quota) + " 100000");
+  } else {
+    EXPECT_EQ(slurp(*dir + "/cpu.shares"), "2560");
+    EXPECT_EQ(slurp(*dir + "/cpu.cfs_period_us"), "100000");
+    // Lower only when gpupd's own cgroup is capped below it.
+    if (slurp(c->own() + "/cpu.cfs_quota_us") == "-1")
+      EXPECT_EQ(slurp(*dir + "/cpu.cfs_quota_us"), std::to_string(quota));
+    else
+      EXPECT_LE(std::stoll(slurp(*dir + "/cpu.cfs_quota_us")), static_cast<long long>(quota));
+  }
+
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  pid_t child = ::fork();
+  if (child == 0) {
+    // Some CPU time once in the cgroup, then sleep.
+    char b;
+    if (::read(ready[0], &b, 1) != 1) ::_exit(1);
+    auto until = std::chrono::steady_clock::now() + 20ms;
+    while (std::chrono::steady_clock::now() < until) {
+    }
+    ::pause();
+    ::_exit(0);
+  }
+  ASSERT_GT(child, 0);
+  ::close(ready[0]);
+  ASSERT_TRUE(c->add_process(*dir, child).ok());
+  ASSERT_EQ(::write(ready[1], "x", 1), 1);
+  ::close(ready[1]);
+  std::string cg = slurp("/proc/" + std::to_string(child) + "/cgroup");
+  std::string rel = dir->substr(c->own().size());
+  EXPECT_NE(cg.find(rel + "\n"), std::string::npos) << cg;
+  EXPECT_EQ(slurp(*dir + "/cgroup.procs"), std::to_string(child));
+  EXPECT_FALSE(c->remove(*dir).ok());  // busy while the process is in it
+
+  // Changed while the process runs in it.
+  ASSERT_TRUE(c->set(*dir, 100, 100).ok());
+  EXPECT_EQ(slurp(*dir + (v2 ? "/cpu.max" : "/cpu.cfs_quota_us")), v2 ? "max 100000" : "-1");
+  EXPECT_EQ(slurp(*dir + (v2 ? "/cpu.weight" : "/cpu.shares")), v2 ? "100" : "1024");
+
+  std::this_thread::sleep_for(100ms);
+  auto usage = c->usage_ns(*dir);
+  if (usage.ok()) {
+    EXPECT_GT(*usage, 0u);
+  } else {
+    // v1 with cpuacct in a hierarchy of its own (this is how the build machine is set up).
+    EXPECT_FALSE(v2) << usage.error().message;
+    EXPECT_EQ(usage.status(), GPUP_STATUS_NOT_SUPPORTED) << usage.error().message;
+  }
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ASSERT_TRUE(c->remove(*dir).ok());
+  EXPECT_FALSE(is_dir(*dir));
+  std::string base = dir->substr(0, dir->rfind('/'));
+  c.reset();
   EXPECT_FALSE(is_dir(base));
 }
 
