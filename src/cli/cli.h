@@ -79,6 +79,8 @@ int cmd_vm_list(const Context& ctx, bool as_json);
 int cmd_vm_show(const Context& ctx, const std::string& name, bool as_json);
 int cmd_vm_remove(const Context& ctx, const std::string& name);
 int cmd_vm_start(const Context& ctx, const std::string& name, bool as_json);
+// Forgets a partition's TDR/crash resets and starts it again (also one marked removed).
+int cmd_vm_reset(const Context& ctx, const std::string& name, bool as_json);
 struct RunOptions {
   bool sandbox = true;             // --no-sandbox: a plain child process (debugging)
   bool network = false;            // --network: keep the host's network

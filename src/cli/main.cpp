@@ -60,6 +60,9 @@ int main(int argc, char** argv) {
   auto* vm_start = vm->add_subcommand("start", "start a partition's worker again (e.g. after it failed)");
   vm_start->add_option("name", name, "the VM")->required();
   vm_start->add_flag("--json", as_json, "print gpupd's JSON reply");
+  auto* vm_reset = vm->add_subcommand("reset", "bring back a partition removed after repeated TDRs or crashes");
+  vm_reset->add_option("name", name, "the VM")->required();
+  vm_reset->add_flag("--json", as_json, "print gpupd's JSON reply");
 
   auto* run = app.add_subcommand("run", "run a program in a partition: gpup run --vm NAME -- CMD [ARGS...]");
   std::vector<std::string> command;
@@ -92,6 +95,7 @@ int main(int argc, char** argv) {
     if (vm_show->parsed()) return cmd_vm_show(ctx, name, as_json);
     if (vm_remove->parsed()) return cmd_vm_remove(ctx, name);
     if (vm_start->parsed()) return cmd_vm_start(ctx, name, as_json);
+    if (vm_reset->parsed()) return cmd_vm_reset(ctx, name, as_json);
     if (run->parsed()) {
       run_opts.sandbox = !no_sandbox;
       return cmd_run(ctx, name, command, run_opts);

@@ -16,11 +16,13 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <algorithm>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <thread>
 
 #include <fmt/format.h>
 
@@ -88,6 +90,14 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   if (command.empty()) throw CliError("run: no command given (gpup run --vm NAME -- CMD [ARGS...])");
   json vm = call(ctx, json{{"op", "vm.show"}, {"name", vm_name}, {"stats", false}});
   std::string state = str(vm, "state");
+  // A worker being (re)started after a reset or crash is back within its backoff (at most 5 s)
+  // plus its start-up: wait for it rather than fail.
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((state == "restarting" || state == "starting") && std::chrono::steady_clock::now() < give_up) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    vm = call(ctx, json{{"op", "vm.show"}, {"name", vm_name}, {"stats", false}});
+    state = str(vm, "state");
+  }
   if (state != "running") {
     std::string why = str(vm, "last_error");
     throw CliError(fmt::format("vm {} is not running (state {}{})", vm_name, state, why.empty() ? "" : ": " + why));

@@ -1,4 +1,4 @@
-// gpup adapters | vm add | vm set | vm list | vm show | vm remove | vm start
+// gpup adapters | vm add | vm set | vm list | vm show | vm remove | vm start | vm reset
 #include <cctype>
 #include <iostream>
 #include <set>
@@ -136,6 +136,19 @@ int cmd_vm_show(const Context& ctx, const std::string& name, bool as_json) {
   row("optimal vram", format_size(u64(vm, "optimal_vram")));
   row("compute", fmt::format("weight {}, max {}%", u64(vm, "compute_weight"), u64(vm, "max_compute")));
   row("secure", flag(vm, "secure") ? "yes" : "no");
+  if (vm.contains("device") && vm["device"].is_object()) {
+    const json& d = vm["device"];
+    row("device time", fmt::format("{}: {:.1f} s scheduled, {:.1f} s busy, {} grant(s), {} yield(s)", str(d, "state"),
+                                   static_cast<double>(u64(d, "scheduled_ns")) / 1e9,
+                                   static_cast<double>(u64(d, "busy_ns")) / 1e9, u64(d, "grants"), u64(d, "yields")));
+  }
+  if (vm.contains("resets") && vm["resets"].is_object()) {
+    const json& r = vm["resets"];
+    std::string text = fmt::format("{} in the last {} s (removed at {}), {} in all", u64(r, "recent"), u64(r, "window_s"),
+                                   u64(r, "limit"), u64(r, "total"));
+    if (!str(r, "last").empty()) text += "; last: " + str(r, "last");
+    row("resets", text);
+  }
   json procs = json::array();
   if (vm.contains("stats") && vm["stats"].is_object()) {
     const json& s = vm["stats"];
@@ -188,6 +201,13 @@ int cmd_vm_start(const Context& ctx, const std::string& name, bool as_json) {
   json r = call(ctx, json{{"op", "vm.start"}, {"name", name}});
   if (as_json) print_json(r);
   else report_vm(r, "started");
+  return 0;
+}
+
+int cmd_vm_reset(const Context& ctx, const std::string& name, bool as_json) {
+  json r = call(ctx, json{{"op", "vm.reset"}, {"name", name}});
+  if (as_json) print_json(r);
+  else report_vm(r, "reset and started");
   return 0;
 }
 

@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
+#include <iterator>
 #include <map>
 #include <sstream>
 #include <string>
@@ -116,7 +118,9 @@ class Child {
 
 // The host's pid of a guest that printed its own pid: gpup run's sandbox gives the guest a pid
 // namespace, so the number it knows is the last one of its NSpid line.
-pid_t host_pid_of(pid_t guest_pid) {
+// Every sandboxed guest is pid 2 in its own namespace: `command` (a part of the command line,
+// arguments joined by spaces) tells them apart.
+pid_t host_pid_of(pid_t guest_pid, const std::string& command = "guest_e2e") {
   for (const auto& e : fs::directory_iterator("/proc")) {
     std::string name = e.path().filename();
     if (name.find_first_not_of("0123456789") != std::string::npos) continue;
@@ -130,9 +134,9 @@ pid_t host_pid_of(pid_t guest_pid) {
       if (v.size() >= 2 && v.back() == guest_pid && v.back() != v.front()) {
         // a guest of this test's host: its parent is a sandbox init (pid 1 inside)
         std::ifstream cmd(e.path() / "cmdline");
-        std::string argv0;
-        std::getline(cmd, argv0, '\0');
-        if (argv0.find("guest_e2e") != std::string::npos) return v.front();
+        std::string line, arg;
+        while (std::getline(cmd, arg, '\0')) line += (line.empty() ? "" : " ") + arg;
+        if (line.find(command) != std::string::npos) return v.front();
       }
       break;
     }
@@ -167,8 +171,8 @@ class Host {
     return {code, c.output()};
   }
   std::unique_ptr<Child> guest(const std::string& vm, std::vector<std::string> args,
-                               std::map<std::string, std::string> extra_env = {}) {
-    std::vector<std::string> argv = {GPUP_CLI, "run", "--vm", vm, "--", GPUP_GUEST};
+                               std::map<std::string, std::string> extra_env = {}, const std::string& program = GPUP_GUEST) {
+    std::vector<std::string> argv = {GPUP_CLI, "run", "--vm", vm, "--", program};
     argv.insert(argv.end(), args.begin(), args.end());
     auto env = env_;
     for (auto& [k, v] : extra_env) env[k] = v;
@@ -549,6 +553,250 @@ TEST(VidMm, MinReservationHoldsWhileAnotherPartitionTakesAllFreeMemory) {
   EXPECT_EQ(a.code, 0) << a.out;
   EXPECT_NE(a.out.find("ALLOCATED " + std::to_string(128 * MiB)), std::string::npos) << a.out;
   EXPECT_EQ(field(a.out, "budget"), 128 * MiB) << a.out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// VidSch and fault isolation: device time shared by weight and cap, TDR per partition, a crashing
+// worker contained, a killed guest contained. The guests are an unmodified OpenCL program
+// (cl_sched_guest.cpp). One host for the suite, with a TDR limit of 2 resets per minute.
+
+const char* kVidSchConfig = R"TOML(
+tdr_limit_count = 2
+[[adapter]]
+name = "pocl0"
+kmd = "opencl"
+)TOML";
+
+// utime + stime of a process, in seconds.
+double cpu_seconds(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto close = stat.rfind(')');
+  if (close == std::string::npos) return -1;
+  std::istringstream rest(stat.substr(close + 2));
+  std::string f;
+  double ticks = 0;
+  for (int i = 3; i <= 15 && rest >> f; ++i)
+    if (i == 14 || i == 15) ticks += std::stod(f);  // utime, stime
+  return ticks / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+class VidSchE2E : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    host_ = new Host(kVidSchConfig);
+    auto r = host_->gpup({"host", "start", "--config", host_->config()});
+    ASSERT_EQ(r.code, 0) << r.out;
+  }
+  static void TearDownTestSuite() {
+    delete host_;
+    host_ = nullptr;
+  }
+  void SetUp() override {
+    if (!host_) GTEST_SKIP() << "host did not start";
+  }
+  static void add(const std::string& vm, std::vector<std::string> opts = {}) {
+    std::vector<std::string> args = {"vm", "add", vm, "--max-vram", "256MiB"};
+    args.insert(args.end(), opts.begin(), opts.end());
+    auto r = host_->gpup(args);
+    ASSERT_EQ(r.code, 0) << r.out;
+  }
+  static std::unique_ptr<Child> cl(const std::string& vm, std::vector<std::string> args) {
+    return host_->guest(vm, std::move(args), {}, GPUP_CL_GUEST);
+  }
+  static nlohmann::json show(const std::string& vm) { return json_of(host_->gpup({"vm", "show", vm, "--json"})); }
+  static pid_t worker_pid(const std::string& vm) { return show(vm).value("pid", -1); }
+  // Waits until the partition's worker runs (after a reset it is restarted).
+  static nlohmann::json wait_running(const std::string& vm) {
+    nlohmann::json j;
+    for (int i = 0; i < 200; ++i) {
+      j = show(vm);
+      if (j.value("state", "") == "running") break;
+      std::this_thread::sleep_for(100ms);
+    }
+    return j;
+  }
+  static Host* host_;
+};
+Host* VidSchE2E::host_ = nullptr;
+
+// Two partitions with weights 3:1 saturate the device: the adapter time gpupd granted them, and
+// the CPU time their workers (where the CPU device's kernels run) used, split 75/25.
+TEST_F(VidSchE2E, WeightsThreeToOneShareTheDeviceThreeToOne) {
+  add("heavy", {"--compute-weight", "300"});
+  add("light", {"--compute-weight", "100"});
+  auto h = cl("heavy", {"spin", "12"});
+  auto l = cl("light", {"spin", "12"});
+  ASSERT_TRUE(h->wait_for("WARM", 60s)) << h->output();
+  ASSERT_TRUE(l->wait_for("WARM", 60s)) << l->output();
+  std::this_thread::sleep_for(500ms);
+  const pid_t hp = worker_pid("heavy"), lp = worker_pid("light");
+  auto sched = [](const nlohmann::json& j) { return static_cast<double>(j["device"].value("scheduled_ns", uint64_t{0})); };
+  const double h0 = sched(show("heavy")), l0 = sched(show("light"));
+  const double hc0 = cpu_seconds(hp), lc0 = cpu_seconds(lp);
+  std::this_thread::sleep_for(4s);
+  const double h1 = sched(show("heavy")), l1 = sched(show("light"));
+  const double hc1 = cpu_seconds(hp), lc1 = cpu_seconds(lp);
+  ASSERT_FALSE(h->wait_for("SPIN", 0ms)) << "the window must end while both still run: " << h->output();
+  ASSERT_FALSE(l->wait_for("SPIN", 0ms)) << "the window must end while both still run: " << l->output();
+  const double share = (h1 - h0) / ((h1 - h0) + (l1 - l0));
+  const double cpu_share = (hc1 - hc0) / ((hc1 - hc0) + (lc1 - lc0));
+  EXPECT_NEAR(share, 0.75, 0.075) << "device time granted: heavy " << (h1 - h0) / 1e9 << " s, light " << (l1 - l0) / 1e9 << " s";
+  EXPECT_NEAR(cpu_share, 0.75, 0.075) << "worker CPU time: heavy " << hc1 - hc0 << " s, light " << lc1 - lc0 << " s";
+  EXPECT_EQ(h->wait(60s), 0) << h->output();
+  EXPECT_EQ(l->wait(60s), 0) << l->output();
+  EXPECT_NE(h->output().find(" ok"), std::string::npos) << h->output();
+  EXPECT_NE(l->output().find(" ok"), std::string::npos) << l->output();
+  std::cout << "[ shares   ] device time " << share << ", worker CPU " << cpu_share << " (target 0.75)\n";
+}
+
+// A lone partition capped at 20% stays under 25% of the device, though nothing else wants it.
+TEST_F(VidSchE2E, CapHoldsALonePartitionToItsShare) {
+  add("capped", {"--max-compute", "20"});
+  auto g = cl("capped", {"spin", "8"});
+  ASSERT_TRUE(g->wait_for("WARM", 60s)) << g->output();
+  std::this_thread::sleep_for(500ms);
+  const pid_t wp = worker_pid("capped");
+  auto sched = [](const nlohmann::json& j) { return static_cast<double>(j["device"].value("scheduled_ns", uint64_t{0})); };
+  const auto t0 = std::chrono::steady_clock::now();
+  const double s0 = sched(show("capped")), c0 = cpu_seconds(wp);
+  std::this_thread::sleep_for(4s);
+  const double s1 = sched(show("capped")), c1 = cpu_seconds(wp);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_FALSE(g->wait_for("SPIN", 0ms)) << g->output();
+  const double share = (s1 - s0) / 1e9 / wall;
+  const double cpu_share = (c1 - c0) / (wall * static_cast<double>(sysconf(_SC_NPROCESSORS_ONLN)));
+  EXPECT_LE(share, 0.25) << "device time granted over " << wall << " s";
+  EXPECT_LE(cpu_share, 0.25) << "worker CPU " << c1 - c0 << " s over " << wall << " s";
+  EXPECT_GE(share, 0.05) << "it must still run";
+  EXPECT_EQ(g->wait(60s), 0) << g->output();
+  std::cout << "[ cap      ] device time " << share << ", worker CPU " << cpu_share << " (cap 0.20)\n";
+}
+
+// An endless kernel in one partition is reset within the TDR delay (2 s) + 1 s; its guest gets
+// the error (now and on later calls); another partition's work completes, correct, during and
+// after it, and the reset partition runs again once its worker is back.
+TEST_F(VidSchE2E, EndlessKernelIsResetWithinTheTdrDelayWhileOthersRunOn) {
+  add("hung");
+  add("bystander");
+  const pid_t bystander_worker = worker_pid("bystander");
+  auto b = cl("bystander", {"spin", "8"});
+  ASSERT_TRUE(b->wait_for("WARM", 60s)) << b->output();
+  auto h = cl("hung", {"hang"});
+  ASSERT_TRUE(h->wait_for("HANG started", 60s)) << h->output();
+  const auto started = std::chrono::steady_clock::now();
+  ASSERT_TRUE(h->wait_for("HANG later", 10s)) << h->output();
+  const double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  EXPECT_EQ(h->wait(10s), 0) << h->output();
+  const auto& out = h->output();
+  auto ms = out.find("HANG err=");
+  ASSERT_NE(ms, std::string::npos) << out;
+  EXPECT_EQ(out.find("HANG err=0 "), std::string::npos) << out;
+  const double reset_ms = std::stod(out.substr(out.find("ms=", ms) + 3));
+  EXPECT_LE(reset_ms, 3000) << out;
+  EXPECT_GE(reset_ms, 1900) << "reset before the TDR delay: " << out;
+  EXPECT_LE(waited, 3.5) << out;
+  EXPECT_EQ(b->wait(60s), 0) << b->output();
+  EXPECT_NE(b->output().find(" ok"), std::string::npos) << b->output();
+
+  auto hj = wait_running("hung");
+  EXPECT_EQ(hj["resets"].value("total", 0), 1) << hj.dump();
+  EXPECT_NE(hj["resets"].value("last", "").find("TDR"), std::string::npos) << hj.dump();
+  auto bj = show("bystander");
+  EXPECT_EQ(bj.value("pid", -1), bystander_worker) << "the other partition's worker was not touched";
+  EXPECT_EQ(bj["resets"].value("total", -1), 0) << bj.dump();
+  auto after = cl("bystander", {"check"});
+  EXPECT_EQ(after->wait(60s), 0) << after->output();
+  auto again = cl("hung", {"check"});
+  EXPECT_EQ(again->wait(60s), 0) << again->output();
+  EXPECT_NE(again->output().find("CHECK ok"), std::string::npos) << again->output();
+}
+
+// A kernel that crashes its worker (a write to an address no buffer has: SIGSEGV in the worker)
+// ends only that partition: its guest gets an error in bounded time, the other partition's
+// concurrent work is correct, and the crashed partition reconnects and runs again.
+TEST_F(VidSchE2E, KernelThatCrashesItsWorkerEndsOnlyThatPartition) {
+  add("crashy");
+  add("neighbour");
+  const pid_t neighbour_worker = worker_pid("neighbour");
+  auto n = cl("neighbour", {"spin", "6"});
+  ASSERT_TRUE(n->wait_for("WARM", 60s)) << n->output();
+  auto c = cl("crashy", {"crash"});
+  ASSERT_TRUE(c->wait_for("CRASH started", 60s)) << c->output();
+  ASSERT_TRUE(c->wait_for("CRASH later", 10s)) << c->output();
+  EXPECT_EQ(c->wait(10s), 0) << c->output();
+  EXPECT_EQ(c->output().find("CRASH err=0 "), std::string::npos) << c->output();
+  EXPECT_EQ(n->wait(60s), 0) << n->output();
+  EXPECT_NE(n->output().find(" ok"), std::string::npos) << n->output();
+  auto cj = wait_running("crashy");
+  EXPECT_EQ(cj["resets"].value("total", 0), 1) << cj.dump();
+  EXPECT_NE(cj.value("last_exit", "").find("signal"), std::string::npos) << cj.dump();
+  EXPECT_EQ(worker_pid("neighbour"), neighbour_worker);
+  auto again = cl("crashy", {"check"});
+  EXPECT_EQ(again->wait(60s), 0) << again->output();
+  EXPECT_NE(again->output().find("CHECK ok"), std::string::npos) << again->output();
+}
+
+// A guest killed with SIGKILL while its kernels run: the other partition is not disturbed, and
+// the killed guest's worker ends up holding nothing (and is not restarted).
+TEST_F(VidSchE2E, GuestKilledWhileItsKernelsRunDoesNotDisturbOthers) {
+  add("victim");
+  add("survivor");
+  const pid_t victim_worker = worker_pid("victim"), survivor_worker = worker_pid("survivor");
+  auto s = cl("survivor", {"spin", "6"});
+  auto v = cl("victim", {"spin", "30"});
+  ASSERT_TRUE(v->wait_for("WARM", 60s)) << v->output();
+  ASSERT_TRUE(s->wait_for("WARM", 60s)) << s->output();
+  auto pos = v->output().find("PID ");
+  ASSERT_NE(pos, std::string::npos) << v->output();
+  const pid_t guest = host_pid_of(std::stoi(v->output().substr(pos + 4)), "cl_sched_guest spin 30");
+  ASSERT_GT(guest, 1);
+  ASSERT_EQ(kill(guest, SIGKILL), 0);
+  v->wait(10s);
+  EXPECT_EQ(s->wait(60s), 0) << s->output();
+  EXPECT_NE(s->output().find(" ok"), std::string::npos) << s->output();
+  nlohmann::json stats;
+  for (int i = 0; i < 100; ++i) {
+    stats = show("victim")["stats"];
+    if (stats.is_object() && stats["totals"].value("processes", 1) == 0 && stats.value("vram_used", 1) == 0) break;
+    std::this_thread::sleep_for(100ms);
+  }
+  EXPECT_EQ(stats["totals"].value("processes", -1), 0) << stats.dump();
+  EXPECT_EQ(stats["totals"].value("allocations", -1), 0) << stats.dump();
+  EXPECT_EQ(stats.value("vram_used", -1), 0) << stats.dump();
+  EXPECT_EQ(worker_pid("victim"), victim_worker) << "a guest's death is not a reset";
+  EXPECT_EQ(worker_pid("survivor"), survivor_worker);
+}
+
+// A partition reset tdr_limit_count (2) times within the window is removed: no worker, guests and
+// `vm start` are refused with the reason, until `gpup vm reset` brings it back.
+TEST_F(VidSchE2E, RepeatedResetsRemoveThePartitionUntilTheOperatorResetsIt) {
+  add("flaky");
+  for (int i = 0; i < 2; ++i) {
+    wait_running("flaky");
+    auto c = cl("flaky", {"crash"});
+    EXPECT_EQ(c->wait(60s), 0) << c->output();
+  }
+  nlohmann::json j;
+  for (int i = 0; i < 100; ++i) {
+    j = show("flaky");
+    if (j.value("state", "") == "removed") break;
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_EQ(j.value("state", ""), "removed") << j.dump();
+  EXPECT_NE(j.value("last_error", "").find("gpup vm reset flaky"), std::string::npos) << j.dump();
+  auto refused = cl("flaky", {"check"});
+  EXPECT_NE(refused->wait(60s), 0) << refused->output();
+  EXPECT_NE(refused->output().find("removed"), std::string::npos) << refused->output();
+  auto r = host_->gpup({"vm", "start", "flaky"});
+  EXPECT_NE(r.code, 0) << r.out;
+  EXPECT_NE(r.out.find("removed"), std::string::npos) << r.out;
+  r = host_->gpup({"vm", "reset", "flaky"});
+  EXPECT_EQ(r.code, 0) << r.out;
+  auto back = cl("flaky", {"check"});
+  EXPECT_EQ(back->wait(60s), 0) << back->output();
+  EXPECT_NE(back->output().find("CHECK ok"), std::string::npos) << back->output();
+  EXPECT_EQ(show("flaky")["resets"].value("recent", -1), 0);
 }
 
 }  // namespace

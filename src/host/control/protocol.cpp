@@ -156,7 +156,8 @@ json to_json(const ConfigureMessage& m) {
               {"vm", to_json(m.vm)},
               {"adapter", to_json(m.adapter)},
               {"endpoint", m.endpoint},
-              {"log_level", m.log_level}};
+              {"log_level", m.log_level},
+              {"tdr_delay_ms", m.tdr_delay_ms}};
 }
 
 Result<ConfigureMessage> configure_from_json(const json& j) {
@@ -166,6 +167,7 @@ Result<ConfigureMessage> configure_from_json(const json& j) {
   const json* adapter = r.object("adapter");
   auto endpoint = r.str("endpoint", kUnixPathMax);
   auto level = r.str("log_level", 16);
+  auto tdr = r.opt_u64("tdr_delay_ms", kMinTdrDelayMs, kMaxTdrDelayMs);
   if (!r.ok()) return make_error(GPUP_STATUS_INVALID_PARAMETER, r.error());
   if (*op != "configure")
     return make_error(GPUP_STATUS_PROTOCOL_ERROR, fmt::format("expected op 'configure', got '{}'", printable(*op)));
@@ -178,7 +180,8 @@ Result<ConfigureMessage> configure_from_json(const json& j) {
   if (v->adapter != a->name)
     return make_error(GPUP_STATUS_INVALID_PARAMETER,
                       fmt::format("vm.adapter '{}' is not adapter.name '{}'", v->adapter, a->name));
-  return ConfigureMessage{std::move(*v), std::move(*a), *endpoint, *level};
+  return ConfigureMessage{std::move(*v), std::move(*a), *endpoint, *level,
+                          tdr ? static_cast<uint32_t>(*tdr) : kDefaultTdrDelayMs};
 }
 
 namespace {

@@ -59,6 +59,14 @@ inline constexpr size_t kMaxProcessName = 260;         // as the Windows process
 inline constexpr size_t kMaxStatsProcesses = 4096;
 inline constexpr size_t kUnixPathMax = 107;            // sockaddr_un.sun_path minus the NUL
 
+// A worker that reset its partition after a TDR (gpupd/vidsch.h) exits with this status, after its
+// {"event":"tdr",...} line.
+inline constexpr int kWorkerExitReset = 75;
+// TDR: work running longer than the delay is reset; a partition reset more than the limit count of
+// times within the window is marked removed until an operator resets it (gpup vm reset).
+inline constexpr uint32_t kDefaultTdrDelayMs = 2000, kMinTdrDelayMs = 100, kMaxTdrDelayMs = 600000;
+inline constexpr uint32_t kDefaultTdrLimitCount = 5, kDefaultTdrLimitWindowS = 60;
+
 inline constexpr uint32_t kMinComputeWeight = 1, kMaxComputeWeight = 10000, kDefaultComputeWeight = 100;
 inline constexpr uint32_t kMinComputePercent = 1, kMaxComputePercent = 100;
 
@@ -112,6 +120,7 @@ struct ConfigureMessage {
   AdapterSpec adapter;
   std::string endpoint;
   std::string log_level;
+  uint32_t tdr_delay_ms = kDefaultTdrDelayMs;
   bool operator==(const ConfigureMessage&) const = default;
 };
 json to_json(const ConfigureMessage& m);  // includes "op":"configure"

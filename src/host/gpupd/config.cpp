@@ -78,10 +78,35 @@ Result<Config> parse_config(std::string_view text, const std::string& source) {
   Config cfg;
   cfg.source = source;
 
+  // Integer settings of the scheduler and TDR: key, where it goes, its range.
+  struct IntKey {
+    const char* key;
+    uint32_t* out;
+    uint32_t min, max;
+  };
+  const IntKey int_keys[] = {
+      {"tdr_delay_ms", &cfg.tdr_delay_ms, control::kMinTdrDelayMs, control::kMaxTdrDelayMs},
+      {"tdr_limit_count", &cfg.tdr_limit_count, 1, 1000},
+      {"tdr_limit_window_s", &cfg.tdr_limit_window_s, 1, 86400},
+      {"scheduler_quantum_ms", &cfg.scheduler_quantum_ms, 1, 1000},
+  };
   for (const auto& [key, node] : root) {
-    if (key.str() != "adapter" && key.str() != "worker_memory_overhead")
-      return check.error(std::string(key.str()), "unknown key (expected [[adapter]] tables or worker_memory_overhead)",
+    bool known = key.str() == "adapter" || key.str() == "worker_memory_overhead";
+    for (const auto& k : int_keys) known = known || key.str() == k.key;
+    if (!known)
+      return check.error(std::string(key.str()),
+                         "unknown key (expected [[adapter]] tables, worker_memory_overhead, tdr_delay_ms, "
+                         "tdr_limit_count, tdr_limit_window_s or scheduler_quantum_ms)",
                          &node);
+  }
+  for (const auto& k : int_keys) {
+    const toml::node* n = root.get(k.key);
+    if (!n) continue;
+    const auto* i = n->as_integer();
+    if (!i) return check.error(k.key, fmt::format("expected an integer, got {}", node_type_name(*n)), n);
+    if (i->get() < k.min || i->get() > k.max)
+      return check.error(k.key, fmt::format("{} is outside {} .. {}", i->get(), k.min, k.max), n);
+    *k.out = static_cast<uint32_t>(i->get());
   }
   if (const toml::node* n = root.get("worker_memory_overhead")) {
     std::optional<uint64_t> size;

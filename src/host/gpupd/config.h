@@ -13,6 +13,14 @@
 //   # sanitizer builds).
 //   worker_memory_overhead = "512MiB"
 //
+//   # optional, top level: device time (vidsch.h) and TDR. Work running longer than tdr_delay_ms is
+//   # reset; a partition reset tdr_limit_count times within tdr_limit_window_s is marked removed
+//   # until `gpup vm reset`. A partition holds the device for scheduler_quantum_ms while others wait.
+//   tdr_delay_ms = 2000          # 100 .. 600000
+//   tdr_limit_count = 5          # 1 .. 1000
+//   tdr_limit_window_s = 60      # 1 .. 86400
+//   scheduler_quantum_ms = 10    # 1 .. 1000
+//
 // No other keys are accepted anywhere, so a typo is an error rather than a silently ignored
 // setting. Without a file gpupd uses the built-in default: one adapter "pocl0", kmd "opencl",
 // empty config. Errors name the file, the key and the problem, e.g.
@@ -25,6 +33,7 @@
 #include <vector>
 
 #include "common/result.h"
+#include "host/control/protocol.h"
 
 namespace gpup::gpupd {
 
@@ -53,6 +62,11 @@ struct Config {
   std::string source;  // the file it came from, or "<built-in default>"
   std::vector<AdapterConfig> adapters;
   uint64_t worker_memory_overhead = kDefaultWorkerMemoryOverhead;
+  // VidSch and TDR (vidsch.h, worker.h).
+  uint32_t tdr_delay_ms = control::kDefaultTdrDelayMs;
+  uint32_t tdr_limit_count = control::kDefaultTdrLimitCount;
+  uint32_t tdr_limit_window_s = control::kDefaultTdrLimitWindowS;
+  uint32_t scheduler_quantum_ms = 10;
 };
 
 Config default_config();

@@ -190,6 +190,24 @@ Status Daemon::init() {
     const AdapterInfo* a = find_adapter(adapter);
     return a ? a->total_vram : uint64_t{0};
   });
+  // One device-time scheduler for every adapter, ticked by a loop timer at its next deadline.
+  SchedPolicy policy;
+  policy.quantum = std::chrono::milliseconds(opts_.config.scheduler_quantum_ms);
+  policy.tdr_delay = std::chrono::milliseconds(opts_.config.tdr_delay_ms);
+  opts_.worker.vidsch = std::make_shared<VidSch>(policy);
+  opts_.worker.vidsch->set_wakeup_hook([this](std::optional<VidSch::TimePoint> at) {
+    loop_.cancel_timer(vidsch_timer_);
+    vidsch_timer_ = 0;
+    if (!at) return;
+    const auto now = EventLoop::Clock::now();
+    const auto delay = *at > now ? std::chrono::ceil<std::chrono::milliseconds>(*at - now) : std::chrono::milliseconds(0);
+    vidsch_timer_ = loop_.add_timer(delay, [this] {
+      vidsch_timer_ = 0;
+      opts_.worker.vidsch->tick(EventLoop::Clock::now());
+    });
+  });
+  opts_.worker.tdr_limit_count = opts_.config.tdr_limit_count;
+  opts_.worker.tdr_limit_window = std::chrono::seconds(opts_.config.tdr_limit_window_s);
   for (auto& [name, vm] : vms_) start_worker(vm);
   spdlog::info("gpupd {} listening on {} ({} adapter(s), {} vm(s))", kVersion, socket_path_, adapters_.size(),
                vms_.size());
@@ -311,6 +329,7 @@ Result<control::ConfigureMessage> Daemon::configure_message(const std::string& n
   m.endpoint = endpoint;
   m.log_level = std::string(spdlog::level::to_string_view(spdlog::get_level()).data(),
                             spdlog::level::to_string_view(spdlog::get_level()).size());
+  m.tdr_delay_ms = opts_.config.tdr_delay_ms;
   return m;
 }
 
@@ -455,7 +474,8 @@ void Daemon::send_reply(uint64_t id, Result<json> r) {
 //   vm.set    {"name", "vm":{min_vram?, max_vram?, optimal_vram?, compute_weight?, max_compute?}}
 //                                  -> vm, after the worker applied it (pfnSetVirtualMachineData)
 //   vm.remove {"name"}             -> {"removed": name}, after its worker stopped
-//   vm.start  {"name"}             -> vm (restarts a failed or stopped worker)
+//   vm.start  {"name"}             -> vm (restarts a failed or stopped worker; not a removed one)
+//   vm.reset  {"name"}             -> vm (forgets its resets and starts a removed partition again)
 //   shutdown                       -> {"pid"}; gpupd then stops its workers and exits 0
 // A new op needs: an entry here, its handler validating every field (ObjectReader::only), a CLI
 // command and a test.
@@ -488,7 +508,7 @@ void Daemon::dispatch(const json& req, Reply reply) {
     op_vm_set(req, std::move(reply));
   } else if (*op == "vm.remove") {
     op_vm_remove(req, std::move(reply));
-  } else if (*op == "vm.start") {
+  } else if (*op == "vm.start" || *op == "vm.reset") {
     op_vm_start(req, std::move(reply));
   } else if (*op == "shutdown") {
     if (simple({"op"})) {
@@ -724,12 +744,21 @@ void Daemon::op_vm_remove(const json& req, Reply reply) {
 void Daemon::op_vm_start(const json& req, Reply reply) {
   control::ObjectReader r(req, "request");
   r.only({"op", "name"});
+  auto op = r.str("op", 64);
   auto name = r.str("name", 256);
   if (!r.ok()) return reply(refuse(r.error()));
   auto it = vms_.find(*name);
   if (it == vms_.end()) return reply(refuse(fmt::format("no vm named '{}'", control::printable(*name, 64))));
   if (it->second.busy) return reply(refuse(fmt::format("vm {}: another change is in progress", *name)));
-  start_worker(it->second);
+  Vm& vm = it->second;
+  if (*op == "vm.reset") {
+    if (!vm.worker) start_worker(vm);
+    else vm.worker->reset();
+  } else {
+    if (vm.worker && vm.worker->state() == WorkerState::kRemoved)
+      return reply(refuse(fmt::format("vm {} is removed: {}", *name, vm.worker->last_error())));
+    start_worker(vm);
+  }
   std::string vname = *name;
   it->second.worker->when_settled([this, vname, reply = std::move(reply)] {
     auto it = vms_.find(vname);

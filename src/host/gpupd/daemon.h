@@ -106,7 +106,7 @@ class Daemon {
   void op_vm_show(const control::json& req, Reply reply);
   void op_vm_set(const control::json& req, Reply reply);
   void op_vm_remove(const control::json& req, Reply reply);
-  void op_vm_start(const control::json& req, Reply reply);
+  void op_vm_start(const control::json& req, Reply reply);  // also vm.reset
 
   // partitions and workers
   const AdapterInfo* find_adapter(const std::string& name) const;
@@ -135,6 +135,7 @@ class Daemon {
   bool shutting_down_ = false;
   size_t workers_stopping_ = 0;
   EventLoop::TimerId shutdown_timer_ = 0;
+  EventLoop::TimerId vidsch_timer_ = 0;
 };
 
 }  // namespace gpup::gpupd

@@ -151,6 +151,15 @@ int main(int argc, char** argv) {
     spdlog::info("worker memory limits: {} under {}, max VRAM + {}", to_string(opts.worker.memory_cgroups->version()),
                  opts.worker.memory_cgroups->own(), format_size(opts.worker.memory_overhead));
 
+  // And its cpu cgroup: the OS's side of the partition's compute weight and cap.
+  opts.worker.cpu_cgroups =
+      gpupd::CpuCgroups::create(gpupd::CgroupEnv::from_proc(), "gpupd." + std::to_string(::getpid()), 0);
+  if (opts.worker.cpu_cgroups->version() == gpupd::CgroupVersion::kNone)
+    spdlog::warn("workers run without an OS cpu weight or cap: {}", opts.worker.cpu_cgroups->unavailable_reason());
+  else
+    spdlog::info("worker cpu weights and caps: {} under {}", to_string(opts.worker.cpu_cgroups->version()),
+                 opts.worker.cpu_cgroups->own());
+
   auto daemon = gpupd::Daemon::create(std::move(opts));
   if (!daemon) {
     spdlog::critical("{}", daemon.error().message);

@@ -42,6 +42,7 @@ const char* to_string(WorkerState s) {
     case WorkerState::kRestarting: return "restarting";
     case WorkerState::kStopping: return "stopping";
     case WorkerState::kFailed: return "failed";
+    case WorkerState::kRemoved: return "removed";
   }
   return "?";
 }
@@ -73,8 +74,10 @@ Worker::~Worker() {
     }
     spdlog::info("vm {}: worker pid {} killed: {}", vm_, pid_, describe_wait_status(status));
     (void)leave_memory_cgroup();
+    leave_cpu_cgroup();
     release_vram();
   }
+  detach_scheduler();
 }
 
 void Worker::set_state(WorkerState s) {
@@ -111,12 +114,36 @@ json Worker::describe() const {
       m["reason"] = memory_note_;
     }
     j["memory_limit"] = std::move(m);
+    json c{{"enforced", !cpu_cgroup_dir_.empty()}};
+    if (!cpu_cgroup_dir_.empty()) {
+      c["weight"] = sched_weight_;
+      c["max_percent"] = sched_cap_;
+      c["hierarchy"] = to_string(opts_.cpu_cgroups->version());
+      c["cgroup"] = cpu_cgroup_dir_;
+    } else {
+      c["reason"] = cpu_note_;
+    }
+    j["cpu_limit"] = std::move(c);
   }
   if (pid_ > 0 && ready_seen_ && opts_.vram) {
     auto a = opts_.vram->query(vm_);
     j["vram"] = json{{"min", a.min}, {"hold", a.hold}, {"borrowed", a.hold - std::min(a.hold, a.min)},
                      {"borrowable", a.borrowable}};
   }
+  if (sched_attached_) {
+    auto u = opts_.vidsch->usage(vm_, EventLoop::Clock::now());
+    j["device"] = json{{"state", u.holding ? "holding" : u.throttled ? "throttled" : u.waiting ? "waiting" : "idle"},
+                       {"scheduled_ns", u.scheduled_ns}, {"grants", u.grants}, {"yields", u.yields},
+                       {"busy_ns", busy_us_ * 1000}};
+  }
+  const auto now = EventLoop::Clock::now();
+  size_t recent = 0;
+  for (auto t : resets_)
+    if (now - t < opts_.tdr_limit_window) ++recent;
+  json rs{{"recent", recent}, {"total", resets_total_}, {"limit", opts_.tdr_limit_count},
+          {"window_s", opts_.tdr_limit_window.count()}};
+  if (!last_reset_.empty()) rs["last"] = last_reset_;
+  j["resets"] = std::move(rs);
   return j;
 }
 
@@ -168,6 +195,46 @@ std::string Worker::leave_memory_cgroup() {
   return note;
 }
 
+void Worker::join_cpu_cgroup() {
+  cpu_cgroup_dir_.clear();
+  if (!opts_.cpu_cgroups) {
+    cpu_note_ = "no cpu cgroup configured for workers";
+    return;
+  }
+  if (opts_.cpu_cgroups->version() == CgroupVersion::kNone) {
+    cpu_note_ = "no usable cpu cgroup: " + opts_.cpu_cgroups->unavailable_reason();
+    return;
+  }
+  auto dir = opts_.cpu_cgroups->prepare(vm_, sched_weight_, sched_cap_);
+  Status joined = dir.ok() ? opts_.cpu_cgroups->add_process(*dir, pid_) : Status(dir.error());
+  if (!joined.ok()) {
+    cpu_note_ = joined.error().message;
+    if (dir.ok()) (void)opts_.cpu_cgroups->remove(*dir);
+    spdlog::warn("vm {}: worker pid {} runs without a cpu weight or cap from the OS: {}", vm_, pid_, cpu_note_);
+    return;
+  }
+  cpu_cgroup_dir_ = *dir;
+  cpu_note_.clear();
+  spdlog::info("vm {}: worker pid {} in cpu cgroup {} ({}), weight {}, max {}% of {} cpu(s)", vm_, pid_, cpu_cgroup_dir_,
+               to_string(opts_.cpu_cgroups->version()), sched_weight_, sched_cap_, opts_.cpu_cgroups->cpus());
+}
+
+void Worker::leave_cpu_cgroup() {
+  if (cpu_cgroup_dir_.empty()) return;
+  if (Status s = opts_.cpu_cgroups->remove(cpu_cgroup_dir_); !s.ok())
+    spdlog::warn("vm {}: {} (it is reused at the next start)", vm_, s.error().message);
+  cpu_cgroup_dir_.clear();
+}
+
+void Worker::change_cpu_limits(uint32_t weight, uint32_t max_percent) {
+  sched_weight_ = weight;
+  sched_cap_ = max_percent;
+  if (sched_attached_) opts_.vidsch->configure(vm_, weight, max_percent, EventLoop::Clock::now());
+  if (cpu_cgroup_dir_.empty()) return;
+  if (Status s = opts_.cpu_cgroups->set(cpu_cgroup_dir_, weight, max_percent); !s.ok())
+    spdlog::warn("vm {}: cpu weight and cap stay as they were: {}", vm_, s.error().message);
+}
+
 void Worker::change_memory_limit(uint64_t limit) {
   if (cgroup_dir_.empty() || limit == memory_limit_) return;
   if (Status s = opts_.memory_cgroups->set_limit(cgroup_dir_, limit); !s.ok()) {
@@ -176,6 +243,15 @@ void Worker::change_memory_limit(uint64_t limit) {
   }
   spdlog::info("vm {}: worker memory limit {} -> {}", vm_, format_size(memory_limit_), format_size(limit));
   memory_limit_ = limit;
+}
+
+void Worker::reset() {
+  resets_.clear();
+  if (state_ == WorkerState::kRemoved) {
+    set_state(WorkerState::kStopped);
+    spdlog::info("vm {}: reset by the operator; starting its worker again", vm_);
+  }
+  start();
 }
 
 void Worker::start() {
@@ -205,6 +281,8 @@ void Worker::spawn() {
   reader_ = control::LineReader(control::kMaxWorkerLine);
   out_.clear();
 
+  reset_pending_ = false;
+  busy_us_ = 0;
   auto cfg = configure_();
   if (!cfg) {
     last_error_ = cfg.error().message;
@@ -213,6 +291,9 @@ void Worker::spawn() {
     return;
   }
   endpoint_ = cfg->endpoint;
+  sched_adapter_ = cfg->vm.adapter;
+  sched_weight_ = cfg->vm.compute_weight;
+  sched_cap_ = cfg->vm.max_compute;
 
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
@@ -293,6 +374,7 @@ void Worker::spawn() {
     violation(fmt::format("did not report ready within {} ms", opts_.ready_timeout.count()));
   });
   join_memory_cgroup(cfg->vm.max_vram);
+  join_cpu_cgroup();
   send(to_json(*cfg));
 }
 
@@ -377,6 +459,17 @@ void Worker::request(const std::string& op, json args, ReplyFn cb) {
       cb(std::move(r));
     };
   }
+  if (op == "update" && args.is_object() && args.contains("vm") && args["vm"].is_object() &&
+      args["vm"].contains("compute_weight") && args["vm"]["compute_weight"].is_number_unsigned() &&
+      args["vm"].contains("max_compute") && args["vm"]["max_compute"].is_number_unsigned()) {
+    // Device time and the OS's CPU share follow once the worker has accepted the settings.
+    const auto weight = args["vm"]["compute_weight"].get<uint32_t>();
+    const auto cap = args["vm"]["max_compute"].get<uint32_t>();
+    cb = [this, alive = std::weak_ptr<int>(alive_), weight, cap, pid = pid_, cb = std::move(cb)](Result<json> r) {
+      if (!alive.expired() && pid == pid_ && r.ok()) change_cpu_limits(weight, cap);
+      cb(std::move(r));
+    };
+  }
   uint64_t id = next_id_++;
   args["op"] = op;
   args["id"] = id;
@@ -411,6 +504,8 @@ void Worker::on_control(uint32_t events) {
     handle_line(*line);
   }
   if (!control_) return;  // a line was a violation
+  // After its tdr event the worker ends at once, lines gpupd sent meanwhile unread (a reset).
+  if (outcome != control::ReadOutcome::kAgain && reset_pending_) return close_control("ended itself to reset its partition");
   if (outcome == control::ReadOutcome::kError) return violation("broke the control framing: " + err);
   if (outcome == control::ReadOutcome::kEof) {
     if (reader_.partial_size()) spdlog::warn("vm {}: worker's last line was unterminated; dropped", vm_);
@@ -437,6 +532,7 @@ void Worker::handle_line(const std::string& line) {
       ready_at_ = EventLoop::Clock::now();
       last_error_.clear();
       if (opts_.vram) opts_.vram->attach(vm_);
+      attach_scheduler();
       spdlog::info("vm {}: worker pid {} ready at {}", vm_, pid_, endpoint_);
       set_state(WorkerState::kRunning);
       return;
@@ -453,11 +549,13 @@ void Worker::handle_line(const std::string& line) {
     }
     if (state_ == WorkerState::kStarting)
       return violation(fmt::format("sent event '{}' before ready", control::printable(*event, 64)));
+    if (*event == "tdr") return handle_tdr_event(*msg);
     spdlog::debug("vm {}: worker event '{}' ignored", vm_, control::printable(*event, 64));
     return;
   }
 
   if (r.has("ask")) return handle_ask(*msg);
+  if (r.has("sched")) return handle_sched(*msg);
 
   if (r.has("reply")) {
     auto id = r.u64("reply");
@@ -515,6 +613,74 @@ void Worker::handle_ask(const json& msg) {
   send(a);
 }
 
+void Worker::attach_scheduler() {
+  if (!opts_.vidsch || sched_attached_) return;
+  VidSch::Hooks h;
+  h.grant = [this] { send(json{{"sched", "grant"}}); };
+  h.yield = [this](std::chrono::microseconds after, bool if_idle) {
+    send(json{{"sched", "yield"}, {"after_us", after.count()}, {"if_idle", if_idle}});
+  };
+  h.overdue = [this](const std::string& why) {
+    // A worker that keeps the adapter this long is hung or hostile: end it as a TDR would.
+    reset_pending_ = true;
+    last_reset_ = "TDR: worker " + why;
+    violation(why + " (TDR)");
+  };
+  opts_.vidsch->attach(vm_, sched_adapter_, sched_weight_, sched_cap_, std::move(h), EventLoop::Clock::now());
+  sched_attached_ = true;
+}
+
+void Worker::detach_scheduler() {
+  if (!sched_attached_) return;
+  sched_attached_ = false;
+  opts_.vidsch->detach(vm_, EventLoop::Clock::now());
+}
+
+void Worker::handle_sched(const json& msg) {
+  control::ObjectReader r(msg, "sched");
+  r.only({"sched", "busy_us", "more"});
+  auto what = r.str("sched", 16);
+  auto busy = r.opt_u64("busy_us");
+  auto more = r.has("more") ? r.boolean("more") : std::optional<bool>(false);
+  if (!r.ok()) return violation("sent a bad scheduler line: " + r.error());
+  if (!ready_seen_) return violation("sent a scheduler line before it was ready");
+  if (!sched_attached_) return;  // no scheduler: it holds its device anyway
+  const auto now = EventLoop::Clock::now();
+  if (*what == "want") {
+    opts_.vidsch->want(vm_, now);
+  } else if (*what == "release") {
+    if (busy) busy_us_ = *busy;
+    opts_.vidsch->release(vm_, *more, now);
+  } else {
+    violation(fmt::format("sent an unknown scheduler line '{}'", control::printable(*what, 16)));
+  }
+}
+
+void Worker::handle_tdr_event(const json& msg) {
+  control::ObjectReader r(msg, "tdr");
+  auto ran = r.opt_u64("running_ms");
+  auto process = r.opt_str("process", control::kMaxProcessName);
+  auto pid = r.opt_u64("pid");
+  if (!r.ok()) return violation("sent a bad tdr event: " + r.error());
+  reset_pending_ = true;
+  last_reset_ = fmt::format("TDR: work of {}{} ran {} ms, past the TDR delay", process ? control::printable(*process) : "a guest",
+                            pid ? fmt::format(" (pid {})", *pid) : "", ran.value_or(0));
+  spdlog::error("vm {}: {}; the partition is reset", vm_, last_reset_);
+}
+
+bool Worker::count_reset(const std::string& why) {
+  const auto now = EventLoop::Clock::now();
+  std::erase_if(resets_, [&](auto t) { return now - t >= opts_.tdr_limit_window; });
+  resets_.push_back(now);
+  ++resets_total_;
+  last_reset_ = why;
+  if (resets_.size() < opts_.tdr_limit_count) return false;
+  last_error_ = fmt::format("removed after {} resets within {} s (last: {}); `gpup vm reset {}` brings it back",
+                            resets_.size(), opts_.tdr_limit_window.count(), why, vm_);
+  spdlog::error("vm {}: {}", vm_, last_error_);
+  return true;
+}
+
 void Worker::on_exit() {
   int status = 0;
   pid_t r;
@@ -524,7 +690,9 @@ void Worker::on_exit() {
   std::string desc = r < 0 ? fmt::format("could not be reaped: {}", std::strerror(errno)) : describe_wait_status(status);
   pid_t old_pid = pid_;
   desc += leave_memory_cgroup();
+  leave_cpu_cgroup();
   release_vram();  // whatever it borrowed is free again
+  detach_scheduler();
 
   loop_.unwatch(pidfd_.get());
   pidfd_.reset();
@@ -552,6 +720,17 @@ void Worker::on_exit() {
     return;
   }
   spdlog::warn("vm {}: worker pid {} {} unexpectedly", vm_, old_pid, desc);
+  const bool fault_signal = r > 0 && WIFSIGNALED(status) &&
+                            (WTERMSIG(status) == SIGSEGV || WTERMSIG(status) == SIGBUS || WTERMSIG(status) == SIGILL ||
+                             WTERMSIG(status) == SIGFPE || WTERMSIG(status) == SIGABRT);
+  const bool reset_exit = r > 0 && WIFEXITED(status) && WEXITSTATUS(status) == control::kWorkerExitReset;
+  if (ready_seen_ && (reset_pending_ || reset_exit || fault_signal)) {
+    std::string why = reset_pending_ ? last_reset_ : fmt::format("the worker {} while running guest work", desc);
+    if (count_reset(why)) {
+      set_state(WorkerState::kRemoved);
+      return;
+    }
+  }
   if (ready_seen_) {
     if (EventLoop::Clock::now() - ready_at_ >= opts_.stable_after) {
       start_failures_ = 0;
@@ -578,6 +757,7 @@ void Worker::stop(std::function<void()> done) {
   switch (state_) {
     case WorkerState::kStopped:
     case WorkerState::kFailed:
+    case WorkerState::kRemoved:
       loop_.post(std::move(done));
       return;
     case WorkerState::kRestarting:

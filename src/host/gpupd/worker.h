@@ -13,9 +13,26 @@
 //   stopped     not running, on purpose
 //   failed      gave up: the worker reported {"event":"error"} for its configuration, or it failed to
 //               become ready max_start_failures times in a row; start() tries again
+//   removed     its partition was reset (TDR or crash) tdr_limit_count times within
+//               tdr_limit_window: not restarted until reset() (the operator's `gpup vm reset`)
+//
+// Resets. A worker whose device work ran past the TDR delay says {"event":"tdr",...} and exits with
+// kWorkerExitReset; one that dies of a fault signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) was
+// ended by the work it ran; one that keeps the adapter past its yield deadline + TDR delay
+// (vidsch.h "overdue") is killed. Each is a reset of the partition: counted, then the worker is
+// restarted as after any unexpected exit (its guests got the device-lost error and reconnect).
+//
+// Device time (vidsch.h): once ready the worker is attached to opts.vidsch with its partition's
+// adapter, weight and cap; its {"sched":...} lines go to the scheduler and the scheduler's grants
+// and yields go to it. It is detached when its process is gone.
 // A worker that breaks the protocol (overlong or malformed line, unknown event before ready, reply
 // to an id never issued, not draining its input) is killed with SIGKILL and handled as an exit.
 // Signals go through a pidfd, so a recycled pid is never signalled.
+//
+// CPU: with opts.cpu_cgroups usable, each process also joins its VM's cpu cgroup (cgroup.h), whose
+// weight and cap are the partition's compute weight and max compute: what the OS enforces for the
+// CPU device's kernels (which run in the worker) and the KMD's compiler, beside the scheduler's
+// grants. An "update" with compute_weight / max_compute changes them once the worker accepted it.
 //
 // Memory limit: with opts.memory_cgroups usable, each process is moved into its VM's memory cgroup
 // (cgroup.h) right after it is spawned and before it gets its configuration (so before it loads
@@ -46,6 +63,7 @@
 #include "host/gpupd/cgroup.h"
 #include "host/gpupd/config.h"
 #include "host/gpupd/event_loop.h"
+#include "host/gpupd/vidsch.h"
 #include "host/gpupd/vram_pool.h"
 
 namespace gpup::gpupd {
@@ -62,13 +80,19 @@ struct WorkerOptions {
   size_t max_pending = 64;
   // Shared by every worker of one gpupd; null: no memory limit is set (describe() says so).
   std::shared_ptr<MemoryCgroups> memory_cgroups;
+  // Shared by every worker; null: no CPU weight or cap is set by the OS (the scheduler still is).
+  std::shared_ptr<CpuCgroups> cpu_cgroups;
   // Worker memory limit = partition max VRAM + this (config.h: worker_memory_overhead).
   uint64_t memory_overhead = kDefaultWorkerMemoryOverhead;
   // The device-memory arbiter of every adapter; null: a worker may grow to its max unasked.
   std::shared_ptr<VramArbiter> vram;
+  // The device-time scheduler of every adapter; null: a worker always holds its device.
+  std::shared_ptr<VidSch> vidsch;
+  unsigned tdr_limit_count = 5;
+  std::chrono::seconds tdr_limit_window{60};
 };
 
-enum class WorkerState { kStopped, kStarting, kRunning, kRestarting, kStopping, kFailed };
+enum class WorkerState { kStopped, kStarting, kRunning, kRestarting, kStopping, kFailed, kRemoved };
 const char* to_string(WorkerState s);
 
 // "exited with status 3", "killed by signal 9 (KILL)"
@@ -87,7 +111,10 @@ class Worker {
   Worker& operator=(const Worker&) = delete;
 
   // From stopped or failed: clears the failure count and spawns. From restarting: spawns now.
+  // Not from removed: that takes reset().
   void start();
+  // Forgets the partition's resets and starts it again (from removed, or any state start() takes).
+  void reset();
   // Stops the worker; done runs (from the loop) once no process is left.
   void stop(std::function<void()> done);
   // Sends {"op":op,"id":N,...args}; cb gets the whole reply object on {"ok":true}, an error with
@@ -103,7 +130,10 @@ class Worker {
   const std::string& last_error() const { return last_error_; }
   // {"state":..,"pid":..,"restarts":..,"last_error":..,"last_exit":..,
   //  "memory_limit":{"enforced":bool,"bytes":..,"hierarchy":..,"cgroup":..,"reason":..},
-  //  "vram":{"min":..,"hold":..,"borrowed":..,"borrowable":..}}  (vram: while it runs, with an arbiter)
+  //  "vram":{"min":..,"hold":..,"borrowed":..,"borrowable":..},  (vram: while it runs, with an arbiter)
+  //  "device":{"state":"holding|waiting|throttled|idle","scheduled_ns":..,"grants":..,"yields":..,
+  //            "busy_ns":..},  (while attached to the scheduler; busy_ns: as the worker last said)
+  //  "resets":{"recent":N,"total":N,"last":"why"}}
   // (absent fields omitted; "reason" says why a limit is not enforced)
   control::json describe() const;
   // The memory cgroup of the live process, or empty.
@@ -115,6 +145,12 @@ class Worker {
   void on_exit();
   void handle_line(const std::string& line);
   void handle_ask(const control::json& msg);
+  void handle_sched(const control::json& msg);
+  void handle_tdr_event(const control::json& msg);
+  void attach_scheduler();
+  void detach_scheduler();
+  // Counts a reset of the partition; true when that reaches the limit (the worker is not restarted).
+  bool count_reset(const std::string& why);
   void release_vram();
   void violation(const std::string& why);
   void send(const control::json& msg);
@@ -165,6 +201,22 @@ class Worker {
   std::string kill_reason_;  // why gpupd killed the current process, if it did
   std::vector<std::function<void()>> settled_waiters_;
   std::vector<std::function<void()>> stop_waiters_;
+
+  // Device time and resets.
+  std::string sched_adapter_;
+  uint32_t sched_weight_ = 100, sched_cap_ = 100;
+  bool sched_attached_ = false;
+  uint64_t busy_us_ = 0;        // the worker's last report
+  bool reset_pending_ = false;  // this process reset its partition (tdr event, or overdue kill)
+  std::vector<EventLoop::Clock::time_point> resets_;  // within the window
+  uint64_t resets_total_ = 0;
+  std::string last_reset_;
+
+  std::string cpu_cgroup_dir_;  // the live process's cpu cgroup, empty when none
+  std::string cpu_note_;        // why none
+  void join_cpu_cgroup();
+  void leave_cpu_cgroup();
+  void change_cpu_limits(uint32_t weight, uint32_t max_percent);
 
   std::string cgroup_dir_;      // the live process's memory cgroup, empty when none
   uint64_t memory_limit_ = 0;   // what cgroup_dir_ is limited to

@@ -24,6 +24,7 @@
 
 #include "channel/channel.h"
 #include "common/log.h"
+#include "host/control/protocol.h"
 #include "host/vmwp/seccomp_policy.h"
 #include "host/vmwp/worker.h"
 
@@ -149,6 +150,28 @@ class GpupdVramBroker : public VramBroker {
   std::map<uint64_t, nlohmann::json> waiting_;
 };
 
+// The worker's side of gpupd's device-time scheduler (gpupd/vidsch.h has the lines): wants and
+// releases go out as they happen; grants and yields come in through the control loop.
+class GpupdDeviceTimeLink : public DeviceTimeLink {
+ public:
+  explicit GpupdDeviceTimeLink(int fd) : fd_(fd) {}
+  void want() override { write_line(fd_, {{"sched", "want"}}); }
+  void release(uint64_t busy_us, bool more) override {
+    write_line(fd_, {{"sched", "release"}, {"busy_us", busy_us}, {"more", more}});
+  }
+  void reset(const nlohmann::json& what) override {
+    nlohmann::json event = what;
+    event["event"] = "tdr";
+    write_line(fd_, event);
+    // The hung work cannot be taken back from the KMD: the partition is reset by ending this
+    // process (its guests were told), and gpupd starts a new worker.
+    std::_Exit(control::kWorkerExitReset);
+  }
+
+ private:
+  int fd_;
+};
+
 class ChannelLink : public GuestLink {
  public:
   explicit ChannelLink(channel::Channel& ch) : ch_(ch) {}
@@ -252,6 +275,8 @@ int run(const std::string& vm, int control_fd) {
   Worker worker(*config);
   GpupdVramBroker broker(control_fd);
   worker.set_vram_broker(&broker);
+  GpupdDeviceTimeLink device_time(control_fd);
+  worker.set_device_time_link(&device_time);
   if (auto s = worker.start(); !s.ok()) {
     spdlog::error("{}", s.error().describe());
     write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
@@ -314,6 +339,18 @@ int run(const std::string& vm, int control_fd) {
       auto req = nlohmann::json::parse(line, nullptr, false);
       if (req.is_object() && req.contains("answer")) {
         broker.on_answer(req);
+        continue;
+      }
+      if (req.is_object() && req.contains("sched")) {
+        const std::string what = req["sched"].is_string() ? req["sched"].get<std::string>() : "";
+        if (what == "grant") {
+          worker.on_grant();
+        } else if (what == "yield" && req.contains("after_us") && req["after_us"].is_number_unsigned()) {
+          const bool if_idle = req.contains("if_idle") && req["if_idle"].is_boolean() && req["if_idle"].get<bool>();
+          worker.on_yield(std::chrono::microseconds(req["after_us"].get<uint64_t>()), if_idle);
+        } else {
+          spdlog::warn("ignoring a malformed scheduler line from gpupd");
+        }
         continue;
       }
       // gpupd numbers every request from 1; anything else is not a request to answer.

@@ -47,6 +47,9 @@ constexpr int kSectionFdTimeoutMs = 2000;
 static_assert(kMaxBulkDataSize == GPUPKMT_MAX_PRIVATE_DATA_SIZE && kMaxBulkDataSize == GPUPKMT_MAX_OUTPUT_DATA_SIZE,
               "gpup/kmt.h states the bulk data limits");
 constexpr size_t kMaxCpuWaits = 4096;
+// How long a holder asked to yield stays idle, waiting for its guest's next work, before it gives
+// the device back (Worker::maybe_release_locked).
+constexpr std::chrono::microseconds kIdleGrace{500};
 constexpr uint32_t kDeviceStateNormal = GPUPKMT_DEVICESTATE_NORMAL;
 constexpr uint32_t kDeviceStateReset = GPUPKMT_DEVICESTATE_RESET;
 
@@ -152,6 +155,7 @@ struct Context : Object {
   std::deque<Item> queue;
   std::map<uint64_t, std::shared_ptr<Batch>> inflight;  // by KMD submission id
   bool faulted = false;
+  int32_t priority = 0;  // -2..2: which of the partition's contexts enters the device first
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -194,6 +198,7 @@ Result<WorkerConfig> parse_worker_config(const nlohmann::json& j) {
     c.compute_weight = vm.value("compute_weight", 100u);
     c.max_compute = vm.value("max_compute", 100u);
     c.secure = vm.value("secure", false);
+    c.tdr_delay_ms = j.value("tdr_delay_ms", 2000u);
     c.adapter_name = ad.at("name").get<std::string>();
     c.adapter_luid = ad.at("luid").get<uint64_t>();
     c.kmd = ad.at("kmd").get<std::string>();
@@ -521,6 +526,7 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       ctx->cookie = {&w_, w_.next_context_id_++};
       ctx->device = dev->get();
       ctx->process = this;
+      ctx->priority = req.priority;
       GPUPDDI_ARG_CREATECONTEXT a{};
       a.struct_size = sizeof a;
       a.NodeOrdinal = req.node;
@@ -1231,7 +1237,12 @@ void GuestProcess::destroy_context_locked(const std::shared_ptr<Context>& ctx) {
   ctx->queue.clear();
   w_.driver_->ddi().Context.pfnDestroyContext(ctx->kmd);  // waits for the context's work
   w_.drain_completions_locked();                          // so its batches are released now
-  ctx->inflight.clear();
+  if (!ctx->inflight.empty()) {  // completions the KMD never reported
+    const int n = static_cast<int>(ctx->inflight.size());
+    ctx->inflight.clear();
+    w_.inflight_changed_locked(*ctx, -n);
+  }
+  if (w_.watchdog_) w_.watchdog_->idle(ctx->cookie.id);
   w_.contexts_.erase(ctx->cookie.id);
   (void)handles_.remove(ctx->handle);
   ctx->device->contexts.erase(ctx);
@@ -1374,6 +1385,9 @@ Status Worker::start() {
   st = driver_->ddi().Adapter.pfnSetVirtualMachineData(adapter_, &d);
   if (GPUP_FAILED(st)) return Error(st, "KMD SetVirtualMachineData failed");
   completion_thread_ = std::thread([this] { completion_loop(); });
+  if (config_.tdr_delay_ms)
+    watchdog_ = std::make_unique<TdrWatchdog>(std::chrono::milliseconds(config_.tdr_delay_ms),
+                                              [this](const TdrWatchdog::Hang& h) { on_hang(h); });
   spdlog::info("VM {} ({}) on adapter {} ({}): max VRAM {}", config_.vm_name, guid_to_string(config_.vm_guid),
                config_.adapter_name, caps_.info.Name, format_size(config_.max_vram));
   return {};
@@ -1403,7 +1417,8 @@ void Worker::stop() {
     for (auto& [id, p] : processes_) procs.push_back(p);
     processes_.clear();
   }
-  for (auto& p : procs) p->close();
+  for (auto& p : procs) p->close();  // the watchdog still watches: closing waits for the work
+  watchdog_.reset();
   {
     std::lock_guard lock(cq_mu_);
     cq_stop_ = true;
@@ -1435,11 +1450,17 @@ void Worker::completion_loop() {
   for (;;) {
     {
       std::unique_lock lock(cq_mu_);
-      cq_cv_.wait(lock, [&] { return cq_stop_ || !cq_.empty(); });
+      if (cq_.empty() && !cq_stop_) {
+        // Also wakes at the yield deadline: an idle holder gives the device back then.
+        const int64_t d = yield_deadline_ns_.load(std::memory_order_relaxed);
+        if (d) cq_cv_.wait_until(lock, std::chrono::steady_clock::time_point(std::chrono::nanoseconds(d)));
+        else cq_cv_.wait(lock);
+      }
       if (cq_stop_ && cq_.empty()) return;
     }
     std::lock_guard lock(mu_);
     drain_completions_locked();
+    maybe_release_locked();
   }
 }
 
@@ -1458,7 +1479,10 @@ void Worker::apply_completion_locked(uint64_t context_id, uint64_t submission, g
   Context& ctx = *it->second;
   auto sub = ctx.inflight.find(submission);
   uint64_t guest_submission = sub != ctx.inflight.end() ? sub->second->guest_submission : 0;
-  if (sub != ctx.inflight.end()) ctx.inflight.erase(sub);  // releases the allocations it used
+  if (sub != ctx.inflight.end()) {
+    ctx.inflight.erase(sub);  // releases the allocations it used
+    inflight_changed_locked(ctx, -1);
+  }
   if (GPUP_FAILED(status) && !ctx.faulted) {
     auto self = ctx.process->handles_.get<Context>(ctx.handle, ObjectType::Context);
     if (self.ok()) ctx.process->fault_context_locked(*self, status, guest_submission, "the device failed the submission");
@@ -1484,6 +1508,7 @@ void Worker::pump_locked(Context& ctx) {
       fence_changed_locked(*sync);
       continue;
     } else {
+      if (!may_submit_locked()) return need_device_locked();
       auto batch = it.batch;
       std::vector<GPUPDDI_COMMAND> cmds;
       cmds.reserve(batch->commands.size());
@@ -1505,9 +1530,11 @@ void Worker::pump_locked(Context& ctx) {
       s.pCommands = cmds.data();
       s.SubmissionId = id;
       ctx.queue.pop_front();
+      inflight_changed_locked(ctx, +1);
       gpup_status st = driver_->ddi().Context.pfnSubmitCommand(ctx.kmd, &s);
       if (GPUP_FAILED(st)) {
         ctx.inflight.erase(id);
+        inflight_changed_locked(ctx, -1);
         auto self = ctx.process->handles_.get<Context>(ctx.handle, ObjectType::Context);
         if (self.ok()) ctx.process->fault_context_locked(*self, st, batch->guest_submission, fmt::format("the KMD refused the submission: {}", gpup_status_message(st)));
         return;
@@ -1659,7 +1686,9 @@ nlohmann::json Worker::stats_json() {
       {"totals",
        {{"processes", t.processes}, {"devices", t.devices}, {"contexts", t.contexts}, {"allocations", t.allocations},
         {"sync_objects", t.sync_objects}, {"va_mappings", t.va_mappings}, {"submissions", t.submissions}, {"faults", t.faults}}},
-      {"processes", procs}};
+      {"processes", procs},
+      {"device_busy_ns", busy_ns_locked()},
+      {"device_grants", grants_}};
   if (broker_) {  // what it holds of the adapter (min included), borrows above its min, was refused
     const uint64_t held = std::max(config_.min_vram, vram_hold_);
     j["vram_held"] = held;
@@ -1667,6 +1696,172 @@ nlohmann::json Worker::stats_json() {
     j["vram_refused"] = vram_refused_;
   }
   return j;
+}
+
+// ----------------------------------------------------------------------------------------------
+// Device time: gpupd's grants (gpupd/vidsch.h) and the TDR watchdog
+
+uint64_t Worker::busy_ns_locked() const {
+  uint64_t ns = busy_ns_;
+  if (inflight_total_)
+    ns += static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - busy_since_).count());
+  return ns;
+}
+
+void Worker::set_device_time_link(DeviceTimeLink* link) {
+  std::lock_guard lock(mu_);
+  time_link_ = link;
+  granted_ = link == nullptr;
+}
+
+bool Worker::may_submit_locked() {
+  if (!granted_) return false;
+  return !yield_at_ || std::chrono::steady_clock::now() < *yield_at_;
+}
+
+void Worker::need_device_locked() {
+  if (granted_) return maybe_release_locked();  // past its yield deadline: back, with more to do
+  if (want_sent_ || !time_link_) return;
+  want_sent_ = true;
+  time_link_->want();
+}
+
+bool Worker::work_ready_locked() const {
+  for (const auto& [id, c] : contexts_)
+    if (!c->faulted && !c->queue.empty() && c->queue.front().kind == Context::Item::kSubmit) return true;
+  return false;
+}
+
+void Worker::inflight_changed_locked(Context& ctx, int delta) {
+  const auto now = std::chrono::steady_clock::now();
+  if (delta > 0) {
+    if (inflight_total_ == 0) busy_since_ = now;
+    inflight_total_ += static_cast<uint64_t>(delta);
+  } else {
+    inflight_total_ -= std::min<uint64_t>(inflight_total_, static_cast<uint64_t>(-delta));
+    if (inflight_total_ == 0)
+      busy_ns_ += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now - busy_since_).count());
+  }
+  if (watchdog_) {
+    // The oldest submission of the context is the one running: it started when it entered an
+    // idle context or when the one before it completed.
+    if (ctx.inflight.empty()) watchdog_->idle(ctx.cookie.id);
+    else if (delta < 0 || ctx.inflight.size() == 1) watchdog_->running(ctx.cookie.id, now);
+  }
+  if (delta < 0) maybe_release_locked();
+}
+
+void Worker::set_wakeup_locked(std::optional<std::chrono::steady_clock::time_point> at) {
+  const int64_t ns = at ? std::chrono::duration_cast<std::chrono::nanoseconds>(at->time_since_epoch()).count() : 0;
+  if (yield_deadline_ns_.load(std::memory_order_relaxed) == ns) return;
+  {
+    std::lock_guard cq(cq_mu_);
+    yield_deadline_ns_.store(ns, std::memory_order_relaxed);
+  }
+  cq_cv_.notify_all();
+}
+
+// Gives the device back when the yield asks for it; otherwise sets when the completion thread
+// must look again (completions look anyway while work is in flight). An idle holder waits
+// kIdleGrace for its guest's next work first: a guest reading its last results before sending more
+// keeps its turn until its deadline, and at the deadline keeps its place in gpupd's queue ("more").
+void Worker::maybe_release_locked() {
+  if (!time_link_ || !granted_ || !yield_at_) return set_wakeup_locked(std::nullopt);
+  const auto now = std::chrono::steady_clock::now();
+  const bool due = now >= *yield_at_;
+  if (inflight_total_ != 0) {
+    idle_since_.reset();
+    return set_wakeup_locked(due ? std::nullopt : yield_at_);
+  }
+  const bool ready = work_ready_locked();
+  if (ready) {
+    idle_since_.reset();
+    if (!due) return set_wakeup_locked(yield_at_);  // pump_locked submits it
+  } else {
+    if (!due && !yield_if_idle_) return set_wakeup_locked(yield_at_);
+    if (!idle_since_) idle_since_ = now;
+    const auto grace_end = *idle_since_ + kIdleGrace;
+    if (now < grace_end) return set_wakeup_locked(due ? grace_end : std::min(*yield_at_, grace_end));
+  }
+  granted_ = false;
+  yield_at_.reset();
+  yield_if_idle_ = false;
+  idle_since_.reset();
+  set_wakeup_locked(std::nullopt);
+  want_sent_ = ready;  // gpupd takes "more" as a want
+  time_link_->release(busy_ns_locked() / 1000, ready);
+}
+
+void Worker::on_grant() {
+  std::lock_guard lock(mu_);
+  if (!time_link_ || granted_) return;
+  granted_ = true;
+  want_sent_ = false;
+  granted_at_ = std::chrono::steady_clock::now();
+  yield_at_.reset();
+  yield_if_idle_ = false;
+  ++grants_;
+  // The partition's waiting contexts, higher priority first (stable: then in creation order).
+  std::vector<Context*> ready;
+  for (auto& [id, c] : contexts_)
+    if (!c->faulted && !c->queue.empty() && c->queue.front().kind == Context::Item::kSubmit) ready.push_back(c);
+  std::stable_sort(ready.begin(), ready.end(), [](const Context* a, const Context* b) { return a->priority > b->priority; });
+  for (Context* c : ready) pump_locked(*c);
+}
+
+void Worker::on_yield(std::chrono::microseconds after, bool if_idle) {
+  std::lock_guard lock(mu_);
+  if (!time_link_ || !granted_) return;  // released already; the lines crossed
+  const auto at = granted_at_ + after;
+  if (!yield_at_ || at < *yield_at_) yield_at_ = at;
+  yield_if_idle_ = yield_if_idle_ || if_idle;
+  maybe_release_locked();
+}
+
+void Worker::on_hang(const TdrWatchdog::Hang& hang) {
+  nlohmann::json what = {{"running_ms", hang.running.count()}, {"tdr_delay_ms", config_.tdr_delay_ms}};
+  // The handlers may be stuck behind the hung work (destroying a context waits for it): tell the
+  // guests only if the object graph can be had soon; otherwise they learn it from the lost channel.
+  std::unique_lock lock(mu_, std::defer_lock);
+  if (lock.try_lock_for(std::chrono::milliseconds(200))) {
+    auto guilty = contexts_.find(hang.context_id);
+    const Device* guilty_device = nullptr;
+    if (guilty != contexts_.end()) {
+      const Context& c = *guilty->second;
+      guilty_device = c.device;
+      what["context"] = c.handle;
+      what["pid"] = c.process->pid_;
+      what["process"] = c.process->name_;
+    }
+    for (auto& [id, p] : processes_) {
+      if (!p->open()) continue;
+      for (auto& dev : p->devices_) {
+        const gpup_status reason =
+            dev.get() == guilty_device ? GPUP_STATUS_CONTEXT_RESET_GUILTY : GPUP_STATUS_CONTEXT_RESET_INNOCENT;
+        for (auto& c : dev->contexts) {
+          c->faulted = true;
+          c->queue.clear();
+          const std::string why = reason == GPUP_STATUS_CONTEXT_RESET_GUILTY
+                                      ? fmt::format("work ran past the TDR delay of {} ms; the partition was reset", config_.tdr_delay_ms)
+                                      : "another context's work ran past the TDR delay; the partition was reset";
+          ContextErrorRequest n{c->handle, reason, 0};
+          p->notify(Op::ContextError, &n, sizeof n, {reinterpret_cast<const uint8_t*>(why.data()), why.size()});
+        }
+        dev->state = GPUPKMT_DEVICESTATE_REMOVED;
+        dev->reason = reason;
+        const uint32_t counter = ++state_counter_;
+        p->fence_page_.bump_state_counter(counter);
+        DeviceStateChangedRequest d{dev->handle, dev->state, dev->reason, counter};
+        p->notify(Op::DeviceStateChanged, &d, sizeof d);
+      }
+    }
+  } else {
+    what["guests_told"] = false;
+  }
+  spdlog::error("TDR: context {} ran for {} ms (TDR delay {} ms); resetting partition {}", hang.context_id,
+                hang.running.count(), config_.tdr_delay_ms, config_.vm_name);
+  if (time_link_) time_link_->reset(what);
 }
 
 }  // namespace gpup::vmwp

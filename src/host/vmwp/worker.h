@@ -19,11 +19,14 @@
 // (disconnect, or the guest died) destroys everything it had, in that order, then unmaps its
 // sections, and then destroys its KMD process object.
 #pragma once
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <set>
 #include <span>
@@ -38,6 +41,7 @@
 #include "gpup/ddi.h"
 #include "host/kmd_loader/kmd_loader.h"
 #include "host/vmwp/handle_table.h"
+#include "host/vmwp/tdr_watchdog.h"
 #include "host/vmwp/va_space.h"
 #include "protocol/codec.h"
 
@@ -57,6 +61,8 @@ struct WorkerConfig {
   uint32_t compute_weight = 100;
   uint32_t max_compute = 100;
   bool secure = false;
+  // Device work running longer than this is reset (TdrWatchdog); 0 turns the watchdog off.
+  uint32_t tdr_delay_ms = 2000;
 };
 
 Result<WorkerConfig> parse_worker_config(const nlohmann::json& configure);
@@ -80,6 +86,22 @@ class VramBroker {
   virtual Result<Grant> query() = 0;
   // Gives back everything above hold; does not wait for the answer.
   virtual void release(uint64_t hold) = 0;
+};
+
+// gpupd's device-time scheduler (gpupd/vidsch.h), as the worker reaches it (main.cpp: the control
+// channel). Without a grant the worker hands no work to the KMD; it says it wants the device, and
+// Worker::on_grant() / on_yield() bring gpupd's answers. Calls come with Worker::mu_ held and must
+// not block.
+class DeviceTimeLink {
+ public:
+  virtual ~DeviceTimeLink() = default;
+  virtual void want() = 0;
+  // busy_us: all the time the worker had device work in flight so far; more: work is waiting.
+  virtual void release(uint64_t busy_us, bool more) = 0;
+  // Device work ran past the TDR delay and the partition's guests were told; what names the
+  // context, its process and how long it ran. The worker cannot take its work back from a KMD
+  // without pfnResetEngine, so this ends the process: it does not return.
+  [[noreturn]] virtual void reset(const nlohmann::json& what) = 0;
 };
 
 // Borrowing goes in steps of at least this much. Memory is given back (hysteresis) once, for two
@@ -248,6 +270,14 @@ class Worker {
   // Called regularly from the control loop: gives gpupd back memory borrowed and no longer used.
   void release_idle_vram();
 
+  // Device time comes from gpupd's scheduler (not owned; set before guests connect). Without a link
+  // the worker always holds the device. Also starts the TDR watchdog when tdr_delay_ms is set.
+  void set_device_time_link(DeviceTimeLink* link);
+  // gpupd's lines (vidsch.h): the device is this partition's; release it once `after` has passed
+  // since the grant and the work in flight is done (or at once when idle, with if_idle).
+  void on_grant();
+  void on_yield(std::chrono::microseconds after, bool if_idle);
+
   std::shared_ptr<GuestProcess> connect(std::unique_ptr<GuestLink> link);
   void disconnect(const std::shared_ptr<GuestProcess>& p);
 
@@ -266,6 +296,18 @@ class Worker {
   void drain_completions_locked();
   void apply_completion_locked(uint64_t context_id, uint64_t submission, gpup_status status);
   void pump_locked(Context& ctx);
+  // Device time (DeviceTimeLink): may work enter the KMD now; ask for the device; give it back
+  // when the yield asks for it and nothing is in flight.
+  bool may_submit_locked();
+  void need_device_locked();
+  void maybe_release_locked();
+  // Wakes the completion thread at `at` (it re-checks the yield then); nullopt: no timed wake.
+  void set_wakeup_locked(std::optional<std::chrono::steady_clock::time_point> at);
+  bool work_ready_locked() const;
+  void inflight_changed_locked(Context& ctx, int delta);
+  // The TDR watchdog found ctx running too long: tell every guest, then reset (ends the process).
+  void on_hang(const TdrWatchdog::Hang& hang);
+  uint64_t busy_ns_locked() const;
   void fence_changed_locked(SyncObject& s);
   Counts totals_locked();
   // What the partition may use now: its max, or, with a broker, min(max, max(min, hold)).
@@ -286,7 +328,7 @@ class Worker {
   kmd::AdapterCaps caps_{};
   uint64_t device_memory_ = 0;
 
-  std::mutex mu_;  // the object graph of every process
+  std::timed_mutex mu_;  // the object graph of every process
   std::map<uint64_t, std::shared_ptr<GuestProcess>> processes_;
   std::map<uint64_t, Context*> contexts_;  // by context id (the KMD's hSystemContext)
   uint64_t next_process_id_ = 1;
@@ -304,6 +346,22 @@ class Worker {
   uint64_t vram_pending_ = 0;
   unsigned vram_idle_ticks_ = 0;
   uint64_t vram_refused_ = 0;  // allocations gpupd refused memory for
+
+  // Device time. granted_: the device is this partition's (always, without a link); yield_at_:
+  // when gpupd wants it back (with yield_if_idle_: or as soon as nothing is in flight or ready).
+  DeviceTimeLink* time_link_ = nullptr;
+  bool granted_ = true;
+  bool want_sent_ = false;
+  std::chrono::steady_clock::time_point granted_at_{};
+  std::optional<std::chrono::steady_clock::time_point> yield_at_;
+  bool yield_if_idle_ = false;
+  std::optional<std::chrono::steady_clock::time_point> idle_since_;  // idle with yield_if_idle_
+  uint64_t inflight_total_ = 0;  // batches in the KMD, all contexts
+  uint64_t busy_ns_ = 0;         // time with work in the KMD, up to busy_since_
+  std::chrono::steady_clock::time_point busy_since_{};
+  uint64_t grants_ = 0;
+  std::atomic<int64_t> yield_deadline_ns_{0};  // yield_at_ for the completion thread's wait; 0: none
+  std::unique_ptr<TdrWatchdog> watchdog_;
 
   // Completions from KMD threads.
   struct Completion {

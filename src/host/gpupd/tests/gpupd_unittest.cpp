@@ -97,7 +97,31 @@ TEST(GpupdConfig, UnknownKeyIsNamedWithFileAndLine) {
             "/etc/gpup/gpupd.toml: adapter[0].kmdd: unknown key (expected name, kmd, config) (line 4)");
   auto top = parse_config("adapters = []\n", "g.toml");
   ASSERT_FALSE(top.ok());
-  EXPECT_EQ(top.error().message, "g.toml: adapters: unknown key (expected [[adapter]] tables or worker_memory_overhead) (line 1)");
+  EXPECT_EQ(top.error().message,
+            "g.toml: adapters: unknown key (expected [[adapter]] tables, worker_memory_overhead, tdr_delay_ms, "
+            "tdr_limit_count, tdr_limit_window_s or scheduler_quantum_ms) (line 1)");
+}
+
+TEST(GpupdConfig, SchedulerAndTdrSettings) {
+  auto d = parse_config("", "g.toml");
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->tdr_delay_ms, 2000u);
+  EXPECT_EQ(d->tdr_limit_count, 5u);
+  EXPECT_EQ(d->tdr_limit_window_s, 60u);
+  EXPECT_EQ(d->scheduler_quantum_ms, 10u);
+  auto c = parse_config("tdr_delay_ms = 500\ntdr_limit_count = 2\ntdr_limit_window_s = 30\nscheduler_quantum_ms = 4\n",
+                        "g.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  EXPECT_EQ(c->tdr_delay_ms, 500u);
+  EXPECT_EQ(c->tdr_limit_count, 2u);
+  EXPECT_EQ(c->tdr_limit_window_s, 30u);
+  EXPECT_EQ(c->scheduler_quantum_ms, 4u);
+  auto low = parse_config("tdr_delay_ms = 10\n", "g.toml");
+  ASSERT_FALSE(low.ok());
+  EXPECT_EQ(low.error().message, "g.toml: tdr_delay_ms: 10 is outside 100 .. 600000 (line 1)");
+  auto type = parse_config("tdr_limit_count = \"5\"\n", "g.toml");
+  ASSERT_FALSE(type.ok());
+  EXPECT_EQ(type.error().message, "g.toml: tdr_limit_count: expected an integer, got string (line 1)");
 }
 
 TEST(GpupdConfig, BadTypeIsNamed) {
