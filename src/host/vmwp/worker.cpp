@@ -48,8 +48,10 @@ static_assert(kMaxBulkDataSize == GPUPKMT_MAX_PRIVATE_DATA_SIZE && kMaxBulkDataS
               "gpup/kmt.h states the bulk data limits");
 constexpr size_t kMaxCpuWaits = 4096;
 // How long a holder asked to yield stays idle, waiting for its guest's next work, before it gives
-// the device back (Worker::maybe_release_locked).
-constexpr std::chrono::microseconds kIdleGrace{500};
+// the device back (Worker::maybe_release_locked): four times the partition's usual gap between
+// its work completing and more arriving (the guest reading results: tens of microseconds on a
+// shared-memory channel, a network round trip on a stream one), within these bounds.
+constexpr std::chrono::microseconds kMinIdleGrace{500}, kMaxIdleGrace{5000};
 constexpr uint32_t kDeviceStateNormal = GPUPKMT_DEVICESTATE_NORMAL;
 constexpr uint32_t kDeviceStateReset = GPUPKMT_DEVICESTATE_RESET;
 
@@ -1736,12 +1738,19 @@ bool Worker::work_ready_locked() const {
 void Worker::inflight_changed_locked(Context& ctx, int delta) {
   const auto now = std::chrono::steady_clock::now();
   if (delta > 0) {
-    if (inflight_total_ == 0) busy_since_ = now;
+    if (inflight_total_ == 0) {
+      busy_since_ = now;
+      // The gap since the device went idle, when short: the guest's turnaround (an EWMA).
+      const auto gap = std::chrono::duration_cast<std::chrono::nanoseconds>(now - idle_began_).count();
+      if (gap > 0 && gap < 20'000'000) gap_ewma_ns_ = gap_ewma_ns_ ? (gap_ewma_ns_ * 7 + gap) / 8 : gap;
+    }
     inflight_total_ += static_cast<uint64_t>(delta);
   } else {
     inflight_total_ -= std::min<uint64_t>(inflight_total_, static_cast<uint64_t>(-delta));
-    if (inflight_total_ == 0)
+    if (inflight_total_ == 0) {
       busy_ns_ += static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now - busy_since_).count());
+      idle_began_ = now;
+    }
   }
   if (watchdog_) {
     // The oldest submission of the context is the one running: it started when it entered an
@@ -1763,8 +1772,8 @@ void Worker::set_wakeup_locked(std::optional<std::chrono::steady_clock::time_poi
 }
 
 // Gives the device back when the yield asks for it; otherwise sets when the completion thread
-// must look again (completions look anyway while work is in flight). An idle holder waits
-// kIdleGrace for its guest's next work first: a guest reading its last results before sending more
+// must look again (completions look anyway while work is in flight). An idle holder waits a grace
+// (kMinIdleGrace..kMaxIdleGrace) for its guest's next work first: a guest reading its last results before sending more
 // keeps its turn until its deadline, and at the deadline keeps its place in gpupd's queue ("more").
 void Worker::maybe_release_locked() {
   if (!time_link_ || !granted_ || !yield_at_) return set_wakeup_locked(std::nullopt);
@@ -1781,7 +1790,9 @@ void Worker::maybe_release_locked() {
   } else {
     if (!due && !yield_if_idle_) return set_wakeup_locked(yield_at_);
     if (!idle_since_) idle_since_ = now;
-    const auto grace_end = *idle_since_ + kIdleGrace;
+    const auto grace = std::clamp<std::chrono::nanoseconds>(std::chrono::nanoseconds(4 * gap_ewma_ns_), kMinIdleGrace,
+                                                            kMaxIdleGrace);
+    const auto grace_end = *idle_since_ + grace;
     if (now < grace_end) return set_wakeup_locked(due ? grace_end : std::min(*yield_at_, grace_end));
   }
   granted_ = false;

@@ -356,6 +356,8 @@ class Worker {
   std::optional<std::chrono::steady_clock::time_point> yield_at_;
   bool yield_if_idle_ = false;
   std::optional<std::chrono::steady_clock::time_point> idle_since_;  // idle with yield_if_idle_
+  std::chrono::steady_clock::time_point idle_began_{};  // when inflight_total_ last fell to 0
+  int64_t gap_ewma_ns_ = 0;                             // usual idle gap before more work
   uint64_t inflight_total_ = 0;  // batches in the KMD, all contexts
   uint64_t busy_ns_ = 0;         // time with work in the KMD, up to busy_since_
   std::chrono::steady_clock::time_point busy_since_{};
