@@ -16,12 +16,16 @@
 
 #include <algorithm>
 #include <cstring>
+#include <chrono>
+#include <condition_variable>
 #include <functional>
+#include <pthread.h>
 #include <thread>
 
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <set>
 
 #include "gpup/kmd_opencl.h"
 #include "gpup/kmt.h"
@@ -178,7 +182,9 @@ class WorkerTest : public ::testing::Test {
     c.adapter_luid = kLuid;
     c.kmd = "mock";
     c.max_vram = 64 << 20;
+    configure(c);
     worker_ = std::make_unique<Worker>(c);
+    before_start(*worker_);
     auto s = worker_->start();
     ASSERT_TRUE(s.ok()) << s.error().describe();
     a_ = open_process();
@@ -187,11 +193,15 @@ class WorkerTest : public ::testing::Test {
   void TearDown() override {
     if (worker_) worker_->stop();
   }
+  // Derived fixtures adjust the configuration, and the worker before it starts.
+  virtual void configure(WorkerConfig&) {}
+  virtual void before_start(Worker&) {}
 
   struct Proc {
     std::shared_ptr<GuestProcess> p;
     std::shared_ptr<FakeLink::Shared> out;
     uint64_t txn = 1;
+    uint64_t fence_section = 0;  // Hello's: the fence page's fd is out->fds[fence_section]
   };
 
   Proc open_process() {
@@ -201,6 +211,7 @@ class WorkerTest : public ::testing::Test {
     HelloRequest h{1, kVersion, 0, 42, "unit"};
     auto r = call(pr, h);
     EXPECT_EQ(r.header.status, GPUP_STATUS_SUCCESS);
+    pr.fence_section = r.as<HelloReply>().fence_section;
     return pr;
   }
 
@@ -766,6 +777,516 @@ TEST_F(WorkerTest, ProgramSourceAndBuildOutputThroughASection) {
   const std::string log(reinterpret_cast<const char*>(sec.map + out_off + sizeof br), br.LogBytes);
   EXPECT_NE(log.find("no_such_kernel"), std::string::npos) << log;
   EXPECT_EQ(totals().allocations, 1u);
+}
+
+// --- device time (gpupd's grants, gpupd/vidsch.h) and the TDR watchdog ------------------------
+
+using namespace std::chrono_literals;
+
+// Polls pred every millisecond until it holds or timeout passes; returns whether it held.
+template <typename Pred>
+bool eventually(Pred pred, std::chrono::milliseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() >= until) return pred();
+    std::this_thread::sleep_for(1ms);
+  }
+  return true;
+}
+
+// gpupd's side of the device-time lines, recorded. The worker calls it with Worker::mu_ held; the
+// test only reads what it recorded and never calls the worker from here.
+class FakeTimeLink : public DeviceTimeLink {
+ public:
+  using Clock = std::chrono::steady_clock;
+  struct Release {
+    uint64_t busy_us = 0;
+    bool more = false;
+    Clock::time_point at;
+  };
+  struct Reset {
+    nlohmann::json what;
+    Clock::time_point at;
+    std::thread::id thread;
+  };
+
+  void want() override {
+    std::lock_guard l(mu_);
+    ++wants_;
+    cv_.notify_all();
+  }
+  void release(uint64_t busy_us, bool more) override {
+    std::lock_guard l(mu_);
+    releases_.push_back({busy_us, more, Clock::now()});
+    cv_.notify_all();
+  }
+  // The real link ends the process here (main.cpp). This one records the call and then ends only
+  // the calling thread (the TDR watchdog's). It may not return: reset() is [[noreturn]], so the
+  // worker's code after the call (Worker::on_hang) may not exist, and returning would be undefined
+  // behaviour. pthread_exit unwinds the thread's stack, so Worker::on_hang's lock on Worker::mu_
+  // is released, and the watchdog's thread is gone, as TdrWatchdog's destructor expects to join.
+  [[noreturn]] void reset(const nlohmann::json& what) override {
+    {
+      std::lock_guard l(mu_);
+      resets_.push_back({what, Clock::now(), std::this_thread::get_id()});
+      cv_.notify_all();
+    }
+    pthread_exit(nullptr);
+  }
+
+  int wants() {
+    std::lock_guard l(mu_);
+    return wants_;
+  }
+  std::vector<Release> releases() {
+    std::lock_guard l(mu_);
+    return releases_;
+  }
+  std::vector<Reset> resets() {
+    std::lock_guard l(mu_);
+    return resets_;
+  }
+  bool wait_for_releases(size_t n, std::chrono::milliseconds timeout) {
+    std::unique_lock l(mu_);
+    return cv_.wait_for(l, timeout, [&] { return releases_.size() >= n; });
+  }
+  bool wait_for_resets(size_t n, std::chrono::milliseconds timeout) {
+    std::unique_lock l(mu_);
+    return cv_.wait_for(l, timeout, [&] { return resets_.size() >= n; });
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int wants_ = 0;
+  std::vector<Release> releases_;
+  std::vector<Reset> resets_;
+};
+
+// The worker with a device-time link (gpupd's scheduler, faked): nothing enters the KMD without a
+// grant. Helpers to run real work on the mock KMD and to see when it ran.
+class DeviceTimeTest : public WorkerTest {
+ protected:
+  void before_start(Worker& w) override { w.set_device_time_link(&link_); }
+  void TearDown() override {
+    WorkerTest::TearDown();
+    worker_.reset();  // before link_ goes
+  }
+
+  uint32_t create_context(Proc& pr, uint32_t dev, int32_t priority = 0) {
+    auto r = call(pr, CreateContextRequest{dev, 0, priority, 0});
+    EXPECT_EQ(r.header.status, 0) << r.text();
+    return r.as<CreateContextReply>().context;
+  }
+  struct Fence {
+    uint32_t sync = 0, slot = 0;
+  };
+  Fence create_fence(Proc& pr, uint32_t dev) {
+    auto r = call(pr, CreateSyncObjectRequest{dev, GPUPKMT_SYNCOBJECT_MONITORED_FENCE, 0});
+    EXPECT_EQ(r.header.status, 0) << r.text();
+    return {r.as<CreateSyncObjectReply>().sync_object, r.as<CreateSyncObjectReply>().fence_slot};
+  }
+  // The value the guest reads in its fence page.
+  uint64_t fence_value(Proc& pr, const Fence& f) {
+    int fd = -1;
+    {
+      std::lock_guard l(pr.out->mu);
+      auto it = pr.out->fds.find(pr.fence_section);
+      if (it != pr.out->fds.end()) fd = it->second;
+    }
+    if (fd < 0) {
+      ADD_FAILURE() << "no fence page";
+      return 0;
+    }
+    const size_t size = sizeof(FencePageHeader) + sizeof(uint64_t) * FencePage::kSlots;
+    void* m = mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    if (m == MAP_FAILED) {
+      ADD_FAILURE() << "mmap of the fence page: " << std::strerror(errno);
+      return 0;
+    }
+    const auto* values = reinterpret_cast<const uint64_t*>(static_cast<const uint8_t*>(m) + sizeof(FencePageHeader));
+    const uint64_t v = __atomic_load_n(&values[f.slot], __ATOMIC_ACQUIRE);
+    munmap(m, size);
+    return v;
+  }
+  // A CPU-visible allocation mapped read/write at a GPU VA of its own.
+  struct Buffer {
+    uint32_t alloc = 0;
+    uint64_t va = 0;
+  };
+  Buffer mapped(Proc& pr, uint32_t dev, uint64_t size) {
+    Buffer b;
+    b.alloc = create_alloc(pr, dev, size);
+    b.va = call(pr, ReserveGpuVaRequest{0, size}).as<ReserveGpuVaReply>().va;
+    auto r = call(pr, MapGpuVaRequest{b.alloc, GPUPKMT_PROTECTION_READ | GPUPKMT_PROTECTION_WRITE, b.va, 0, size});
+    EXPECT_EQ(r.header.status, 0) << r.text();
+    return b;
+  }
+  uint32_t read_u32(Proc& pr, const Buffer& b, uint64_t offset) {
+    auto r = call(pr, ReadAllocationRequest{b.alloc, 4, offset});
+    EXPECT_EQ(r.header.status, 0) << r.text();
+    uint32_t v = 0;
+    if (r.tail.size() == sizeof v) std::memcpy(&v, r.tail.data(), sizeof v);
+    return v;
+  }
+  void submit_fill(Proc& pr, uint32_t ctx, const Buffer& b, uint64_t size, uint32_t pattern, uint64_t id) {
+    CommandWriter w;
+    w.fill(b.va, size, &pattern, sizeof pattern);
+    send_async(pr, SubmitCommandRequest{ctx, 0, id}, w.bytes());
+  }
+  // A probe: a submission the worker accepts and the mock KMD refuses in pfnSubmitCommand (a copy
+  // within one allocation whose ranges overlap). The moment it enters the KMD, the guest gets a
+  // ContextError for it (the context faults): that shows whether, and in which order, work was
+  // handed to the KMD. (b must be at least 192 bytes.)
+  void submit_probe(Proc& pr, uint32_t ctx, const Buffer& b, uint64_t id) {
+    CommandWriter w;
+    w.copy(b.va, b.va + 64, 128);
+    send_async(pr, SubmitCommandRequest{ctx, 0, id}, w.bytes());
+  }
+  void signal(Proc& pr, uint32_t ctx, const Fence& f, uint64_t value) {
+    send_async(pr, SignalFromGpuRequest{ctx, f.sync, value});
+  }
+  // A program with the mock's spin kernel (mock_kernels.h).
+  uint32_t build_spin_program(Proc& pr, uint32_t dev) {
+    const std::string src = "__kernel void spin(__global ulong* out, ulong iterations) {}\n";
+    GPUP_OCL_PROGRAM_DESC d{GPUP_OCL_PROGRAM_MAGIC, GPUP_OCL_PROGRAM_VERSION, GPUP_OCL_PROGRAM_SOURCE, 0,
+                            static_cast<uint32_t>(src.size()), 0};
+    std::vector<uint8_t> tail(sizeof d + src.size());
+    std::memcpy(tail.data(), &d, sizeof d);
+    std::memcpy(tail.data() + sizeof d, src.data(), src.size());
+    auto r = call(pr, CreateAllocationRequest{dev, GPUPKMT_ALLOCATION_PROGRAM, 0, 4096, 0}, tail);
+    EXPECT_EQ(r.header.status, 0) << r.text();
+    EXPECT_NE(r.as<CreateAllocationReply>().allocation, 0u) << r.text();
+    return r.as<CreateAllocationReply>().allocation;
+  }
+  // One work item of spin: `iterations` dependent multiply-adds, on the mock context's thread.
+  void submit_spin(Proc& pr, uint32_t ctx, uint32_t program, const Buffer& out, uint64_t iterations, uint64_t id) {
+    CommandWriter w;
+    const uint64_t global[3] = {1, 1, 1};
+    const CommandWriter::Arg args[2] = {{GPUPDDI_ARG_BUFFER, 0, out.va, 8, nullptr},
+                                        {GPUPDDI_ARG_VALUE, 8, 0, 0, &iterations}};
+    ASSERT_TRUE(w.dispatch(program, "spin", 1, nullptr, global, nullptr, args).ok());
+    send_async(pr, SubmitCommandRequest{ctx, 0, id}, w.bytes());
+  }
+  std::vector<DeviceStateChangedRequest> device_states(Proc& pr) {
+    std::vector<DeviceStateChangedRequest> v;
+    std::lock_guard l(pr.out->mu);
+    for (auto& b : pr.out->messages) {
+      auto m = decode(b, Direction::kHostToGuest);
+      if (m.ok() && m->op() == Op::DeviceStateChanged) v.push_back(m->as<DeviceStateChangedRequest>());
+    }
+    return v;
+  }
+  uint64_t stat(const char* name) { return worker_->stats_json().at(name).get<uint64_t>(); }
+
+  // Work that is surely still running a few milliseconds after it was handed to the KMD: each
+  // spin iteration is a dependent 64-bit multiply and add, at least ~4 cycles (>= 0.6 ns even at
+  // 6 GHz), so this is >= 120 ms on any machine (several hundred ms on a slow or loaded one).
+  static constexpr uint64_t kShortSpin = 200'000'000;
+
+  FakeTimeLink link_;
+};
+
+TEST_F(DeviceTimeTest, WithoutAGrantNothingEntersTheKmdAndOneWantIsSent) {
+  const uint32_t dev = create_device(a_);
+  const Buffer buf = mapped(a_, dev, 4096);
+  const uint32_t ctx = create_context(a_, dev);
+  const Fence f = create_fence(a_, dev);
+  const uint32_t dev_b = create_device(b_);
+  const Buffer buf_b = mapped(b_, dev_b, 4096);
+  const uint32_t probe = create_context(b_, dev_b);
+  EXPECT_EQ(link_.wants(), 0) << "a want before there was work";
+
+  submit_fill(a_, ctx, buf, 4096, 0x5a5a5a5a, 1);
+  signal(a_, ctx, f, 1);
+  EXPECT_EQ(link_.wants(), 1);
+  // More work, in this process and in another one: still the one want.
+  submit_fill(a_, ctx, buf, 4096, 0xa5a5a5a5, 2);
+  signal(a_, ctx, f, 2);
+  submit_probe(b_, probe, buf_b, 3);
+  EXPECT_TRUE(context_errors(b_).empty()) << "the probe reached the KMD without a grant";
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(fence_value(a_, f), 0u);
+  EXPECT_EQ(read_u32(a_, buf, 0), 0u) << "the fill ran without a grant";
+  EXPECT_EQ(link_.wants(), 1);
+  EXPECT_TRUE(link_.releases().empty());
+
+  worker_->on_grant();
+  // Everything waiting was handed to the KMD by on_grant itself: the probe's refusal is there.
+  auto errs = context_errors(b_);
+  ASSERT_EQ(errs.size(), 1u);
+  EXPECT_EQ(errs[0].first.context, probe);
+  EXPECT_EQ(errs[0].first.submission_id, 3u);
+  ASSERT_TRUE(eventually([&] { return fence_value(a_, f) == 2; }, 10s)) << "fence " << fence_value(a_, f);
+  EXPECT_EQ(read_u32(a_, buf, 0), 0xa5a5a5a5u);
+  EXPECT_EQ(read_u32(a_, buf, 4092), 0xa5a5a5a5u);
+  EXPECT_TRUE(context_errors(a_).empty());
+  // No yield: the holder keeps the device, and wants nothing more.
+  EXPECT_EQ(link_.wants(), 1);
+  EXPECT_TRUE(link_.releases().empty());
+  EXPECT_EQ(stat("device_grants"), 1u);
+  EXPECT_GT(stat("device_busy_ns"), 0u);
+  // A second grant while holding changes nothing.
+  worker_->on_grant();
+  EXPECT_EQ(stat("device_grants"), 1u);
+}
+
+TEST_F(DeviceTimeTest, YieldStopsNewWorkAndReleasesWithMoreOnceTheWorkInFlightIsDone) {
+  const uint32_t dev = create_device(a_);
+  const uint32_t prog = build_spin_program(a_, dev);
+  const Buffer out = mapped(a_, dev, 4096);
+  const uint32_t ctx = create_context(a_, dev);
+  const Fence f = create_fence(a_, dev);
+  const uint32_t dev_b = create_device(b_);
+  const Buffer buf_b = mapped(b_, dev_b, 4096);
+  const uint32_t probe = create_context(b_, dev_b);
+  worker_->on_grant();  // granted before it wanted: it just holds the device
+
+  const auto t0 = std::chrono::steady_clock::now();
+  submit_spin(a_, ctx, prog, out, kShortSpin, 1);
+  signal(a_, ctx, f, 1);
+  worker_->on_yield(0us, false);  // due at once: the deadline is the grant
+  EXPECT_TRUE(link_.releases().empty()) << "released with work in flight";
+  // New work, here from another process, does not enter the KMD any more.
+  submit_probe(b_, probe, buf_b, 2);
+  EXPECT_TRUE(context_errors(b_).empty()) << "the probe entered the KMD after the yield";
+  EXPECT_TRUE(link_.releases().empty()) << "released with work in flight";
+
+  ASSERT_TRUE(link_.wait_for_releases(1, 30s));
+  const auto rel = link_.releases();
+  ASSERT_EQ(rel.size(), 1u);
+  EXPECT_TRUE(rel[0].more) << "the probe still waits";
+  EXPECT_GT(rel[0].busy_us, 0u);
+  EXPECT_GE(rel[0].busy_us, 50'000u) << "the spin ran >= 120 ms";
+  EXPECT_LE(rel[0].busy_us, static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(rel[0].at - t0).count()));
+  ASSERT_TRUE(eventually([&] { return fence_value(a_, f) == 1; }, 10s));
+  std::cout << "[ spin     ] " << kShortSpin << " iterations: "
+            << std::chrono::duration_cast<std::chrono::milliseconds>(rel[0].at - t0).count() << " ms\n";
+  // "more" counts as a want at gpupd: no separate want, and the probe waits for the next grant.
+  std::this_thread::sleep_for(20ms);
+  EXPECT_TRUE(context_errors(b_).empty());
+  EXPECT_EQ(link_.wants(), 0);
+  worker_->on_grant();
+  auto errs = context_errors(b_);
+  ASSERT_EQ(errs.size(), 1u);
+  EXPECT_EQ(errs[0].first.context, probe);
+  EXPECT_EQ(stat("device_grants"), 2u);
+  EXPECT_EQ(link_.releases().size(), 1u);
+}
+
+TEST_F(DeviceTimeTest, YieldWithNothingQueuedReleasesWithoutMore) {
+  const uint32_t dev = create_device(a_);
+  const uint32_t prog = build_spin_program(a_, dev);
+  const Buffer out = mapped(a_, dev, 4096);
+  const uint32_t ctx = create_context(a_, dev);
+  worker_->on_grant();
+  submit_spin(a_, ctx, prog, out, kShortSpin, 1);
+  worker_->on_yield(0us, false);
+  worker_->on_yield(60s, false);  // the smallest deadline counts
+  EXPECT_TRUE(link_.releases().empty()) << "released with work in flight";
+  ASSERT_TRUE(link_.wait_for_releases(1, 30s));
+  const auto rel = link_.releases();
+  ASSERT_EQ(rel.size(), 1u);
+  EXPECT_FALSE(rel[0].more);
+  EXPECT_GE(rel[0].busy_us, 50'000u);
+  EXPECT_EQ(link_.wants(), 0);
+  // A yield after the release (the lines crossed) is ignored.
+  worker_->on_yield(0us, true);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(link_.releases().size(), 1u);
+  // New work after the release: one want, and it waits for the grant.
+  const Fence f = create_fence(a_, dev);
+  submit_spin(a_, ctx, prog, out, 1000, 2);
+  signal(a_, ctx, f, 1);
+  EXPECT_EQ(link_.wants(), 1);
+  std::this_thread::sleep_for(20ms);
+  EXPECT_EQ(fence_value(a_, f), 0u);
+  worker_->on_grant();
+  EXPECT_TRUE(eventually([&] { return fence_value(a_, f) == 1; }, 10s));
+}
+
+TEST_F(DeviceTimeTest, IdleHolderAskedToYieldIfIdleReleasesAfterAShortGrace) {
+  const uint32_t dev = create_device(a_);
+  const Buffer buf = mapped(a_, dev, 4096);
+  const uint32_t ctx = create_context(a_, dev);
+  const Fence f = create_fence(a_, dev);
+  worker_->on_grant();
+  submit_fill(a_, ctx, buf, 4096, 7, 1);
+  signal(a_, ctx, f, 1);
+  ASSERT_TRUE(eventually([&] { return fence_value(a_, f) == 1; }, 10s));
+
+  // Idle, asked to yield in a minute but not "if idle" (nobody else waits): it keeps the device.
+  worker_->on_yield(60s, false);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_TRUE(link_.releases().empty()) << "an idle holder gave the device back before its deadline";
+  // Others wait now: it gives the device back once idle for its grace (0.5 to 5 ms, after its
+  // guest's usual turnaround), not in a minute.
+  const auto t0 = std::chrono::steady_clock::now();
+  worker_->on_yield(60s, true);
+  ASSERT_TRUE(link_.wait_for_releases(1, 5s)) << "an idle holder kept the device";
+  const auto rel = link_.releases();
+  ASSERT_EQ(rel.size(), 1u);
+  EXPECT_GE(rel[0].at - t0, 500us) << "released without waiting for the guest's next work";
+  EXPECT_LT(rel[0].at - t0, 2s);
+  EXPECT_FALSE(rel[0].more);
+  EXPECT_GT(rel[0].busy_us, 0u) << "the fill's device time";
+  EXPECT_EQ(link_.wants(), 0);
+}
+
+TEST_F(DeviceTimeTest, IdleHolderKeepsTheDeviceForWorkThatComesWithinItsGrace) {
+  // A guest that sends its next work right after the last completed keeps its turn (until its
+  // deadline): the grace exists so a holder asked "if idle" is not released between two batches.
+  const uint32_t dev = create_device(a_);
+  const Buffer buf = mapped(a_, dev, 4096);
+  const uint32_t ctx = create_context(a_, dev);
+  const uint32_t prog = build_spin_program(a_, dev);
+  worker_->on_grant();
+  // Busy when the yield comes: no grace runs while work is in flight.
+  submit_spin(a_, ctx, prog, buf, kShortSpin, 1);
+  worker_->on_yield(60s, true);
+  EXPECT_TRUE(link_.releases().empty());
+  // More work while the first still runs: it enters (not due yet) and the holder stays busy.
+  const Fence f = create_fence(a_, dev);
+  submit_fill(a_, ctx, buf, 4096, 9, 2);
+  signal(a_, ctx, f, 1);
+  EXPECT_TRUE(link_.releases().empty());
+  ASSERT_TRUE(link_.wait_for_releases(1, 30s));
+  EXPECT_EQ(fence_value(a_, f), 1u) << "released before the fill ran";
+  EXPECT_FALSE(link_.releases()[0].more);
+}
+
+TEST_F(DeviceTimeTest, HigherPriorityContextsEnterTheDeviceFirstOnAGrant) {
+  const uint32_t dev = create_device(a_);
+  const Buffer buf = mapped(a_, dev, 4096);
+  // Created lowest first: creation order alone would hand them over lowest first.
+  const uint32_t low = create_context(a_, dev, -2);
+  const uint32_t mid = create_context(a_, dev, 0);
+  const uint32_t high = create_context(a_, dev, 2);
+  submit_probe(a_, low, buf, 1);
+  submit_probe(a_, mid, buf, 2);
+  submit_probe(a_, high, buf, 3);
+  EXPECT_TRUE(context_errors(a_).empty()) << "a probe entered the KMD without a grant";
+  EXPECT_EQ(link_.wants(), 1);
+  worker_->on_grant();
+  // The probes' refusals, in the order they were handed to the KMD.
+  auto errs = context_errors(a_);
+  ASSERT_EQ(errs.size(), 3u);
+  EXPECT_EQ(errs[0].first.context, high);
+  EXPECT_EQ(errs[0].first.submission_id, 3u);
+  EXPECT_EQ(errs[1].first.context, mid);
+  EXPECT_EQ(errs[2].first.context, low);
+}
+
+TEST_F(WorkerTest, WithoutADeviceTimeLinkWorkRunsAtOnce) {
+  const uint32_t dev = create_device(a_);
+  const uint64_t va = call(a_, ReserveGpuVaRequest{0, 4096}).as<ReserveGpuVaReply>().va;
+  const uint32_t alloc = create_alloc(a_, dev, 4096);
+  ASSERT_EQ(call(a_, MapGpuVaRequest{alloc, GPUPKMT_PROTECTION_READ | GPUPKMT_PROTECTION_WRITE, va, 0, 4096}).header.status, 0);
+  const uint32_t ctx = call(a_, CreateContextRequest{dev, 0, 0, 0}).as<CreateContextReply>().context;
+  // gpupd's lines mean nothing without a link.
+  worker_->on_yield(0us, true);
+  worker_->on_grant();
+  CommandWriter w;
+  w.copy(va, va + 64, 128);  // refused by the mock KMD: a ContextError as soon as it is handed over
+  send_async(a_, SubmitCommandRequest{ctx, 0, 1}, w.bytes());
+  EXPECT_EQ(context_errors(a_).size(), 1u);
+  EXPECT_EQ(worker_->stats_json().at("device_grants").get<uint64_t>(), 0u);
+}
+
+// The TDR delay is short here; a submission that runs past it resets the partition.
+class TdrTest : public DeviceTimeTest {
+ protected:
+  void configure(WorkerConfig& c) override { c.tdr_delay_ms = 200; }
+  // Runs >= 600 ms on any machine (see kShortSpin): well past the delay. The mock KMD cannot take
+  // work back except through pfnResetEngine, which the worker does not call, so TearDown (closing
+  // the processes destroys the context) waits for it to end.
+  static constexpr uint64_t kLongSpin = 1'000'000'000;
+};
+
+TEST_F(TdrTest, WorkRunningPastTheDelayResetsThePartitionAndEveryGuestIsTold) {
+  const uint32_t dev = create_device(a_);
+  const uint32_t prog = build_spin_program(a_, dev);
+  const Buffer out = mapped(a_, dev, 4096);
+  const uint32_t hung = create_context(a_, dev);
+  const uint32_t sibling = create_context(a_, dev);  // same device, idle
+  const uint32_t dev_b = create_device(b_);
+  const uint32_t ctx_b = create_context(b_, dev_b);  // another process, idle
+  worker_->on_grant();
+
+  const auto t0 = std::chrono::steady_clock::now();
+  submit_spin(a_, hung, prog, out, kLongSpin, 9);
+  ASSERT_TRUE(link_.wait_for_resets(1, 10s)) << "no reset";
+  const auto resets = link_.resets();
+  ASSERT_EQ(resets.size(), 1u);
+  const auto& what = resets[0].what;
+  EXPECT_NE(resets[0].thread, std::this_thread::get_id());
+  EXPECT_GE(resets[0].at - t0, 200ms) << "reset before the TDR delay: " << what.dump();
+  EXPECT_LT(resets[0].at - t0, 200ms + 3s) << what.dump();
+  EXPECT_EQ(what.value("context", 0u), hung) << what.dump();
+  EXPECT_EQ(what.value("pid", 0u), 42u) << what.dump();
+  EXPECT_EQ(what.value("process", ""), "unit") << what.dump();
+  EXPECT_GE(what.value("running_ms", 0), 200) << what.dump();
+  EXPECT_EQ(what.value("tdr_delay_ms", 0u), 200u) << what.dump();
+  EXPECT_FALSE(what.contains("guests_told")) << what.dump();
+
+  // The guilty process: every context of the guilty device, then the device removed.
+  auto errs = context_errors(a_);
+  ASSERT_EQ(errs.size(), 2u);
+  std::set<uint32_t> told;
+  for (auto& [e, text] : errs) {
+    told.insert(e.context);
+    EXPECT_EQ(e.status, GPUP_STATUS_CONTEXT_RESET_GUILTY);
+    EXPECT_NE(text.find("TDR"), std::string::npos) << text;
+  }
+  EXPECT_EQ(told, (std::set<uint32_t>{hung, sibling}));
+  auto states = device_states(a_);
+  ASSERT_EQ(states.size(), 1u);
+  EXPECT_EQ(states[0].device, dev);
+  EXPECT_EQ(states[0].state, GPUPKMT_DEVICESTATE_REMOVED);
+  EXPECT_EQ(states[0].reason, GPUP_STATUS_CONTEXT_RESET_GUILTY);
+  EXPECT_GT(states[0].state_counter, 1u);
+  // Another process: innocent, but its device is gone too (the whole partition is reset).
+  errs = context_errors(b_);
+  ASSERT_EQ(errs.size(), 1u);
+  EXPECT_EQ(errs[0].first.context, ctx_b);
+  EXPECT_EQ(errs[0].first.status, GPUP_STATUS_CONTEXT_RESET_INNOCENT);
+  states = device_states(b_);
+  ASSERT_EQ(states.size(), 1u);
+  EXPECT_EQ(states[0].device, dev_b);
+  EXPECT_EQ(states[0].state, GPUPKMT_DEVICESTATE_REMOVED);
+  EXPECT_EQ(states[0].reason, GPUP_STATUS_CONTEXT_RESET_INNOCENT);
+
+  // What the guest reads later agrees (and the worker's lock was given back by on_hang).
+  auto st = call(a_, GetDeviceStateRequest{dev, 0}).as<GetDeviceStateReply>();
+  EXPECT_EQ(st.state, GPUPKMT_DEVICESTATE_REMOVED);
+  EXPECT_EQ(st.reason, GPUP_STATUS_CONTEXT_RESET_GUILTY);
+  // Reported once; the work still runs, nothing more is reported.
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(link_.resets().size(), 1u);
+}
+
+TEST_F(TdrTest, ASubmissionTheKmdRefusesDoesNotRestartTheClockOfTheWorkRunning) {
+  const uint32_t dev = create_device(a_);
+  const uint32_t prog = build_spin_program(a_, dev);
+  const Buffer out = mapped(a_, dev, 4096);
+  const uint32_t ctx = create_context(a_, dev);
+  worker_->on_grant();
+  submit_spin(a_, ctx, prog, out, kLongSpin, 1);
+  const auto started = std::chrono::steady_clock::now();  // the spin entered the KMD in send_async
+  std::this_thread::sleep_for(120ms);
+  if (!link_.resets().empty()) GTEST_SKIP() << "the machine stalled past the TDR delay before the probe was sent";
+  // The KMD refuses the context's next submission (the context faults); the spin runs on. Its
+  // clock is still the one that started with it: a refusal is not the head completing.
+  submit_probe(a_, ctx, out, 2);
+  ASSERT_EQ(context_errors(a_).size(), 1u);
+  ASSERT_TRUE(link_.wait_for_resets(1, 10s)) << "no reset";
+  const auto r = link_.resets()[0];
+  const auto since_start = std::chrono::duration_cast<std::chrono::milliseconds>(r.at - started).count();
+  // running_ms is how long the spin had run when the watchdog looked, shortly before reset():
+  // about since_start (60 ms for on_hang's own latency), not since the refusal (120 ms less).
+  EXPECT_GE(r.what.value("running_ms", 0), since_start - 60) << r.what.dump() << ", reset " << since_start
+                                                             << " ms after the spin started";
+  EXPECT_LT(since_start, 200 + 3000);
 }
 
 // --- sandbox policy --------------------------------------------------------------------------

@@ -158,6 +158,7 @@ struct Context : Object {
   std::map<uint64_t, std::shared_ptr<Batch>> inflight;  // by KMD submission id
   bool faulted = false;
   int32_t priority = 0;  // -2..2: which of the partition's contexts enters the device first
+  uint64_t watched = 0;   // the submission the TDR watchdog times: the oldest in flight (0: none)
 };
 
 // ----------------------------------------------------------------------------------------------
@@ -1754,9 +1755,14 @@ void Worker::inflight_changed_locked(Context& ctx, int delta) {
   }
   if (watchdog_) {
     // The oldest submission of the context is the one running: it started when it entered an
-    // idle context or when the one before it completed.
-    if (ctx.inflight.empty()) watchdog_->idle(ctx.cookie.id);
-    else if (delta < 0 || ctx.inflight.size() == 1) watchdog_->running(ctx.cookie.id, now);
+    // idle context or when the one before it completed (not when a newer one entered, or was
+    // refused by the KMD).
+    const uint64_t oldest = ctx.inflight.empty() ? 0 : ctx.inflight.begin()->first;
+    if (oldest != ctx.watched) {
+      ctx.watched = oldest;
+      if (oldest) watchdog_->running(ctx.cookie.id, now);
+      else watchdog_->idle(ctx.cookie.id);
+    }
   }
   if (delta < 0) maybe_release_locked();
 }
@@ -1831,6 +1837,11 @@ void Worker::on_yield(std::chrono::microseconds after, bool if_idle) {
 }
 
 void Worker::on_hang(const TdrWatchdog::Hang& hang) {
+  if (!time_link_) {
+    spdlog::error("context {} ran for {} ms, past the TDR delay of {} ms; nothing resets it here (no gpupd link)",
+                  hang.context_id, hang.running.count(), config_.tdr_delay_ms);
+    return;
+  }
   nlohmann::json what = {{"running_ms", hang.running.count()}, {"tdr_delay_ms", config_.tdr_delay_ms}};
   // The handlers may be stuck behind the hung work (destroying a context waits for it): tell the
   // guests only if the object graph can be had soon; otherwise they learn it from the lost channel.
@@ -1872,7 +1883,7 @@ void Worker::on_hang(const TdrWatchdog::Hang& hang) {
   }
   spdlog::error("TDR: context {} ran for {} ms (TDR delay {} ms); resetting partition {}", hang.context_id,
                 hang.running.count(), config_.tdr_delay_ms, config_.vm_name);
-  if (time_link_) time_link_->reset(what);
+  time_link_->reset(what);
 }
 
 }  // namespace gpup::vmwp

@@ -271,7 +271,8 @@ class Worker {
   void release_idle_vram();
 
   // Device time comes from gpupd's scheduler (not owned; set before guests connect). Without a link
-  // the worker always holds the device. Also starts the TDR watchdog when tdr_delay_ms is set.
+  // the worker always holds the device, and a hang the TDR watchdog (started by start() when
+  // tdr_delay_ms is set) finds is only logged: resetting the partition is the link's job.
   void set_device_time_link(DeviceTimeLink* link);
   // gpupd's lines (vidsch.h): the device is this partition's; release it once `after` has passed
   // since the grant and the work in flight is done (or at once when idle, with if_idle).
