@@ -79,14 +79,28 @@ double ms_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
 }
 
+// The spin kernel with its output buffer bound; false when they cannot be made.
+bool spin_kernel(Cl& cl, cl_kernel& k, cl_mem& out) {
+  cl_int err;
+  k = clCreateKernel(cl.prog, "spin", &err);
+  if (err != CL_SUCCESS) return false;
+  out = clCreateBuffer(cl.ctx, CL_MEM_READ_WRITE, kItems * 4, nullptr, &err);
+  if (err != CL_SUCCESS) return false;
+  const cl_uint iters = kIters;
+  return clSetKernelArg(k, 0, sizeof out, &out) == CL_SUCCESS && clSetKernelArg(k, 1, sizeof iters, &iters) == CL_SUCCESS;
+}
+
+size_t count_wrong(const std::vector<uint32_t>& host) {
+  size_t wrong = 0;
+  for (size_t i = 0; i < host.size(); ++i) wrong += host[i] != expected(static_cast<uint32_t>(i));
+  return wrong;
+}
+
 int spin(Cl& cl, double seconds) {
   cl_int err;
-  cl_kernel k = clCreateKernel(cl.prog, "spin", &err);
-  cl_mem out = clCreateBuffer(cl.ctx, CL_MEM_READ_WRITE, kItems * 4, nullptr, &err);
-  if (err != CL_SUCCESS) return 2;
-  cl_uint iters = kIters;
-  clSetKernelArg(k, 0, sizeof out, &out);
-  clSetKernelArg(k, 1, sizeof iters, &iters);
+  cl_kernel k;
+  cl_mem out;
+  if (!spin_kernel(cl, k, out)) return 2;
   const size_t global = kItems;
   const auto start = std::chrono::steady_clock::now();
   long kernels = 0;
@@ -114,8 +128,7 @@ int spin(Cl& cl, double seconds) {
     std::printf("SPIN read err=%d\n", err);
     return 1;
   }
-  size_t wrong = 0;
-  for (size_t i = 0; i < kItems; ++i) wrong += host[i] != expected(static_cast<uint32_t>(i));
+  const size_t wrong = count_wrong(host);
   std::printf("SPIN kernels=%ld wrong=%zu %s\n", kernels, wrong, wrong ? "BAD" : "ok");
   clReleaseMemObject(out);
   clReleaseKernel(k);
@@ -148,23 +161,18 @@ int fault(Cl& cl, const char* kernel, const char* tag) {
 }
 
 int check(Cl& cl) {
-  cl_int err;
-  cl_kernel k = clCreateKernel(cl.prog, "spin", &err);
-  cl_mem out = clCreateBuffer(cl.ctx, CL_MEM_READ_WRITE, kItems * 4, nullptr, &err);
-  if (err != CL_SUCCESS) return 2;
-  cl_uint iters = kIters;
-  clSetKernelArg(k, 0, sizeof out, &out);
-  clSetKernelArg(k, 1, sizeof iters, &iters);
+  cl_kernel k;
+  cl_mem out;
+  if (!spin_kernel(cl, k, out)) return 2;
   const size_t global = kItems;
   std::vector<uint32_t> host(kItems);
-  err = clEnqueueNDRangeKernel(cl.q, k, 1, nullptr, &global, nullptr, 0, nullptr, nullptr);
+  cl_int err = clEnqueueNDRangeKernel(cl.q, k, 1, nullptr, &global, nullptr, 0, nullptr, nullptr);
   if (err == CL_SUCCESS) err = clEnqueueReadBuffer(cl.q, out, CL_TRUE, 0, kItems * 4, host.data(), 0, nullptr, nullptr);
   if (err != CL_SUCCESS) {
     std::printf("CHECK err=%d\n", err);
     return 1;
   }
-  size_t wrong = 0;
-  for (size_t i = 0; i < kItems; ++i) wrong += host[i] != expected(static_cast<uint32_t>(i));
+  const size_t wrong = count_wrong(host);
   std::printf("CHECK %s wrong=%zu\n", wrong ? "BAD" : "ok", wrong);
   return wrong ? 1 : 0;
 }

@@ -606,6 +606,11 @@ class VidSchE2E : public ::testing::Test {
   }
   static nlohmann::json show(const std::string& vm) { return json_of(host_->gpup({"vm", "show", vm, "--json"})); }
   static pid_t worker_pid(const std::string& vm) { return show(vm).value("pid", -1); }
+  // A cl_sched_guest that ended well: exit 0 and its success line.
+  static void expect_success(Child& c, const std::string& line) {
+    EXPECT_EQ(c.wait(60s), 0) << c.output();
+    EXPECT_NE(c.output().find(line), std::string::npos) << c.output();
+  }
   // Waits until the partition's worker runs (after a reset it is restarted).
   static nlohmann::json wait_running(const std::string& vm) {
     nlohmann::json j;
@@ -696,8 +701,7 @@ TEST_F(VidSchE2E, EndlessKernelIsResetWithinTheTdrDelayWhileOthersRunOn) {
   EXPECT_LE(reset_ms, 3000) << out;
   EXPECT_GE(reset_ms, 1900) << "reset before the TDR delay: " << out;
   EXPECT_LE(waited, 3.5) << out;
-  EXPECT_EQ(b->wait(60s), 0) << b->output();
-  EXPECT_NE(b->output().find(" ok"), std::string::npos) << b->output();
+  expect_success(*b, " ok");
 
   auto hj = wait_running("hung");
   EXPECT_EQ(hj["resets"].value("total", 0), 1) << hj.dump();
@@ -708,8 +712,7 @@ TEST_F(VidSchE2E, EndlessKernelIsResetWithinTheTdrDelayWhileOthersRunOn) {
   auto after = cl("bystander", {"check"});
   EXPECT_EQ(after->wait(60s), 0) << after->output();
   auto again = cl("hung", {"check"});
-  EXPECT_EQ(again->wait(60s), 0) << again->output();
-  EXPECT_NE(again->output().find("CHECK ok"), std::string::npos) << again->output();
+  expect_success(*again, "CHECK ok");
 }
 
 // A kernel that crashes its worker (a write to an address no buffer has: SIGSEGV in the worker)
@@ -726,15 +729,13 @@ TEST_F(VidSchE2E, KernelThatCrashesItsWorkerEndsOnlyThatPartition) {
   ASSERT_TRUE(c->wait_for("CRASH later", 10s)) << c->output();
   EXPECT_EQ(c->wait(10s), 0) << c->output();
   EXPECT_EQ(c->output().find("CRASH err=0 "), std::string::npos) << c->output();
-  EXPECT_EQ(n->wait(60s), 0) << n->output();
-  EXPECT_NE(n->output().find(" ok"), std::string::npos) << n->output();
+  expect_success(*n, " ok");
   auto cj = wait_running("crashy");
   EXPECT_EQ(cj["resets"].value("total", 0), 1) << cj.dump();
   EXPECT_NE(cj.value("last_exit", "").find("signal"), std::string::npos) << cj.dump();
   EXPECT_EQ(worker_pid("neighbour"), neighbour_worker);
   auto again = cl("crashy", {"check"});
-  EXPECT_EQ(again->wait(60s), 0) << again->output();
-  EXPECT_NE(again->output().find("CHECK ok"), std::string::npos) << again->output();
+  expect_success(*again, "CHECK ok");
 }
 
 // A guest killed with SIGKILL while its kernels run: the other partition is not disturbed, and
@@ -753,8 +754,7 @@ TEST_F(VidSchE2E, GuestKilledWhileItsKernelsRunDoesNotDisturbOthers) {
   ASSERT_GT(guest, 1);
   ASSERT_EQ(kill(guest, SIGKILL), 0);
   v->wait(10s);
-  EXPECT_EQ(s->wait(60s), 0) << s->output();
-  EXPECT_NE(s->output().find(" ok"), std::string::npos) << s->output();
+  expect_success(*s, " ok");
   nlohmann::json stats;
   for (int i = 0; i < 100; ++i) {
     stats = show("victim")["stats"];
@@ -794,8 +794,7 @@ TEST_F(VidSchE2E, RepeatedResetsRemoveThePartitionUntilTheOperatorResetsIt) {
   r = host_->gpup({"vm", "reset", "flaky"});
   EXPECT_EQ(r.code, 0) << r.out;
   auto back = cl("flaky", {"check"});
-  EXPECT_EQ(back->wait(60s), 0) << back->output();
-  EXPECT_NE(back->output().find("CHECK ok"), std::string::npos) << back->output();
+  expect_success(*back, "CHECK ok");
   EXPECT_EQ(show("flaky")["resets"].value("recent", -1), 0);
 }
 
