@@ -155,32 +155,44 @@ uint64_t Worker::memory_limit_for(uint64_t max_vram) const {
   return max_vram > UINT64_MAX - opts_.memory_overhead ? UINT64_MAX : max_vram + opts_.memory_overhead;
 }
 
+// Puts the fresh process in its VM's cgroup of one controller, which prepare makes (or reuses)
+// and configures; a cgroup it could not join is removed again. The error says why it runs
+// without one.
+Result<std::string> Worker::enter_cgroup(VmCgroups* cgroups, const char* controller,
+                                         const std::function<Result<std::string>()>& prepare) {
+  if (!cgroups)
+    return make_error(GPUP_STATUS_NOT_SUPPORTED, fmt::format("no {} cgroup configured for workers", controller));
+  if (cgroups->version() == CgroupVersion::kNone)
+    return make_error(GPUP_STATUS_NOT_SUPPORTED,
+                      fmt::format("no usable {} cgroup: {}", controller, cgroups->unavailable_reason()));
+  auto dir = prepare();
+  if (!dir.ok()) return dir.error();
+  if (Status joined = cgroups->add_process(*dir, pid_); !joined.ok()) {
+    (void)cgroups->remove(*dir);
+    return joined.error();
+  }
+  return dir;
+}
+
 // Called with a fresh, still unconfigured process: nothing of the KMD is loaded yet.
 void Worker::join_memory_cgroup(uint64_t max_vram) {
   cgroup_dir_.clear();
   memory_limit_ = 0;
-  if (!opts_.memory_cgroups) {
-    memory_note_ = "no memory cgroup configured for workers";
-  } else if (opts_.memory_cgroups->version() == CgroupVersion::kNone) {
-    memory_note_ = "no usable memory cgroup: " + opts_.memory_cgroups->unavailable_reason();
-  } else {
-    uint64_t limit = memory_limit_for(max_vram);
-    auto dir = opts_.memory_cgroups->prepare(vm_, limit);
-    Status joined = dir.ok() ? opts_.memory_cgroups->add_process(*dir, pid_) : Status(dir.error());
-    if (joined.ok()) {
-      cgroup_dir_ = *dir;
-      memory_limit_ = limit;
-      oom_kills_at_join_ = opts_.memory_cgroups->oom_kills(cgroup_dir_);
-      memory_note_.clear();
-      spdlog::info("vm {}: worker pid {} in memory cgroup {} ({}), limit {} (max VRAM {} + overhead {})", vm_, pid_,
-                   cgroup_dir_, to_string(opts_.memory_cgroups->version()), format_size(limit), format_size(max_vram),
-                   format_size(opts_.memory_overhead));
-      return;
-    }
-    memory_note_ = joined.error().message;
-    if (dir.ok()) (void)opts_.memory_cgroups->remove(*dir);
+  const uint64_t limit = memory_limit_for(max_vram);
+  auto dir = enter_cgroup(opts_.memory_cgroups.get(), "memory",
+                          [&] { return opts_.memory_cgroups->prepare(vm_, limit); });
+  if (!dir.ok()) {
+    memory_note_ = dir.error().message;
+    spdlog::warn("vm {}: worker pid {} runs without a memory limit: {}", vm_, pid_, memory_note_);
+    return;
   }
-  spdlog::warn("vm {}: worker pid {} runs without a memory limit: {}", vm_, pid_, memory_note_);
+  cgroup_dir_ = *dir;
+  memory_limit_ = limit;
+  oom_kills_at_join_ = opts_.memory_cgroups->oom_kills(cgroup_dir_);
+  memory_note_.clear();
+  spdlog::info("vm {}: worker pid {} in memory cgroup {} ({}), limit {} (max VRAM {} + overhead {})", vm_, pid_,
+               cgroup_dir_, to_string(opts_.memory_cgroups->version()), format_size(limit), format_size(max_vram),
+               format_size(opts_.memory_overhead));
 }
 
 std::string Worker::leave_memory_cgroup() {
@@ -197,19 +209,10 @@ std::string Worker::leave_memory_cgroup() {
 
 void Worker::join_cpu_cgroup() {
   cpu_cgroup_dir_.clear();
-  if (!opts_.cpu_cgroups) {
-    cpu_note_ = "no cpu cgroup configured for workers";
-    return;
-  }
-  if (opts_.cpu_cgroups->version() == CgroupVersion::kNone) {
-    cpu_note_ = "no usable cpu cgroup: " + opts_.cpu_cgroups->unavailable_reason();
-    return;
-  }
-  auto dir = opts_.cpu_cgroups->prepare(vm_, sched_weight_, sched_cap_);
-  Status joined = dir.ok() ? opts_.cpu_cgroups->add_process(*dir, pid_) : Status(dir.error());
-  if (!joined.ok()) {
-    cpu_note_ = joined.error().message;
-    if (dir.ok()) (void)opts_.cpu_cgroups->remove(*dir);
+  auto dir = enter_cgroup(opts_.cpu_cgroups.get(), "cpu",
+                          [&] { return opts_.cpu_cgroups->prepare(vm_, sched_weight_, sched_cap_); });
+  if (!dir.ok()) {
+    cpu_note_ = dir.error().message;
     spdlog::warn("vm {}: worker pid {} runs without a cpu weight or cap from the OS: {}", vm_, pid_, cpu_note_);
     return;
   }

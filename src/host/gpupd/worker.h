@@ -161,6 +161,8 @@ class Worker {
   void set_state(WorkerState s);
   void deliver(ReplyFn cb, Result<control::json> r);
   uint64_t memory_limit_for(uint64_t max_vram) const;
+  Result<std::string> enter_cgroup(VmCgroups* cgroups, const char* controller,
+                                   const std::function<Result<std::string>()>& prepare);
   void join_memory_cgroup(uint64_t max_vram);
   // Removes the cgroup of a process that is gone; says if the OOM killer ended it.
   std::string leave_memory_cgroup();
