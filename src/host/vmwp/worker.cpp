@@ -1243,9 +1243,8 @@ void GuestProcess::destroy_context_locked(const std::shared_ptr<Context>& ctx) {
   if (!ctx->inflight.empty()) {  // completions the KMD never reported
     const int n = static_cast<int>(ctx->inflight.size());
     ctx->inflight.clear();
-    w_.inflight_changed_locked(*ctx, -n);
+    w_.inflight_changed_locked(*ctx, -n);  // and the watchdog stops timing it
   }
-  if (w_.watchdog_) w_.watchdog_->idle(ctx->cookie.id);
   w_.contexts_.erase(ctx->cookie.id);
   (void)handles_.remove(ctx->handle);
   ctx->device->contexts.erase(ctx);
@@ -1730,9 +1729,14 @@ void Worker::need_device_locked() {
   time_link_->want();
 }
 
+// A context whose next item is device work (not a wait or a signal).
+static bool submission_next(const Context& c) {
+  return !c.faulted && !c.queue.empty() && c.queue.front().kind == Context::Item::kSubmit;
+}
+
 bool Worker::work_ready_locked() const {
   for (const auto& [id, c] : contexts_)
-    if (!c->faulted && !c->queue.empty() && c->queue.front().kind == Context::Item::kSubmit) return true;
+    if (submission_next(*c)) return true;
   return false;
 }
 
@@ -1822,7 +1826,7 @@ void Worker::on_grant() {
   // The partition's waiting contexts, higher priority first (stable: then in creation order).
   std::vector<Context*> ready;
   for (auto& [id, c] : contexts_)
-    if (!c->faulted && !c->queue.empty() && c->queue.front().kind == Context::Item::kSubmit) ready.push_back(c);
+    if (submission_next(*c)) ready.push_back(c);
   std::stable_sort(ready.begin(), ready.end(), [](const Context* a, const Context* b) { return a->priority > b->priority; });
   for (Context* c : ready) pump_locked(*c);
 }
