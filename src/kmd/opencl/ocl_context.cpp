@@ -1,5 +1,7 @@
 // kmd_opencl: contexts, submission, completion.
 #include <algorithm>
+#include <chrono>
+#include <utility>
 
 #include "kmd/opencl/ocl_kmd.h"
 
@@ -293,6 +295,14 @@ class Preparer {
   const DeviceFacts& facts_;
 };
 
+// CL_EVENT_COMMAND_EXECUTION_STATUS of event (negative when the command failed), or the error of
+// the query itself.
+cl_int execution_status(cl_event event) {
+  cl_int exec = CL_COMPLETE;
+  const cl_int err = clGetEventInfo(event, CL_EVENT_COMMAND_EXECUTION_STATUS, sizeof(exec), &exec, nullptr);
+  return err == CL_SUCCESS ? exec : err;
+}
+
 cl_int enqueue(cl_command_queue q, const Prepared& p, cl_event* event) {
   switch (p.type) {
     case GPUPDDI_COMMAND_COPY:
@@ -315,24 +325,85 @@ cl_int enqueue(cl_command_queue q, const Prepared& p, cl_event* event) {
 
 }  // namespace
 
+namespace {
+
+// The context whose DDI call (SubmitCommand, DestroyContext) this thread is in: an event callback
+// that OpenCL runs on this thread, inside clSetEventCallback or clFinish, must not report a
+// completion from inside the DDI call.
+thread_local const Context* t_in_ddi = nullptr;
+
+class InDdi {
+ public:
+  explicit InDdi(const Context* c) : saved_(t_in_ddi) { t_in_ddi = c; }
+  ~InDdi() { t_in_ddi = saved_; }
+  InDdi(const InDdi&) = delete;
+  InDdi& operator=(const InDdi&) = delete;
+
+ private:
+  const Context* saved_;
+};
+
+// How long the completion thread waits for a callback before it looks at the event itself: PoCL
+// 3.1 runs no CL_COMPLETE callback for a failed command, so failures are found by looking.
+constexpr auto kLookAfter = std::chrono::milliseconds(20);
+
+// The status of a finished submission: DEVICE_ERROR if queuing failed half way or any command
+// failed. Every event is read, without waiting: the queue is in order, so when the last command
+// has finished every earlier one has too. They must all be read: PoCL 3.1 fails the later commands
+// of an in-order queue when an earlier one fails, but only those queued while it was pending, so
+// a command that failed before the next one was queued leaves the last one CL_COMPLETE. Allocates
+// nothing and cannot throw.
+gpup_status finished_status(const PendingSubmission& p, cl_int* failure) {
+  gpup_status status = p.forced;
+  *failure = CL_SUCCESS;
+  for (const ClEvent& e : p.events) {
+    cl_event ev = e.get();
+    cl_int exec = execution_status(ev);
+    if (exec > CL_COMPLETE) {
+      // Not finished although a later command of the queue is: not in-order after all. Wait for
+      // it rather than guess.
+      const cl_int err = clWaitForEvents(1, &ev);
+      exec = err == CL_SUCCESS ? execution_status(ev) : err;
+    }
+    if (exec < 0) {
+      status = GPUP_STATUS_DEVICE_ERROR;
+      if (*failure == CL_SUCCESS) *failure = exec;
+    }
+  }
+  return status;
+}
+
+}  // namespace
+
 Context::Context(Device* device, GPUPDDI_SYSTEM_HANDLE system_context, ClQueue queue)
-    : KmdObject(kTag), device_(device), system_context_(system_context), queue_(std::move(queue)) {
+    : KmdObject(kTag),
+      device_(device),
+      system_context_(system_context),
+      queue_(std::move(queue)),
+      hub_(std::make_shared<Hub>()) {
+  hub_->context = this;
   completion_thread_ = std::thread([this] { completion_loop(); });
 }
 
 Context::~Context() {
   {
+    InDdi in_ddi(this);
     std::lock_guard lock(submit_mu_);
     if (cl_int err = clFinish(queue_.get()); err != CL_SUCCESS) {
       logf(GPUPDDI_LOG_ERROR, "DestroyContext: clFinish: {} ({})", cl_error_name(err), err);
     }
   }
+  // Every command has ended; the completion thread reports what the callbacks have not.
   {
     std::lock_guard lock(pending_mu_);
     stopping_ = true;
   }
   pending_cv_.notify_all();
   completion_thread_.join();
+  // Callbacks still running finish before the context goes; later ones find no context.
+  std::unique_lock lock(hub_->mu);
+  hub_->cv.wait(lock, [&] { return hub_->running == 0; });
+  hub_->context = nullptr;
 }
 
 gpup_status Context::submit(const GPUPDDI_ARG_SUBMITCOMMAND* args) {
@@ -351,7 +422,11 @@ gpup_status Context::submit(const GPUPDDI_ARG_SUBMITCOMMAND* args) {
       return s.status();
     }
   }
-  // Phase 2: queue.
+  // Phase 2: queue. Every command gets an event, so that its status can be read at the end, but
+  // only the last one is waited for (a CL_COMPLETE callback). Event callbacks OpenCL runs on this
+  // thread meanwhile leave their reports to the completion thread.
+  InDdi in_ddi(this);
+  auto ticket = std::make_unique<Ticket>(Ticket{hub_, args->SubmissionId});
   PendingSubmission pending;
   pending.id = args->SubmissionId;
   for (size_t i = 0; i < prepared.size(); ++i) {
@@ -377,40 +452,77 @@ gpup_status Context::submit(const GPUPDDI_ARG_SUBMITCOMMAND* args) {
     }
     pending.events.push_back(std::move(marker));
   }
-  clFlush(queue_.get());
+  cl_event last = pending.events.back().get();
+  pending.callback = true;
+  bool wake = false;
   {
     std::lock_guard plock(pending_mu_);
     pending_.push_back(std::move(pending));
+    wake = std::exchange(thread_idle_, false);
   }
-  pending_cv_.notify_one();
+  // The callback may run at once, here (inside clSetEventCallback) or on another thread.
+  if (cl_int err = clSetEventCallback(last, CL_COMPLETE, &Context::on_last_complete, ticket.get());
+      err == CL_SUCCESS) {
+    (void)ticket.release();  // the callback's now
+  } else {
+    logf(GPUPDDI_LOG_WARN, "SubmitCommand {}: clSetEventCallback: {} ({}); waiting for the event instead",
+         args->SubmissionId, cl_error_name(err), err);
+    std::lock_guard plock(pending_mu_);
+    for (PendingSubmission& p : pending_) {
+      if (p.id == args->SubmissionId) p.callback = false;
+    }
+    wake = true;
+  }
+  clFlush(queue_.get());
+  if (wake) pending_cv_.notify_one();
   return GPUP_STATUS_SUCCESS;
 }
 
-void Context::completion_loop() {
-  for (;;) {
-    PendingSubmission p;
-    {
-      std::unique_lock lock(pending_mu_);
-      pending_cv_.wait(lock, [&] { return !pending_.empty() || stopping_; });
-      if (pending_.empty()) return;
-      p = std::move(pending_.front());
-      pending_.pop_front();
+void CL_CALLBACK Context::on_last_complete(cl_event, cl_int, void* user_data) {
+  std::unique_ptr<Ticket> ticket(static_cast<Ticket*>(user_data));
+  Hub& hub = *ticket->hub;
+  Context* context = nullptr;
+  {
+    std::lock_guard lock(hub.mu);
+    context = hub.context;
+    if (context == nullptr) return;
+    ++hub.running;
+  }
+  context->mark_finished(ticket->id);
+  {
+    std::lock_guard lock(hub.mu);
+    --hub.running;
+  }
+  hub.cv.notify_all();
+}
+
+void Context::mark_finished(uint64_t id) {
+  {
+    std::lock_guard lock(pending_mu_);
+    for (PendingSubmission& p : pending_) {
+      if (p.id == id) {
+        p.finished = true;
+        break;
+      }
     }
-    // Waits one event at a time: nothing here allocates, so nothing can throw on this thread.
-    gpup_status status = p.forced;
+  }
+  if (t_in_ddi == this) {
+    pending_cv_.notify_one();  // the completion thread reports it
+  } else {
+    deliver_finished();
+  }
+}
+
+void Context::deliver_finished() {
+  std::unique_lock lock(pending_mu_);
+  if (delivering_) return;  // whoever delivers looks at the front again before stopping
+  delivering_ = true;
+  while (!pending_.empty() && pending_.front().finished) {
+    PendingSubmission p = std::move(pending_.front());
+    pending_.pop_front();
+    lock.unlock();
     cl_int failure = CL_SUCCESS;
-    for (const ClEvent& e : p.events) {
-      cl_event ev = e.get();
-      cl_int err = clWaitForEvents(1, &ev);
-      cl_int exec = CL_COMPLETE;
-      if (err == CL_SUCCESS) {
-        err = clGetEventInfo(ev, CL_EVENT_COMMAND_EXECUTION_STATUS, sizeof(exec), &exec, nullptr);
-      }
-      if (err != CL_SUCCESS || exec < 0) {
-        status = GPUP_STATUS_DEVICE_ERROR;
-        if (failure == CL_SUCCESS) failure = err != CL_SUCCESS ? err : exec;
-      }
-    }
+    const gpup_status status = finished_status(p, &failure);
     if (status != GPUP_STATUS_SUCCESS) {
       try {
         logf(GPUPDDI_LOG_WARN, "submission {} failed on the device ({} {})", p.id, cl_error_name(failure), failure);
@@ -419,6 +531,59 @@ void Context::completion_loop() {
     }
     p.events.clear();
     notify_complete(system_context_, p.id, status);
+    lock.lock();
+  }
+  delivering_ = false;
+  if (stopping_) pending_cv_.notify_all();
+}
+
+// Reports what callbacks do not: submissions without a callback (it could not be set: waits for
+// the last event), failed ones (PoCL 3.1 runs no callback for a failed command: found by looking
+// at the last event of the oldest submission every kLookAfter while it is pending, and at once at
+// the next one after a failure, since the commands queued behind a failed one fail too), ones
+// whose callback ran inside a DDI call or never ran although the event ended a kLookAfter ago,
+// and, once the context is being destroyed and all its work has ended, everything left.
+void Context::completion_loop() {
+  bool look_now = false;       // the last look found a failure
+  bool seen_complete = false;  // ... or found submission seen_id complete, its callback not run yet
+  uint64_t seen_id = 0;
+  std::unique_lock lock(pending_mu_);
+  for (;;) {
+    if (pending_.empty()) {
+      if (stopping_) return;
+      thread_idle_ = true;
+      pending_cv_.wait(lock);
+      thread_idle_ = false;
+      continue;
+    }
+    if (delivering_) {
+      pending_cv_.wait_for(lock, kLookAfter);
+      continue;
+    }
+    if (!pending_.front().finished) {
+      const uint64_t id = pending_.front().id;
+      if (pending_.front().callback && !stopping_ && !look_now) {
+        if (pending_cv_.wait_for(lock, kLookAfter) == std::cv_status::no_timeout) continue;
+        if (pending_.empty() || delivering_ || pending_.front().id != id || pending_.front().finished) continue;
+      }
+      // Holding the delivery turn keeps the front where it is while the lock is released.
+      delivering_ = true;
+      const bool wait = !pending_.front().callback || stopping_;
+      cl_event last = pending_.front().events.back().get();
+      lock.unlock();
+      if (wait) clWaitForEvents(1, &last);
+      const cl_int exec = execution_status(last);
+      lock.lock();
+      delivering_ = false;
+      const bool stale = exec == CL_COMPLETE && seen_complete && seen_id == id;
+      if (wait || exec < 0 || stale) pending_.front().finished = true;
+      look_now = exec < 0;
+      seen_complete = exec == CL_COMPLETE;
+      seen_id = id;
+    }
+    lock.unlock();
+    deliver_finished();
+    lock.lock();
   }
 }
 

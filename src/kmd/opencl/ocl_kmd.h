@@ -10,7 +10,7 @@
 //           ├── private in-order cl_command_queue: Lock/Unlock maps, zero-fill of new buffers
 //           ├── Allocation: a cl_mem (plus cached sub-buffers), or a built Program; an image
 //           │     allocation also holds a cl_image over the same host memory
-//           └── Context: an in-order cl_command_queue and a completion thread
+//           └── Context: an in-order cl_command_queue, event callbacks and a completion thread
 //
 // Threads and locks
 //   The host never calls DDIs concurrently for one object, except pfnSubmitCommand, which may
@@ -18,15 +18,22 @@
 //   reaches is locked: Adapter::mu (devices), Device::mu (its allocations and contexts),
 //   Device::queue_mu (its private queue), Allocation::sub_mu (sub-buffer cache), Program::mu (kernel cache),
 //   Kernel::set_mu (clSetKernelArg + clEnqueueNDRangeKernel on a cl_kernel shared by contexts),
-//   Context::submit_mu (one submission at a time), Adapter::sampler_mu (sampler cache). Lock
-//   order: submit_mu -> Program::mu | Kernel::set_mu | Allocation::sub_mu | Adapter::sampler_mu;
-//   no other nesting. No lock is held while calling the host.
+//   Context::submit_mu (one submission at a time), Adapter::sampler_mu (sampler cache),
+//   Context::pending_mu (its submissions in flight), Context::Hub::mu (what event callbacks reach
+//   the context through). Lock order: submit_mu -> Program::mu | Kernel::set_mu |
+//   Allocation::sub_mu | Adapter::sampler_mu | pending_mu | Hub::mu; no other nesting. No lock is
+//   held while calling the host or, for pending_mu and Hub::mu, OpenCL.
 //
-//   Completions: each Context owns a thread that takes submissions in order, waits for their
-//   events (clWaitForEvents) and calls pfnNotifySubmissionComplete exactly once per submission.
-//   Completions never run on the thread of pfnSubmitCommand (an OpenCL event callback can fire
-//   synchronously inside clSetEventCallback when the event has already completed, which is why
-//   this KMD waits on its own thread instead), and are delivered in submission order.
+//   Completions: every command of a submission gets an event, and the last one a CL_COMPLETE
+//   callback (the queue is in order: when the last command has ended, so have the others). The
+//   callback, on an OpenCL runtime thread, reads every event's status without waiting and calls
+//   pfnNotifySubmissionComplete, exactly once per submission and in submission order (a
+//   submission finished before an older one waits for it). Each Context also owns a thread for
+//   what callbacks do not report: a callback OpenCL runs inside SubmitCommand or DestroyContext
+//   (inside clSetEventCallback when the event has already completed; completions never run inside
+//   a DDI call of the context), a submission whose callback could not be set, and failed ones
+//   (PoCL 3.1 runs no CL_COMPLETE callback for a failed command), which it finds by looking at the
+//   oldest submission's last event every 20 ms while it is pending.
 #pragma once
 
 #include <condition_variable>
@@ -129,11 +136,13 @@ class Allocation final : public KmdObject {
   std::map<std::pair<uint64_t, uint64_t>, ClMem> sub_buffers_;
 };
 
-// Pending work of one submission, in the completion thread's queue.
+// Pending work of one submission, in its context's queue of submissions.
 struct PendingSubmission {
   uint64_t id = 0;
-  std::vector<ClEvent> events;
+  std::vector<ClEvent> events;  // one per queued command, or the marker of an empty submission
   gpup_status forced = GPUP_STATUS_SUCCESS;  // DEVICE_ERROR when queuing failed half way
+  bool callback = false;  // a CL_COMPLETE callback is set on the last event
+  bool finished = false;  // the last event has ended: its callback ran, or the completion thread saw it
 };
 
 class Context final : public KmdObject {
@@ -141,7 +150,7 @@ class Context final : public KmdObject {
   static constexpr ObjectTag kTag = ObjectTag::kContext;
   Context(Device* device, GPUPDDI_SYSTEM_HANDLE system_context, ClQueue queue);
   // Waits for all queued work (clFinish), delivers every outstanding completion, joins the
-  // completion thread.
+  // completion thread and waits for event callbacks still running.
   ~Context() override;
 
   // pfnSubmitCommand: validates every command (allocations must belong to this context's
@@ -153,16 +162,38 @@ class Context final : public KmdObject {
   Device* device() const { return device_; }
 
  private:
+  // What an event callback reaches the context through. Shared with every callback set, so it
+  // outlives the context when a callback never runs (PoCL 3.1 runs no CL_COMPLETE callback for a
+  // failed command); `context` is null once the context is being destroyed.
+  struct Hub {
+    std::mutex mu;
+    std::condition_variable cv;
+    Context* context = nullptr;
+    int running = 0;  // callbacks using context right now
+  };
+  struct Ticket {  // a callback's user data
+    std::shared_ptr<Hub> hub;
+    uint64_t id = 0;
+  };
+  static void CL_CALLBACK on_last_complete(cl_event event, cl_int status, void* user_data);
+  // Marks submission id finished; delivers it (and what follows it) unless this thread is inside
+  // a DDI call of this context.
+  void mark_finished(uint64_t id);
+  // Reports, in order, the finished submissions at the front of pending_.
+  void deliver_finished();
   void completion_loop();
 
   Device* const device_;
   const GPUPDDI_SYSTEM_HANDLE system_context_;
   ClQueue queue_;
   std::mutex submit_mu_;
+  std::shared_ptr<Hub> hub_;
 
   std::mutex pending_mu_;
   std::condition_variable pending_cv_;
   std::deque<PendingSubmission> pending_;
+  bool delivering_ = false;    // a thread is delivering (or the completion thread looks at the front)
+  bool thread_idle_ = false;   // the completion thread waits with nothing pending, without a timeout
   bool stopping_ = false;
   std::thread completion_thread_;
 };
