@@ -148,8 +148,13 @@ struct _cl_device_id : gpup::ocl::IcdObject {
   }
 };
 
+namespace gpup::ocl {
+class BufferPool;
+}
+
 struct _cl_context : gpup::ocl::IcdObject {
-  _cl_context() : IcdObject(gpup::ocl::Magic::kContext) {}
+  _cl_context();
+  ~_cl_context();
   std::vector<cl_device_id> devices;
   // The context's own thunk device: its allocations, programs, queues and fences live there, so
   // a fault in one context's work (which resets its device) leaves other contexts alone.
@@ -159,6 +164,8 @@ struct _cl_context : gpup::ocl::IcdObject {
   void* notify_data = nullptr;
   std::mutex mu;
   std::vector<std::pair<void(CL_CALLBACK*)(cl_context, void*), void*>> destructors;
+  // Released buffers' allocations, for reuse (memory.cpp); emptied before hw_device goes.
+  std::unique_ptr<gpup::ocl::BufferPool> buffer_pool;
 };
 
 namespace gpup::ocl {
@@ -183,6 +190,48 @@ struct Backing {
   // publishes them.
   cl_int begin(uint8_t** out);
   cl_int end();
+};
+
+// Released buffers' allocations, kept by their context for the next buffer of the same size. A
+// new allocation costs round trips (create, GPU VA map, the first lock) and fresh pages that both
+// the guest's and the host's mappings fault in one by one; a program that creates and releases
+// same-sized buffers in a loop (tiles, per-frame inputs) then pays that every time, where a native
+// driver reuses its memory. The pool keeps at most a small share of the partition's budget; a
+// failed allocation empties it and tries once more, so pooled bytes never cost a program memory
+// it could otherwise have had. Only whole buffers are pooled (not images): an allocation is put
+// back when its last memory object goes, after every command using it has completed, and its
+// contents are left as they are (OpenCL leaves a new buffer's contents undefined; the bytes are
+// this context's own).
+class BufferPool {
+ public:
+  BufferPool();  // registers it with the process's pools
+  BufferPool(const BufferPool&) = delete;
+  BufferPool& operator=(const BufferPool&) = delete;
+  ~BufferPool() { close(); }
+
+  // Sets the limits from the device: min(budget / 8, 64 MiB) and 32 allocations; GPUP_OCL_POOL=0
+  // turns the pool off.
+  void configure(uint64_t budget);
+  // A pooled allocation of exactly `size` bytes, or null.
+  std::shared_ptr<Backing> take(uint64_t size);
+  // Keeps b (its only owner) if it fits, evicting the oldest; otherwise destroys it.
+  void put(std::shared_ptr<Backing> b);
+  // Destroys every pooled allocation; true if there was any.
+  bool clear();
+  // clear() on every pool of the process (an allocation failed for want of memory, which any
+  // context's pool may be holding); true if any held something.
+  static bool clear_all();
+  // Leaves the process's pools and clears: before the context's thunk device goes, so that no
+  // clear_all destroys an allocation of a device already destroyed.
+  void close();
+  uint64_t bytes() const;
+
+ private:
+  mutable std::mutex mu_;
+  std::deque<std::shared_ptr<Backing>> free_;  // oldest first
+  uint64_t bytes_ = 0;
+  uint64_t max_bytes_ = 0;
+  size_t max_count_ = 0;
 };
 
 // Something a submitted command keeps alive until the fence passes its value.

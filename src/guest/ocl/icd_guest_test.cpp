@@ -171,6 +171,52 @@ TEST_F(Crossings, LargeTransfersUseTheSharedSectionNotMessages) {
   EXPECT_EQ(back, data);
 }
 
+// A released buffer's allocation is kept by its context for the next buffer of the same size: a
+// create/release loop crosses once, and a reused buffer is as good as a new one.
+TEST_F(Crossings, ReleasedBuffersOfTheSameSizeAreReusedWithoutCrossing) {
+  set_args(2.0f);
+  cl_int err;
+  cl_mem first = clCreateBuffer(context_, CL_MEM_READ_WRITE, kBytes, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  ASSERT_EQ(clReleaseMemObject(first), CL_SUCCESS);
+  const Counts before = counts();
+  for (int i = 0; i < 100; ++i) {
+    cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, kBytes, nullptr, &err);
+    ASSERT_EQ(err, CL_SUCCESS);
+    ASSERT_EQ(clReleaseMemObject(m), CL_SUCCESS);
+  }
+  EXPECT_EQ(since(before).messages, 0u) << "same-sized buffers come from the context's pool";
+
+  // Another size is a new allocation (create and map its GPU VA at least).
+  const Counts other = counts();
+  cl_mem odd = clCreateBuffer(context_, CL_MEM_READ_WRITE, kBytes + 4, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  EXPECT_GE(since(other).round_trips, 1u);
+  clReleaseMemObject(odd);
+
+  // A reused buffer, written and computed on, holds exactly what this use put there.
+  std::vector<float> data(kElements);
+  for (size_t i = 0; i < kElements; ++i) data[i] = static_cast<float>(i % 1000);
+  cl_mem reused = clCreateBuffer(context_, CL_MEM_READ_WRITE | CL_MEM_COPY_HOST_PTR, kBytes, data.data(), &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  const float a = 3.0f;
+  ASSERT_EQ(clSetKernelArg(kernel_, 0, sizeof reused, &reused), CL_SUCCESS);
+  ASSERT_EQ(clSetKernelArg(kernel_, 1, sizeof a, &a), CL_SUCCESS);
+  const size_t global = kElements, local = 64;
+  ASSERT_EQ(clEnqueueNDRangeKernel(queue_, kernel_, 1, nullptr, &global, &local, 0, nullptr, nullptr), CL_SUCCESS);
+  // Released while the kernel may still run: the allocation is pooled only after it completes.
+  ASSERT_EQ(clReleaseMemObject(reused), CL_SUCCESS);
+  cl_mem next = clCreateBuffer(context_, CL_MEM_READ_WRITE, kBytes, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  const std::vector<float> zeros(kElements, 0.0f);
+  ASSERT_EQ(clEnqueueWriteBuffer(queue_, next, CL_TRUE, 0, kBytes, zeros.data(), 0, nullptr, nullptr), CL_SUCCESS);
+  ASSERT_EQ(clFinish(queue_), CL_SUCCESS);
+  std::vector<float> back(kElements, -1.0f);
+  ASSERT_EQ(clEnqueueReadBuffer(queue_, next, CL_TRUE, 0, kBytes, back.data(), 0, nullptr, nullptr), CL_SUCCESS);
+  EXPECT_EQ(back, zeros) << "the kernel on the released buffer must not land in the new one";
+  clReleaseMemObject(next);
+}
+
 // Images: the pixels travel like a buffer's bytes (memcpy on the shared section), a sampler is
 // guest-local, and where the host implementation is more lenient than the specification the
 // ICD keeps the specification's error (the differential suite cannot compare those).
@@ -331,6 +377,50 @@ TEST_F(Partition, MemoryBeyondTheBudgetFailsLikeADeviceOutOfMemory) {
   clReleaseMemObject(a);
 }
 
+// Pooled allocations are the partition's memory until it is needed: a buffer that only fits
+// without them gets it, in any context of the process, and a released context gives its pool back.
+TEST_F(Partition, PooledBuffersGiveTheirMemoryBackWhenItRunsShort) {
+  cl_int err;
+  const GPUPKMT_QUERYSTATISTICS start = partition_stats();
+  const size_t small = 4u << 20;
+  std::vector<cl_mem> smalls;
+  for (int i = 0; i < 4; ++i) {
+    smalls.push_back(clCreateBuffer(context, CL_MEM_READ_WRITE, small, nullptr, &err));
+    ASSERT_EQ(err, CL_SUCCESS);
+  }
+  for (cl_mem m : smalls) clReleaseMemObject(m);
+  const uint64_t pooled = partition_stats().VramUsed - start.VramUsed;
+  EXPECT_EQ(pooled, 4 * small) << "released buffers stay allocated, for reuse";
+
+  // Everything else the partition has, in buffers of another size, from another context.
+  cl_context other = clCreateContext(nullptr, 1, &device, nullptr, nullptr, &err);
+  ASSERT_EQ(err, CL_SUCCESS);
+  cl_ulong max_alloc = 0;
+  ASSERT_EQ(clGetDeviceInfo(device, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof max_alloc, &max_alloc, nullptr), CL_SUCCESS);
+  const uint64_t avail = start.VramMax - start.VramUsed;
+  const uint64_t most = std::min<uint64_t>(max_alloc, 64ull << 20);
+  const uint64_t count = (avail + most - 1) / most;
+  const uint64_t chunk = avail / count & ~uint64_t{4095};
+  ASSERT_NE(chunk, small);
+  std::vector<cl_mem> held;
+  uint64_t got = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    cl_mem m = clCreateBuffer(other, CL_MEM_READ_WRITE, chunk, nullptr, &err);
+    ASSERT_EQ(err, CL_SUCCESS) << "with " << got << " bytes held and " << pooled << " pooled";
+    held.push_back(m);
+    got += chunk;
+  }
+  EXPECT_GT(got + pooled, avail) << "the test must need the pooled bytes";
+  for (cl_mem m : held) clReleaseMemObject(m);
+
+  // The other context's pool now holds some of its chunks, within the pool's share (1/8 of the
+  // partition), and gives them back when the context goes.
+  const uint64_t kept = partition_stats().VramUsed - start.VramUsed;
+  EXPECT_LE(kept, start.VramMax / 8);
+  ASSERT_EQ(clReleaseContext(other), CL_SUCCESS);
+  EXPECT_EQ(partition_stats().VramUsed, start.VramUsed);
+}
+
 // Each guest allocates up to its partition's max and not one allocation past it; what it frees
 // comes back to the partition.
 TEST_F(Partition, AllocatesExactlyUpToItsMaxAndGetsReleasedMemoryBack) {
@@ -372,10 +462,17 @@ TEST_F(Partition, AllocatesExactlyUpToItsMaxAndGetsReleasedMemoryBack) {
   EXPECT_EQ(back, pattern);
 
   for (cl_mem m : held) clReleaseMemObject(m);
-  EXPECT_EQ(partition_stats().VramUsed, start.VramUsed);
+  // Released buffers stay in the context's pool, within its share of the partition ...
+  EXPECT_LE(partition_stats().VramUsed - start.VramUsed, start.VramMax / 8);
   cl_mem again = clCreateBuffer(context, CL_MEM_READ_WRITE, chunk, nullptr, &err);
   EXPECT_EQ(err, CL_SUCCESS);
   if (again) clReleaseMemObject(again);
+  // ... and all of it is the partition's again when the context goes.
+  clReleaseCommandQueue(queue);
+  queue = nullptr;
+  clReleaseContext(context);
+  context = nullptr;
+  EXPECT_EQ(partition_stats().VramUsed, start.VramUsed);
 }
 
 }  // namespace

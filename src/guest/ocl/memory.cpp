@@ -5,6 +5,9 @@
 // guest moves data with memcpy on the mapping (after the work that touches the buffer has
 // completed), never through messages. A sub-buffer is a range of its parent's allocation.
 #include <algorithm>
+#include <cstdlib>
+#include <iterator>
+#include <set>
 
 #include "guest/ocl/icd.h"
 
@@ -60,6 +63,11 @@ void mem_release(cl_mem m) {
   for (auto it = m->destructors.rbegin(); it != m->destructors.rend(); ++it) it->first(m, it->second);
   cl_mem parent = m->parent;
   cl_context context = m->context;
+  // A whole buffer's allocation no other object shares: no command uses it any more (commands
+  // retain their memory objects until they complete), so the next buffer of its size may have it.
+  if (parent == nullptr && m->backing && !m->backing->image && m->backing.use_count() == 1 && m->maps.empty()) {
+    context->buffer_pool->put(std::move(m->backing));
+  }
   m->magic = Magic::kDead;
   delete m;  // the backing goes with the last object sharing it
   if (parent) mem_release(parent);
@@ -94,7 +102,13 @@ cl_mem fail(cl_int* errcode_ret, cl_int e) {
 
 }  // namespace
 
-cl_int make_backing(cl_context c, size_t size, const GPUP_OCL_IMAGE_DESC* image, std::shared_ptr<Backing>* out) {
+namespace {
+
+bool out_of_memory(gpup_status s) { return s == GPUP_STATUS_QUOTA_EXCEEDED || s == GPUP_STATUS_NO_MEMORY; }
+
+// A new allocation of `size` bytes at a new GPU VA; *status says why not.
+cl_int new_backing(cl_context c, size_t size, const GPUP_OCL_IMAGE_DESC* image, std::shared_ptr<Backing>* out,
+                   gpup_status* status) {
   cl_device_id d = c->devices.front();
   auto backing = std::make_shared<Backing>();
   backing->device = d;
@@ -107,21 +121,125 @@ cl_int make_backing(cl_context c, size_t size, const GPUP_OCL_IMAGE_DESC* image,
   ca.Size = size;
   ca.pPrivateDriverData = image;
   ca.PrivateDriverDataSize = image ? sizeof *image : 0;
-  if (gpup_status s = GpupKmtCreateAllocation(&ca); GPUP_FAILED(s)) {
-    log_failure(image ? "creating an image" : "creating a buffer", s);
-    return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  if (*status = GpupKmtCreateAllocation(&ca); GPUP_FAILED(*status)) {
+    log_failure(image ? "creating an image" : "creating a buffer", *status);
+    return cl_error_from_status(*status, CL_MEM_OBJECT_ALLOCATION_FAILURE);
   }
   backing->allocation = ca.hAllocation;
   backing->va_size = (size + 4095) & ~uint64_t{4095};
   backing->va = d->va_alloc(backing->va_size);
-  if (backing->va == 0) return CL_OUT_OF_RESOURCES;
+  if (backing->va == 0) {
+    *status = GPUP_STATUS_NO_MEMORY;  // the arena is full
+    return CL_OUT_OF_RESOURCES;
+  }
   GPUPKMT_MAPGPUVA mv{backing->allocation, GPUPKMT_PROTECTION_READ | GPUPKMT_PROTECTION_WRITE, backing->va, 0, size};
-  if (gpup_status s = GpupKmtMapGpuVirtualAddress(&mv); GPUP_FAILED(s)) {
-    log_failure("mapping a memory object at its GPU VA", s);
-    return cl_error_from_status(s, CL_MEM_OBJECT_ALLOCATION_FAILURE);
+  if (*status = GpupKmtMapGpuVirtualAddress(&mv); GPUP_FAILED(*status)) {
+    log_failure("mapping a memory object at its GPU VA", *status);
+    return cl_error_from_status(*status, CL_MEM_OBJECT_ALLOCATION_FAILURE);
   }
   *out = std::move(backing);
   return CL_SUCCESS;
+}
+
+constexpr uint64_t kPoolMaxBytes = uint64_t{64} << 20;
+constexpr size_t kPoolMaxCount = 32;
+
+}  // namespace
+
+cl_int make_backing(cl_context c, size_t size, const GPUP_OCL_IMAGE_DESC* image, std::shared_ptr<Backing>* out) {
+  if (image == nullptr) {
+    if (auto b = c->buffer_pool->take(size)) {
+      *out = std::move(b);
+      return CL_SUCCESS;
+    }
+  }
+  gpup_status status = GPUP_STATUS_SUCCESS;
+  cl_int err = new_backing(c, size, image, out, &status);
+  // Pooled allocations count against the budget and hold arena space: give them back, try again.
+  if (err != CL_SUCCESS && out_of_memory(status) && BufferPool::clear_all()) {
+    err = new_backing(c, size, image, out, &status);
+  }
+  return err;
+}
+
+namespace {
+
+// Every live pool of the process. Held while a pool is cleared by clear_all, so a context being
+// released (close) waits for it before destroying its thunk device.
+std::mutex g_pools_mu;
+std::set<BufferPool*> g_pools;
+
+}  // namespace
+
+BufferPool::BufferPool() {
+  std::lock_guard lock(g_pools_mu);
+  g_pools.insert(this);
+}
+
+void BufferPool::close() {
+  {
+    std::lock_guard lock(g_pools_mu);
+    g_pools.erase(this);
+  }
+  clear();
+}
+
+bool BufferPool::clear_all() {
+  std::lock_guard lock(g_pools_mu);
+  bool any = false;
+  for (BufferPool* p : g_pools) any = p->clear() || any;
+  return any;
+}
+
+void BufferPool::configure(uint64_t budget) {
+  const char* env = std::getenv("GPUP_OCL_POOL");
+  const bool off = env != nullptr && std::string_view(env) == "0";
+  std::lock_guard lock(mu_);
+  max_bytes_ = off ? 0 : std::min(budget / 8, kPoolMaxBytes);
+  max_count_ = off ? 0 : kPoolMaxCount;
+}
+
+std::shared_ptr<Backing> BufferPool::take(uint64_t size) {
+  std::lock_guard lock(mu_);
+  // Newest first: its pages are the likeliest to be resident.
+  for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
+    if ((*it)->size != size) continue;
+    std::shared_ptr<Backing> b = std::move(*it);
+    free_.erase(std::next(it).base());
+    bytes_ -= b->va_size;
+    return b;
+  }
+  return nullptr;
+}
+
+void BufferPool::put(std::shared_ptr<Backing> b) {
+  std::deque<std::shared_ptr<Backing>> evicted;  // destroyed outside the lock (round trips)
+  {
+    std::lock_guard lock(mu_);
+    if (b->va_size > max_bytes_ || max_count_ == 0) return;  // b is destroyed on return
+    while (!free_.empty() && (bytes_ + b->va_size > max_bytes_ || free_.size() >= max_count_)) {
+      bytes_ -= free_.front()->va_size;
+      evicted.push_back(std::move(free_.front()));
+      free_.pop_front();
+    }
+    bytes_ += b->va_size;
+    free_.push_back(std::move(b));
+  }
+}
+
+bool BufferPool::clear() {
+  std::deque<std::shared_ptr<Backing>> all;
+  {
+    std::lock_guard lock(mu_);
+    all.swap(free_);
+    bytes_ = 0;
+  }
+  return !all.empty();
+}
+
+uint64_t BufferPool::bytes() const {
+  std::lock_guard lock(mu_);
+  return bytes_;
 }
 
 }  // namespace gpup::ocl

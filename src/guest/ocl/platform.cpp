@@ -553,6 +553,7 @@ cl_context make_context(const cl_context_properties* props, std::vector<cl_devic
   auto* c = new _cl_context();
   c->hw_device = cd.hDevice;
   c->devices = std::move(devices);
+  c->buffer_pool->configure(c->devices.front()->budget);
   c->properties = std::move(parsed);
   c->notify = notify;
   c->notify_data = user_data;
@@ -629,12 +630,21 @@ cl_int SetContextDestructorCallback(cl_context c, void(CL_CALLBACK* fn)(cl_conte
 
 namespace gpup::ocl {
 
+}  // namespace gpup::ocl
+
+_cl_context::_cl_context()
+    : IcdObject(gpup::ocl::Magic::kContext), buffer_pool(std::make_unique<gpup::ocl::BufferPool>()) {}
+_cl_context::~_cl_context() = default;
+
+namespace gpup::ocl {
+
 void context_retain(cl_context c) { c->refs.fetch_add(1, std::memory_order_relaxed); }
 
 void context_release(cl_context c) {
   if (c->refs.fetch_sub(1, std::memory_order_acq_rel) != 1) return;
   // Destructor callbacks run in reverse order of registration.
   for (auto it = c->destructors.rbegin(); it != c->destructors.rend(); ++it) it->first(c, it->second);
+  c->buffer_pool->close();
   GPUPKMT_DESTROYDEVICE dd{c->hw_device};
   if (gpup_status s = GpupKmtDestroyDevice(&dd); GPUP_FAILED(s)) log_failure("destroying the context's device", s);
   c->magic = Magic::kDead;
