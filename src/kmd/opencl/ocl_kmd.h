@@ -171,7 +171,10 @@ class Context final : public KmdObject {
     Context* context = nullptr;
     int running = 0;  // callbacks using context right now
   };
-  struct Ticket {  // a callback's user data
+  // A callback's user data, freed by the callback. A callback that never runs (a failed
+  // command's, on PoCL 3.1) keeps its ticket and a reference to the hub: a few dozen bytes per
+  // failed submission, which fault the guest's context, for the life of the worker.
+  struct Ticket {
     std::shared_ptr<Hub> hub;
     uint64_t id = 0;
   };
