@@ -327,6 +327,38 @@ TEST_P(KmtBoth, PendingWaitCompletesOnSignalGuestEvent) {
   EXPECT_EQ(stats().MessagesSent, before.MessagesSent);
 }
 
+// A wait first sleeps on its fence slot (a futex on the shared page, or on the local copy the
+// receiver raises) and the new value wakes it: no WaitFromCpu crosses. The sleep is made 60 s
+// here, so a wait that returns at all without a message was woken, not timed out.
+TEST_P(KmtBoth, AWaitSleepsOnTheFenceSlotAndTheNewValueWakesIt) {
+  setenv("GPUP_FENCE_SLEEP_MS", "60000", 1);
+  start(GetParam());
+  unsetenv("GPUP_FENCE_SLEEP_MS");
+  const volatile uint64_t* value = nullptr;
+  const GPUPKMT_HANDLE s = sync_object(0, &value);
+  auto waiter = std::async(std::launch::async, [&] { return wait_cpu(s, 3, -1); });
+  std::this_thread::sleep_for(20ms);  // the waiter is asleep by now (or sees 3 at once)
+  host_->set_fence(s, 2);
+  EXPECT_EQ(waiter.wait_for(20ms), std::future_status::timeout) << "woken, but 2 is not 3";
+  host_->set_fence(s, 3);
+  ASSERT_EQ(waiter.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(waiter.get(), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(fence(value), 3u);
+  EXPECT_EQ(host_->received(Op::WaitFromCpu), 0u);
+}
+
+TEST_P(KmtBoth, WithoutTheSleepAWaitAsksTheHost) {
+  setenv("GPUP_FENCE_SLEEP_MS", "0", 1);
+  start(GetParam());
+  unsetenv("GPUP_FENCE_SLEEP_MS");
+  const GPUPKMT_HANDLE s = sync_object(0);
+  auto waiter = std::async(std::launch::async, [&] { return wait_cpu(s, 3, -1); });
+  ASSERT_TRUE(host_->wait_received(Op::WaitFromCpu, 1));
+  host_->signal(s, 3);
+  ASSERT_EQ(waiter.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(waiter.get(), GPUP_STATUS_SUCCESS);
+}
+
 TEST_P(KmtBoth, WaitTimesOut) {
   start(GetParam());
   const GPUPKMT_HANDLE s = sync_object(0);

@@ -2,7 +2,9 @@
 // the crossing budget in gpup/kmt.h), except that CreateAllocation and Escape with bulk data may
 // first register a shared section (and afterwards unregister one). Locking rules are in session.h.
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -803,6 +805,21 @@ gpup_status Session::wait_from_gpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a
   return gpu_fence_op<proto::WaitFromGpuRequest>(a->hContext, a->hSyncObject, a->Value);
 }
 
+bool Session::sleep_on_page(uint32_t slot, uint64_t value, std::chrono::steady_clock::time_point until) const {
+  const uint32_t* word = proto::fence_futex_word(fence_values_ + slot);
+  for (;;) {
+    const uint64_t now_value = fence_value(slot);
+    if (now_value >= value) return true;
+    const auto left = until - std::chrono::steady_clock::now();
+    if (left <= std::chrono::steady_clock::duration::zero()) return false;
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
+    timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
+    // Returns at once if the low word is no longer what was read (a new value landed meanwhile),
+    // on a wake, a signal or the timeout; the loop looks again in every case.
+    ::syscall(SYS_futex, word, FUTEX_WAIT, static_cast<uint32_t>(now_value), &ts, nullptr, 0);
+  }
+}
+
 gpup_status Session::wait_from_cpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
@@ -821,18 +838,37 @@ gpup_status Session::wait_from_cpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a
     return fail(GPUP_STATUS_TIMEOUT, fmt::format("synchronization object {:#x} did not reach {} within {} ms (at {})",
                                                  a->hSyncObject, a->Value, a->TimeoutMs, fence_value(slot)));
   };
+  // Why waiting is pointless (SUCCESS: it is not).
+  const auto unusable_locked = [&](std::string* text) -> gpup_status {
+    if (lost_) {
+      *text = lost_text_;
+      return GPUP_STATUS_CONNECTION_LOST;
+    }
+    auto d = devices_.find(device);
+    return d != devices_.end() ? device_failure(d->second, text) : GPUP_STATUS_SUCCESS;
+  };
+  // Sleep on the slot itself first, without a message, for up to page_wait_: the host wakes the
+  // shared page's slot with every new value, and on a stream channel the receiver does the same
+  // for the local copy when a FenceValue notification arrives. Longer waits go on below, where
+  // the host's signal and a lost device or connection end them.
+  if (a->TimeoutMs != 0 && page_wait_.count() > 0) {
+    {
+      std::lock_guard lk(mu_);
+      std::string text;
+      if (gpup_status why = unusable_locked(&text); why < 0) return fail(why, text);
+    }
+    auto until = start + page_wait_;
+    if (a->TimeoutMs > 0) until = std::min(until, start + std::chrono::milliseconds(a->TimeoutMs));
+    if (sleep_on_page(slot, a->Value, until)) return GPUP_STATUS_SUCCESS;
+  }
   Waiter w;
   w.event_id = next_event_.fetch_add(1, std::memory_order_relaxed);
   w.sync_object = a->hSyncObject;
   w.device = device;
   {
     std::lock_guard lk(mu_);
-    if (lost_) return fail(GPUP_STATUS_CONNECTION_LOST, lost_text_);
-    auto d = devices_.find(device);
-    if (d != devices_.end()) {
-      std::string text;
-      if (gpup_status why = device_failure(d->second, &text); why < 0) return fail(why, text);
-    }
+    std::string text;
+    if (gpup_status why = unusable_locked(&text); why < 0) return fail(why, text);
     // The shared page is authoritative: a zero timeout needs no crossing.
     if (a->TimeoutMs == 0 && page_state_counter_ != nullptr) return timed_out();
     waiters_.emplace(w.event_id, &w);  // before sending: the signal may beat the reply

@@ -26,6 +26,7 @@
 #include <spdlog/logger.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -327,6 +328,11 @@ class Session {
   void fail_waiters_locked(const std::function<bool(const Waiter&)>& match, gpup_status status,
                            const std::string& text);
   uint64_t fence_value(uint32_t slot) const;
+  // Sleeps on the slot (shared page or local copy) until it reaches value (true) or `until`.
+  bool sleep_on_page(uint32_t slot, uint64_t value, std::chrono::steady_clock::time_point until) const;
+  // How long a CPU wait sleeps on its fence slot before it asks the host to signal it:
+  // $GPUP_FENCE_SLEEP_MS (0 .. 60000; 0: ask at once), 20 ms by default. Set at construction.
+  std::chrono::milliseconds page_wait_{20};
   void raise_local_fence(uint32_t slot, uint64_t value);  // stream only: atomic max
   gpup_status map_section(uint64_t section, uint64_t size, Mapping& out);
   gpup_status fetch_copy(GPUPKMT_HANDLE allocation, uint64_t size, Mapping& out);

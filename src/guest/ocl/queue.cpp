@@ -12,7 +12,6 @@
 // they never travel in messages.
 //
 // Out-of-order queues execute in order (a permitted implementation of out-of-order).
-#include <sched.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -28,8 +27,6 @@ namespace {
 constexpr uint32_t kFlushBytes = 64 * 1024;
 // The value of what a command without an event keeps alive until the next signal is recorded.
 constexpr uint64_t kUnsignalled = UINT64_MAX;
-// How long a wait watches the fence page before it asks the host to wake it.
-constexpr uint64_t kSpinNs = 50'000;
 
 cl_int queue_failure(cl_command_queue q, gpup_status s, const char* what) {
   log_failure(what, s);
@@ -142,11 +139,8 @@ cl_int wait_value(cl_command_queue q, uint64_t value, bool locked = false) {
     }
   }
   if (in_failed_batch(q, value)) return q->error;
-  // Short work completes within microseconds of its submission: watch the fence page for a while
-  // (yielding, so the host side of a small machine keeps its CPU) before a wait that crosses.
-  const uint64_t spin_until = now_ns() + kSpinNs;
-  while (q->completed() < value && now_ns() < spin_until) sched_yield();
-  if (q->completed() >= value) return q->error;
+  // The thunk sleeps on the fence page first (no message, and the CPU goes to the host's threads
+  // meanwhile); only longer waits cross.
   GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT w{q->fence, value, 0, -1};
   gpup_status s = GpupKmtWaitForSynchronizationObjectFromCpu(&w);
   if (GPUP_FAILED(s)) {

@@ -1,9 +1,11 @@
 #include "host/vmwp/worker.h"
 
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -236,6 +238,13 @@ void FencePage::set(uint32_t slot, uint64_t value) {
   if (!map_ || slot >= kSlots) return;
   auto* values = reinterpret_cast<uint64_t*>(static_cast<char*>(map_) + sizeof(FencePageHeader));
   std::atomic_ref<uint64_t>(values[slot]).store(value, std::memory_order_release);
+  // Guest threads may sleep on the slot (FUTEX_WAIT on its low word, which they compare with
+  // what they read, so a store between their read and their sleep is never missed). One wake
+  // costs a system call whether anyone sleeps or not: the guest's view of the page is read-only,
+  // so it cannot say that it sleeps.
+  if (shared_) {
+    ::syscall(SYS_futex, proto::fence_futex_word(&values[slot]), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
+  }
 }
 
 void FencePage::bump_state_counter(uint32_t counter) {
@@ -393,6 +402,7 @@ Status GuestProcess::on_hello(const Message& m) {
     fence_section = 1;
     if (GPUP_FAILED(link_->send_fd(fence_section, ro.get())))
       return Error(GPUP_STATUS_CONNECTION_LOST, "guest went away during Hello");
+    fence_page_.shared_with_guest();
   }
   fence_page_.bump_state_counter(w_.state_counter_);
 

@@ -138,6 +138,8 @@ class FencePage {
   static constexpr uint32_t kSlots = 4096;
   Status create();
   int fd() const { return fd_.get(); }
+  // The guest maps the page: every set() then also wakes guest threads sleeping on the slot.
+  void shared_with_guest() { shared_ = true; }
   void set(uint32_t slot, uint64_t value);
   void bump_state_counter(uint32_t counter);
   ~FencePage();
@@ -146,6 +148,7 @@ class FencePage {
   UniqueFd fd_;
   void* map_ = nullptr;
   size_t size_ = 0;
+  bool shared_ = false;
 };
 
 struct Counts {
