@@ -37,13 +37,6 @@ inline constexpr u64 kMaxSectionBytes = u64{256} << 20;
 // the OpenCL contract's largest program content (64 MiB) plus room for its header and options.
 inline constexpr u32 kMaxBulkDataSize = (64u << 20) + (64u << 10);
 inline constexpr u32 kFencePageMagic = 0x45434e46;    // "FNCE"
-
-// The futex word of a fence page value: its low 32 bits. The host writes a slot's new value and
-// then FUTEX_WAKEs this word (a shared futex: both sides map the same memfd), so a guest may sleep
-// in FUTEX_WAIT on it instead of watching the value or asking the host to signal it.
-inline const u32* fence_futex_word(const u64* value) {
-  return reinterpret_cast<const u32*>(value) + (std::endian::native == std::endian::big ? 1 : 0);
-}
 inline constexpr u16 kFlagReply = 0x1;
 
 enum class Kind : u8 { SYNC, ASYNC, NOTIFY };

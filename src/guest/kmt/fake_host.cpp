@@ -1,16 +1,16 @@
 #include "guest/kmt/fake_host.h"
 
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
 
 #include <fmt/format.h>
+
+#include "protocol/fence_page.h"
 
 namespace gpup::kmt::test {
 
@@ -169,7 +169,7 @@ void FakeHost::set_fence_locked(uint32_t sync_object, uint64_t value, std::vecto
   if (ch_ && ch_->shares_memory()) {
     uint64_t* v = reinterpret_cast<uint64_t*>(fence_page_ + sizeof(proto::FencePageHeader)) + slot;
     __atomic_store_n(v, value, __ATOMIC_RELEASE);
-    ::syscall(SYS_futex, proto::fence_futex_word(v), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);  // as the worker
+    proto::wake_fence_sleepers(v);  // as the worker does
   } else {
     stream_fences_[slot] = value;
     notes.push_back(note(proto::FenceValueRequest{sync_object, slot, value}));

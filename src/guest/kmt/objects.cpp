@@ -2,9 +2,7 @@
 // the crossing budget in gpup/kmt.h), except that CreateAllocation and Escape with bulk data may
 // first register a shared section (and afterwards unregister one). Locking rules are in session.h.
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <sys/mman.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,6 +13,7 @@
 
 #include "guest/kmt/cmdbuf.h"
 #include "guest/kmt/session.h"
+#include "protocol/fence_page.h"
 
 namespace gpup::kmt {
 
@@ -806,7 +805,6 @@ gpup_status Session::wait_from_gpu(const GPUPKMT_WAITFORSYNCHRONIZATIONOBJECT* a
 }
 
 bool Session::sleep_on_page(uint32_t slot, uint64_t value, std::chrono::steady_clock::time_point until) const {
-  const uint32_t* word = proto::fence_futex_word(fence_values_ + slot);
   for (;;) {
     const uint64_t now_value = fence_value(slot);
     if (now_value >= value) return true;
@@ -814,9 +812,7 @@ bool Session::sleep_on_page(uint32_t slot, uint64_t value, std::chrono::steady_c
     if (left <= std::chrono::steady_clock::duration::zero()) return false;
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
     timespec ts{static_cast<time_t>(ns / 1'000'000'000), static_cast<long>(ns % 1'000'000'000)};
-    // Returns at once if the low word is no longer what was read (a new value landed meanwhile),
-    // on a wake, a signal or the timeout; the loop looks again in every case.
-    ::syscall(SYS_futex, word, FUTEX_WAIT, static_cast<uint32_t>(now_value), &ts, nullptr, 0);
+    proto::sleep_on_fence(fence_values_ + slot, now_value, ts);
   }
 }
 

@@ -3,13 +3,11 @@
 #include "guest/kmt/session.h"
 
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <pthread.h>
 #include <signal.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -18,6 +16,8 @@
 #include <fstream>
 
 #include <fmt/format.h>
+
+#include "protocol/fence_page.h"
 
 namespace gpup::kmt {
 
@@ -393,23 +393,13 @@ uint64_t Session::fence_value(uint32_t slot) const {
   return __atomic_load_n(fence_values_ + slot, __ATOMIC_ACQUIRE);
 }
 
-namespace {
-
-// Wakes the threads sleeping on a local fence slot (Session::sleep_on_page), as the host wakes
-// those on a shared page's.
-void wake_sleepers(const uint64_t* slot_value) {
-  ::syscall(SYS_futex, proto::fence_futex_word(slot_value), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
-}
-
-}  // namespace
-
 void Session::raise_local_fence(uint32_t slot, uint64_t value) {
   if (!local_fences_ || slot >= fence_slots_) return;
   uint64_t* p = &local_fences_[slot];
   uint64_t cur = __atomic_load_n(p, __ATOMIC_RELAXED);
   while (cur < value) {
     if (__atomic_compare_exchange_n(p, &cur, value, true, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
-      wake_sleepers(p);
+      proto::wake_fence_sleepers(p);  // as the host wakes a shared page's slot
       return;
     }
   }
@@ -437,7 +427,7 @@ void Session::on_notification(const proto::Message& m) {
         break;
       }
       __atomic_store_n(&local_fences_[n.slot], n.value, __ATOMIC_RELEASE);
-      wake_sleepers(&local_fences_[n.slot]);
+      proto::wake_fence_sleepers(&local_fences_[n.slot]);
       break;
     }
     case proto::Op::DeviceStateChanged: {

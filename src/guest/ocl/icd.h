@@ -224,10 +224,9 @@ class BufferPool {
   // Leaves the process's pools and clears: before the context's thunk device goes, so that no
   // clear_all destroys an allocation of a device already destroyed.
   void close();
-  uint64_t bytes() const;
 
  private:
-  mutable std::mutex mu_;
+  std::mutex mu_;
   std::deque<std::shared_ptr<Backing>> free_;  // oldest first
   uint64_t bytes_ = 0;
   uint64_t max_bytes_ = 0;

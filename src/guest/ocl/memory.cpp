@@ -237,11 +237,6 @@ bool BufferPool::clear() {
   return !all.empty();
 }
 
-uint64_t BufferPool::bytes() const {
-  std::lock_guard lock(mu_);
-  return bytes_;
-}
-
 }  // namespace gpup::ocl
 
 using namespace gpup::ocl;

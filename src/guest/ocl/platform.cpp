@@ -628,10 +628,6 @@ cl_int SetContextDestructorCallback(cl_context c, void(CL_CALLBACK* fn)(cl_conte
 
 }  // namespace gpup::ocl::api
 
-namespace gpup::ocl {
-
-}  // namespace gpup::ocl
-
 _cl_context::_cl_context()
     : IcdObject(gpup::ocl::Magic::kContext), buffer_pool(std::make_unique<gpup::ocl::BufferPool>()) {}
 _cl_context::~_cl_context() = default;

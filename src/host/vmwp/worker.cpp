@@ -1,11 +1,9 @@
 #include "host/vmwp/worker.h"
 
 #include <fcntl.h>
-#include <linux/futex.h>
 #include <linux/magic.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/vfs.h>
 #include <unistd.h>
 
@@ -19,6 +17,7 @@
 
 #include "common/units.h"
 #include "gpup/kmt.h"
+#include "protocol/fence_page.h"
 
 namespace gpup::vmwp {
 
@@ -238,13 +237,7 @@ void FencePage::set(uint32_t slot, uint64_t value) {
   if (!map_ || slot >= kSlots) return;
   auto* values = reinterpret_cast<uint64_t*>(static_cast<char*>(map_) + sizeof(FencePageHeader));
   std::atomic_ref<uint64_t>(values[slot]).store(value, std::memory_order_release);
-  // Guest threads may sleep on the slot (FUTEX_WAIT on its low word, which they compare with
-  // what they read, so a store between their read and their sleep is never missed). One wake
-  // costs a system call whether anyone sleeps or not: the guest's view of the page is read-only,
-  // so it cannot say that it sleeps.
-  if (shared_) {
-    ::syscall(SYS_futex, proto::fence_futex_word(&values[slot]), FUTEX_WAKE, INT32_MAX, nullptr, nullptr, 0);
-  }
+  if (shared_) proto::wake_fence_sleepers(&values[slot]);  // guest threads may sleep on the slot
 }
 
 void FencePage::bump_state_counter(uint32_t counter) {
