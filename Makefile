@@ -37,7 +37,7 @@ $(FUZZ_BUILD)/CMakeCache.txt:
 
 # Long fuzz run (FUZZ_SECONDS per target); fuzz-smoke is the short one CI runs.
 fuzz: deps $(FUZZ_BUILD)/CMakeCache.txt
-	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_host_dispatch
+	cmake --build $(FUZZ_BUILD) -j $(JOBS) --target fuzz_host_dispatch fuzz_ring fuzz_handshake
 	bash scripts/fuzz.sh $(FUZZ_BUILD) $(FUZZ_SECONDS)
 
 fuzz-smoke:

@@ -369,6 +369,19 @@ TEST(Ring, LargestRecordFillsTheWholeRing) {
   EXPECT_EQ(r->used_bytes(), 0u);
 }
 
+TEST(Ring, EmptyRecordIntoAnEmptyVector) {
+  // out.data() is null here: copying zero bytes to it must not reach memcpy (UBSan: nonnull).
+  RingMemory mem(4096);
+  auto r = Ring::create(mem.span());
+  ASSERT_TRUE(r.ok());
+  ASSERT_EQ(r->try_write(std::span<const uint8_t>()), GPUP_STATUS_SUCCESS);
+  std::vector<uint8_t> out;
+  ASSERT_EQ(out.data(), nullptr);
+  ASSERT_EQ(r->try_read(out), GPUP_STATUS_SUCCESS);
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(r->used_bytes(), 0u);
+}
+
 TEST(Ring, CorruptSharedStateIsAProtocolErrorNotACrash) {
   constexpr size_t kCap = 4096;
   const std::vector<uint8_t> msg(40, 9);
@@ -909,6 +922,31 @@ TEST(ChannelShm, CorruptRecordLengthIsAProtocolError) {
     EXPECT_EQ(p.client->send(bytes("x")), GPUP_STATUS_CONNECTION_LOST);
     EXPECT_EQ(p.server->receive(out, 2000), GPUP_STATUS_CONNECTION_LOST);
   }
+}
+
+TEST(ChannelShm, RecordOverTheMessageLimitIsAProtocolError) {
+  // A ring holds records up to its capacity; the channel's limit must hold on receive as well,
+  // as it does on the stream transport. The guest writes its ring by hand: one record exactly at
+  // the limit (delivered), then one a byte over it.
+  const size_t ring = ChannelOptions{}.ring_bytes;
+  Pair p = make_pair(Kind::kShmSocketpair);
+  ASSERT_TRUE(p);
+  const auto region = internal::shared_region_for_testing(*p.client);
+  uint64_t tail = 0;
+  for (const uint32_t len : {static_cast<uint32_t>(kMaxMessageSize), static_cast<uint32_t>(kMaxMessageSize + 1)}) {
+    uint8_t* data = ring_data(region, ring, 0);
+    std::memcpy(data + tail % ring, &len, 4);
+    std::memset(data + tail % ring + 4, 0x5a, len);  // the ring is far larger: no wrap here
+    tail += Ring::record_size(len);
+  }
+  ring_header(region, ring, 0)->tail.store(tail);
+  std::vector<uint8_t> out;
+  ASSERT_EQ(p.server->receive(out, 1000), GPUP_STATUS_SUCCESS);
+  EXPECT_EQ(out.size(), kMaxMessageSize);
+  EXPECT_EQ(p.server->receive(out, 1000), GPUP_STATUS_PROTOCOL_ERROR);
+  EXPECT_NE(last_error().message.find("131073"), std::string::npos) << last_error().message;
+  EXPECT_EQ(p.server->receive(out, 0), GPUP_STATUS_CONNECTION_LOST);
+  EXPECT_EQ(p.client->receive(out, 2000), GPUP_STATUS_CONNECTION_LOST);
 }
 
 TEST(ChannelShm, CorruptCountersAreAProtocolError) {

@@ -124,7 +124,8 @@ gpup_status Ring::try_read(std::vector<uint8_t>& out) {
     return GPUP_STATUS_PROTOCOL_ERROR;
   }
   out.resize(len);
-  copy_out(head_ + kRecordHeaderSize, out.data(), len);
+  // An empty vector's data() may be null, and memcpy to null is undefined even for 0 bytes.
+  if (len > 0) copy_out(head_ + kRecordHeaderSize, out.data(), len);
   head_ += record_size(len);
   header_->head.store(head_, std::memory_order_release);
   return GPUP_STATUS_SUCCESS;

@@ -171,6 +171,12 @@ gpup_status ShmChannel::receive_impl(std::vector<uint8_t>& out, int timeout_ms) 
     if (closed_.load()) return fail(GPUP_STATUS_CONNECTION_LOST, "receive: the channel is shut down");
     const gpup_status s = p_.rx.try_read(out);
     if (s == GPUP_STATUS_SUCCESS) {
+      // The ring bounds a record only by its capacity (up to 64 MiB, chosen by the client); the
+      // message limit must hold here as on the stream transport.
+      if (out.size() > kMaxMessageSize) {
+        return protocol_error("receive: the peer sent a message of " + std::to_string(out.size()) +
+                              " bytes, the limit is " + std::to_string(kMaxMessageSize));
+      }
       if (p_.rx.take_producer_wait()) eventfd_signal(p_.rx_space.get());
       return GPUP_STATUS_SUCCESS;
     }
