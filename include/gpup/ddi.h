@@ -56,7 +56,8 @@ extern "C" {
 #endif
 
 #define GPUPDDI_VERSION_MAJOR 1u
-#define GPUPDDI_VERSION_MINOR 1u /* 1.1: image allocations, image and sampler arguments */
+#define GPUPDDI_VERSION_MINOR 2u /* 1.1: image allocations, image and sampler arguments;
+                                   1.2: GPUPDDI_QAITYPE_SANDBOXNEEDS */
 #define GPUPDDI_VERSION ((GPUPDDI_VERSION_MAJOR << 16) | GPUPDDI_VERSION_MINOR)
 
 #define GPUPDDI_DRIVERENTRY_SYMBOL "GpupKmdDriverEntry"
@@ -110,7 +111,28 @@ typedef enum GPUPDDI_QUERYADAPTERINFOTYPE {
   GPUPDDI_QAITYPE_GPUMMUCAPS = 22,        /* out: GPUPDDI_GPUMMUCAPS */
   GPUPDDI_QAITYPE_PAGETABLELEVELDESC = 23,/* in: uint32_t level; out: GPUPDDI_PAGETABLELEVELDESC */
   GPUPDDI_QAITYPE_GPUPCAPS = 30,          /* out: GPUPDDI_GPUPCAPS */
+  GPUPDDI_QAITYPE_SANDBOXNEEDS = 100,     /* out: text, what the worker jail must hold (gpup, 1.2) */
 } GPUPDDI_QUERYADAPTERINFOTYPE;
+
+/* GPUPDDI_QAITYPE_SANDBOXNEEDS: what a VM worker driving this adapter needs from the host beyond
+ * the shared libraries loaded into the process that started the adapter (the host gives the
+ * worker those, its own program and the KMD plugin). The worker runs guest work, so it is jailed
+ * (its own uid, no capabilities, its own namespaces, a root holding only what is listed here);
+ * anything not declared does not exist for it. Asked of a started adapter, in the host process
+ * (never with VirtualMachineData set). Output: UTF-8 text, one need per line, NUL-terminated;
+ * *pOutputDataWritten = bytes including the NUL; BUFFER_TOO_SMALL (with *pOutputDataWritten =
+ * the size needed) when OutputDataSize cannot hold it. Lines:
+ *   ro PATH          a file or directory the KMD or its device runtime reads (read-only)
+ *   exec PATH        a program the KMD runs (e.g. a linker); read-only and executable
+ *   dev PATH         a device node the KMD opens read-write (a real GPU's render node)
+ *   env NAME=VALUE   set in the worker's environment (e.g. a cache variable pointing into
+ *                    the worker's private writable cache, $GPUP_CACHE_DIR below)
+ *   passenv NAME     passed from the host's environment when set there
+ * PATH is absolute; the host resolves symbolic links and shows each path at its real location
+ * with its links. Inside the jail $GPUP_CACHE_DIR (in env values) is the worker's private,
+ * size-bounded, writable cache directory and /tmp its scratch space. Unknown line kinds make the
+ * host refuse to start the worker. Optional: a KMD answering NOT_SUPPORTED gets only the host's
+ * part. */
 
 typedef struct GPUPDDI_QUERYADAPTERINFOFLAGS {
   uint32_t VirtualMachineData : 1;   /* the query comes from a VM partition */

@@ -194,6 +194,26 @@ Driver::~Driver() {
   if (dl_ != nullptr) ::dlclose(dl_);
 }
 
+Result<std::string> query_sandbox_needs(const Driver& driver, GPUPDDI_HANDLE hAdapter) {
+  std::string text(kMaxSandboxNeeds, '\0');
+  uint32_t written = 0;
+  GPUPDDI_ARG_QUERYADAPTERINFO args{};
+  args.struct_size = sizeof(args);
+  args.Type = GPUPDDI_QAITYPE_SANDBOXNEEDS;
+  args.OutputDataSize = kMaxSandboxNeeds;
+  args.pOutputData = text.data();
+  args.pOutputDataWritten = &written;
+  const gpup_status s = driver.ddi().Adapter.pfnQueryAdapterInfo(hAdapter, &args);
+  if (s == GPUP_STATUS_NOT_SUPPORTED) return std::string();
+  if (s != GPUP_STATUS_SUCCESS)
+    return Error(s, fmt::format("KMD {}: query SANDBOXNEEDS failed: {}", driver.name(), gpup_status_name(s)));
+  if (written == 0 || written > kMaxSandboxNeeds || text[written - 1] != '\0' || text.find('\0') != written - 1)
+    return Error(GPUP_STATUS_INTERNAL,
+                 fmt::format("KMD {}: SANDBOXNEEDS is not one NUL-terminated text ({} bytes)", driver.name(), written));
+  text.resize(written - 1);
+  return text;
+}
+
 Result<AdapterCaps> query_adapter_caps(const Driver& driver, GPUPDDI_HANDLE hAdapter) {
   const GPUPDDI_ADAPTER_FUNCS& ddi = driver.ddi().Adapter;
   AdapterCaps caps;

@@ -71,6 +71,10 @@ struct AdapterCaps {
 // Runs DRIVERCAPS, GPUPCAPS, GPUMMUCAPS, PAGETABLELEVELDESC (each level), QUERYSEGMENT and
 // DEVICEINFO on hAdapter. Fails with the KMD's status and the query's name, or with INTERNAL
 // when an answer is inconsistent (wrong size written, too many levels or segments).
+// GPUPDDI_QAITYPE_SANDBOXNEEDS's text (ddi.h); empty when the KMD answers NOT_SUPPORTED. At most
+// kMaxSandboxNeeds bytes.
+inline constexpr uint32_t kMaxSandboxNeeds = 64 * 1024;
+Result<std::string> query_sandbox_needs(const Driver& driver, GPUPDDI_HANDLE hAdapter);
 Result<AdapterCaps> query_adapter_caps(const Driver& driver, GPUPDDI_HANDLE hAdapter);
 
 // Turns a [kmd] config table into pfnStartAdapter's "key=value\n" lines, keys in map order.

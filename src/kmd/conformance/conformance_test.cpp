@@ -61,7 +61,7 @@ class Conformance : public ::testing::TestWithParam<std::string> {
 TEST_P(Conformance, DriverEntryChecksVersionAndSizes) {
   EXPECT_GT(std::strlen(f.ddi().DriverName), 0u);
   EXPECT_EQ(f.ddi().DdiVersion >> 16, GPUPDDI_VERSION_MAJOR);
-  EXPECT_EQ(f.ddi().DdiVersion & 0xffffu, 1u) << "DDI 1.1: images";
+  EXPECT_EQ(f.ddi().DdiVersion & 0xffffu, GPUPDDI_VERSION_MINOR) << "DDI 1.2: images, SANDBOXNEEDS";
   void* dl = dlopen(f.driver->path().c_str(), RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
   ASSERT_NE(dl, nullptr);
   auto entry = reinterpret_cast<GPUPDDI_PFN_DRIVERENTRY>(dlsym(dl, GPUPDDI_DRIVERENTRY_SYMBOL));

@@ -898,4 +898,15 @@ size_t ProcessTable::size() {
   return processes_.size();
 }
 
+gpup_status write_query_text(const GPUPDDI_ARG_QUERYADAPTERINFO* args, std::string_view text) {
+  if (args->pOutputDataWritten == nullptr) return GPUP_STATUS_INVALID_PARAMETER;
+  const size_t need = text.size() + 1;
+  if (need > UINT32_MAX) return GPUP_STATUS_INTERNAL;
+  *args->pOutputDataWritten = static_cast<uint32_t>(need);
+  if (args->pOutputData == nullptr || args->OutputDataSize < need) return GPUP_STATUS_BUFFER_TOO_SMALL;
+  std::memcpy(args->pOutputData, text.data(), text.size());
+  static_cast<char*>(args->pOutputData)[text.size()] = '\0';
+  return GPUP_STATUS_SUCCESS;
+}
+
 }  // namespace gpup::kmd

@@ -370,6 +370,10 @@ gpup_status write_query_output(const GPUPDDI_ARG_QUERYADAPTERINFO* args, const T
   return GPUP_STATUS_SUCCESS;
 }
 
+// Copies a NUL-terminated text answer (GPUPDDI_QAITYPE_SANDBOXNEEDS): INVALID_PARAMETER without
+// pOutputDataWritten; BUFFER_TOO_SMALL with *pOutputDataWritten = the size needed.
+gpup_status write_query_text(const GPUPDDI_ARG_QUERYADAPTERINFO* args, std::string_view text);
+
 // The GPU MMU both gpup KMDs model: 48-bit VA, 4 levels of 512-entry (9 index bits) 4 KiB page
 // tables, 4 KiB leaf pages. Segment ids are 1-based indices into GPUPDDI_QUERYSEGMENTOUT.Segments
 // (the WDDM convention); page tables live in segment 1.

@@ -108,7 +108,8 @@ gpup_status status_from_cl(cl_int err) {
 namespace {
 
 constexpr const char* kDefaultPlatform = "Portable Computing Language";
-constexpr std::array<std::string_view, 2> kConfigKeys = {"platform", "device"};
+constexpr std::array<std::string_view, 5> kConfigKeys = {"platform", "device", "sandbox_ro", "sandbox_dev",
+                                                         "sandbox_exec"};
 
 std::string platform_string(cl_platform_id p, cl_platform_info what) {
   size_t n = 0;
@@ -294,6 +295,9 @@ Result<std::unique_ptr<Adapter>> Adapter::start(const char* config) {
   }
   adapter->facts.image_formats = read_image_formats(adapter->context.get(), adapter->facts);
   adapter->facts.image_formats_list = adapter->facts.image_formats.encode();
+  auto needs = sandbox_needs(cfg);
+  if (!needs) return needs.error();
+  adapter->sandbox_needs_text = std::move(*needs);
   const GPUPDDI_DEVICEINFO& info = adapter->facts.info;
   logf(GPUPDDI_LOG_INFO,
        "adapter started on '{}' device #{} '{}': {} MiB global, {} MiB max alloc, {} CUs, {}-byte device info list",
@@ -343,6 +347,8 @@ gpup_status Adapter::query(const GPUPDDI_ARG_QUERYADAPTERINFO* args) {
       return answer_page_table_level(args);
     case GPUPDDI_QAITYPE_GPUPCAPS:
       return write_query_output(args, GPUPDDI_GPUPCAPS{});  // no hibernation / migration yet
+    case GPUPDDI_QAITYPE_SANDBOXNEEDS:
+      return write_query_text(args, sandbox_needs_text);
     default:
       logf(GPUPDDI_LOG_WARN, "QueryAdapterInfo: unsupported type {}", args->Type);
       return GPUP_STATUS_NOT_SUPPORTED;

@@ -203,6 +203,10 @@ class Context final : public KmdObject {
 
 class Adapter;
 
+// GPUPDDI_QAITYPE_SANDBOXNEEDS text for the platform this process has started (ocl_sandbox.cpp);
+// cfg is the adapter's parsed config (sandbox_ro, sandbox_dev, sandbox_exec).
+Result<std::string> sandbox_needs(const std::map<std::string, std::string>& cfg);
+
 class Device final : public KmdObject {
  public:
   static constexpr ObjectTag kTag = ObjectTag::kDevice;
@@ -257,6 +261,7 @@ class Adapter final : public KmdObject {
   Result<cl_sampler> sampler(const GPUP_OCL_SAMPLER_DESC& desc);
 
   DeviceFacts facts;
+  std::string sandbox_needs_text;  // GPUPDDI_QAITYPE_SANDBOXNEEDS's answer (ocl_sandbox.cpp)
   ClContext context;
   ProcessTable processes;
 
