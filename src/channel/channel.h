@@ -200,6 +200,9 @@ Result<std::unique_ptr<Channel>> connect(const std::string& endpoint, const Chan
 // The two handshake halves on an already-connected stream socket (AF_UNIX or TCP); they take
 // ownership of the socket. Used by Listener::accept() / connect(), and directly for socketpairs.
 Result<std::unique_ptr<Channel>> accept_on_socket(UniqueFd socket, const ChannelOptions& options = {});
+// Refuses a client without reading its Hello (gpupd, for a peer not allowed on an endpoint): one
+// Welcome carrying status (negative), written without blocking; the client's handshake returns it.
+void refuse_on_socket(int socket, gpup_status status);
 Result<std::unique_ptr<Channel>> connect_on_socket(UniqueFd socket, const ChannelOptions& options = {});
 
 }  // namespace gpup::channel

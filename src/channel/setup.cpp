@@ -188,6 +188,14 @@ Status check_eventfd(int fd) {
 
 // ---- handshake ----
 
+void refuse_on_socket(int socket, gpup_status status) {
+  wire::Welcome w;
+  w.status = status < 0 ? status : GPUP_STATUS_ACCESS_DENIED;
+  uint8_t buf[wire::kWelcomeSize];
+  wire::encode(w, buf);
+  (void)::send(socket, buf, sizeof buf, MSG_DONTWAIT | MSG_NOSIGNAL);
+}
+
 Result<std::unique_ptr<Channel>> accept_on_socket(UniqueFd socket, const ChannelOptions& options) {
   if (Status st = internal::validate_options(options); !st) return st.error();
   if (!socket) return error(GPUP_STATUS_INVALID_PARAMETER, "accept_on_socket: invalid socket");

@@ -72,6 +72,8 @@ struct VmOptions {
   int64_t compute_weight = -1;                   // -1 when not given
   int64_t max_compute = -1;
   bool secure = false;
+  // --allow-user / --allow-group: names or numeric ids; "none" clears the list. Unset: not given.
+  std::vector<std::string> allow_users, allow_groups;
 };
 int cmd_vm_add(const Context& ctx, const std::string& name, const VmOptions& o, bool as_json);
 int cmd_vm_set(const Context& ctx, const std::string& name, const VmOptions& o, bool as_json);

@@ -40,6 +40,13 @@ int main(int argc, char** argv) {
     c->add_option("--optimal-vram", opts.optimal_vram, "VRAM the partition should get (default: max)");
     c->add_option("--compute-weight", opts.compute_weight, "relative share of device time, 1-10000 (default 100)");
     c->add_option("--max-compute", opts.max_compute, "cap on device time in percent, 1-100 (default 100)");
+    c->add_option("--allow-user", opts.allow_users,
+                  "a user (name or uid) allowed to run guests in the partition besides root; repeat or "
+                  "comma-separate; 'none' clears")
+        ->delimiter(',');
+    c->add_option("--allow-group", opts.allow_groups,
+                  "a group whose members may run guests in the partition; repeat or comma-separate; 'none' clears")
+        ->delimiter(',');
     c->add_flag("--json", as_json, "print gpupd's JSON reply");
   };
   auto* vm_add = vm->add_subcommand("add", "add a partition and start its worker");

@@ -1,4 +1,6 @@
 // gpup adapters | vm add | vm set | vm list | vm show | vm remove | vm start | vm reset
+#include <grp.h>
+#include <pwd.h>
 #include <cctype>
 #include <iostream>
 #include <set>
@@ -44,6 +46,26 @@ int cmd_adapters(const Context& ctx, bool as_json) {
   return 0;
 }
 
+// Names or numeric ids to ids, resolved here (the operator's view of users and groups).
+static json id_list(const std::vector<std::string>& names, bool groups) {
+  json ids = json::array();
+  for (const auto& n : names) {
+    if (n == "none") continue;
+    if (!n.empty() && n.find_first_not_of("0123456789") == std::string::npos && n.size() < 11) {
+      ids.push_back(std::stoull(n));
+      continue;
+    }
+    if (groups) {
+      if (const group* g = ::getgrnam(n.c_str())) ids.push_back(g->gr_gid);
+      else throw CliError(fmt::format("--allow-group: no group named '{}'", n));
+    } else {
+      if (const passwd* u = ::getpwnam(n.c_str())) ids.push_back(u->pw_uid);
+      else throw CliError(fmt::format("--allow-user: no user named '{}'", n));
+    }
+  }
+  return ids;
+}
+
 static json vm_settings(const VmOptions& o) {
   json vm = json::object();
   if (!o.min_vram.empty()) vm["min_vram"] = parse_size_option(o.min_vram, "--min-vram");
@@ -51,6 +73,8 @@ static json vm_settings(const VmOptions& o) {
   if (!o.optimal_vram.empty()) vm["optimal_vram"] = parse_size_option(o.optimal_vram, "--optimal-vram");
   if (o.compute_weight >= 0) vm["compute_weight"] = o.compute_weight;
   if (o.max_compute >= 0) vm["max_compute"] = o.max_compute;
+  if (!o.allow_users.empty()) vm["allow_users"] = id_list(o.allow_users, false);
+  if (!o.allow_groups.empty()) vm["allow_groups"] = id_list(o.allow_groups, true);
   return vm;
 }
 
@@ -81,7 +105,7 @@ int cmd_vm_set(const Context& ctx, const std::string& name, const VmOptions& o, 
   json vm = vm_settings(o);
   if (o.secure) vm["secure"] = true;
   if (vm.empty()) throw CliError("vm set: nothing to change (give --min-vram, --max-vram, --optimal-vram, "
-                                 "--compute-weight or --max-compute)");
+                                 "--compute-weight, --max-compute, --allow-user or --allow-group)");
   json r = call(ctx, json{{"op", "vm.set"}, {"name", name}, {"vm", vm}});
   if (as_json) print_json(r);
   else report_vm(r, "changed");
@@ -136,6 +160,38 @@ int cmd_vm_show(const Context& ctx, const std::string& name, bool as_json) {
   row("optimal vram", format_size(u64(vm, "optimal_vram")));
   row("compute", fmt::format("weight {}, max {}%", u64(vm, "compute_weight"), u64(vm, "max_compute")));
   row("secure", flag(vm, "secure") ? "yes" : "no");
+  {
+    std::string who = "root";
+    for (const char* key : {"allow_users", "allow_groups"})
+      if (vm.contains(key) && vm[key].is_array())
+        for (const auto& id : vm[key]) {
+          if (!id.is_number_unsigned()) continue;
+          const auto n = id.get<uint32_t>();
+          const passwd* u = key[6] == 'u' ? ::getpwuid(n) : nullptr;
+          const group* g = key[6] == 'g' ? ::getgrgid(n) : nullptr;
+          who += fmt::format(", {} {}", key[6] == 'u' ? "user" : "group",
+                             u ? u->pw_name : g ? g->gr_name : std::to_string(n));
+        }
+    row("guests", who);
+  }
+  if (vm.contains("jail") && vm["jail"].is_object()) {
+    const json& j = vm["jail"];
+    if (!flag(j, "enabled")) {
+      row("jail", "none: " + str(j, "reason"));
+    } else {
+      std::string ns;
+      if (j.contains("namespaces") && j["namespaces"].is_array())
+        for (const auto& n : j["namespaces"]) ns += (ns.empty() ? "" : " ") + (n.is_string() ? n.get<std::string>() : "");
+      std::string text = j.contains("uid") ? fmt::format("uid {} gid {}", u64(j, "uid"), u64(j, "gid")) : "not running";
+      text += fmt::format("; namespaces {}; seccomp {}; no_new_privs {}; capabilities {}; landlock ABI {}", ns,
+                          str(j, "seccomp").empty() ? "-" : str(j, "seccomp"), flag(j, "no_new_privs") ? "yes" : "no",
+                          str(j, "cap_effective") == "0000000000000000" && str(j, "cap_bounding") == "0000000000000000"
+                              ? "none"
+                              : str(j, "cap_effective").empty() ? "-" : "eff " + str(j, "cap_effective"),
+                          u64(j, "landlock_abi"));
+      row("jail", text);
+    }
+  }
   if (vm.contains("device") && vm["device"].is_object()) {
     const json& d = vm["device"];
     row("device time", fmt::format("{}: {:.1f} s scheduled, {:.1f} s busy, {} grant(s), {} yield(s)", str(d, "state"),

@@ -4,8 +4,13 @@
 // private data carries the options and the content, and the KMD answers with the build log, the
 // kernel table and the binary (GPUP_OCL_PROGRAM_INFO). Everything the application asks about the
 // program or its kernels afterwards is answered from that answer; clSetKernelArg crosses nothing.
+#include <dirent.h>
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 
 #include "guest/ocl/icd.h"
 
@@ -110,6 +115,63 @@ cl_int host_build(GPUPKMT_HANDLE hw_device, cl_device_id d, const BuildInput& in
   log_failure("building a program on the host", s);
   if (b->log.empty()) b->log = GpupKmtGetLastErrorMessage();
   return cl_error_from_status(s, CL_OUT_OF_HOST_MEMORY);
+}
+
+// The headers an application's "-I DIR" options make visible. The device compiles on the host, in a
+// worker that sees none of the guest's files, so the guest ships them: every regular file under
+// each directory (3 levels deep at most; up to kMaxIncludeFiles files of at most 1 MiB, 16 MiB in
+// all), named by its path below the directory, the first directory's file winning as in a search
+// path. Empty when the options name no directory.
+constexpr size_t kMaxIncludeFiles = 512, kMaxIncludeFile = 1u << 20, kMaxIncludeBytes = 16u << 20;
+
+void collect_headers(const std::string& dir, const std::string& prefix, int depth,
+                     std::vector<std::pair<std::string, std::string>>& out, size_t& bytes) {
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return;
+  std::vector<std::string> names;
+  while (dirent* e = ::readdir(d))
+    if (e->d_name[0] != '.') names.emplace_back(e->d_name);
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  for (const auto& n : names) {
+    const std::string path = dir + "/" + n, name = prefix.empty() ? n : prefix + "/" + n;
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) continue;
+    if (S_ISDIR(st.st_mode)) {
+      if (depth < 3) collect_headers(path, name, depth + 1, out, bytes);
+      continue;
+    }
+    if (!S_ISREG(st.st_mode) || static_cast<size_t>(st.st_size) > kMaxIncludeFile ||
+        bytes + static_cast<size_t>(st.st_size) > kMaxIncludeBytes || out.size() >= kMaxIncludeFiles)
+      continue;
+    if (std::any_of(out.begin(), out.end(), [&](const auto& h) { return h.first == name; })) continue;
+    std::ifstream in(path, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
+    if (!in && !in.eof()) continue;
+    bytes += text.str().size();
+    out.emplace_back(name, text.str());
+  }
+}
+
+std::vector<std::pair<std::string, std::string>> include_dir_headers(const std::string& options) {
+  std::vector<std::pair<std::string, std::string>> out;
+  size_t bytes = 0;
+  std::istringstream words(options);
+  std::string w;
+  while (words >> w) {
+    std::string dir;
+    if (w == "-I") {
+      if (!(words >> dir)) break;
+    } else if (w.size() > 2 && w.compare(0, 2, "-I") == 0) {
+      dir = w.substr(2);
+    } else {
+      continue;
+    }
+    if (dir.size() >= 2 && dir.front() == '"' && dir.back() == '"') dir = dir.substr(1, dir.size() - 2);
+    collect_headers(dir, "", 0, out, bytes);
+  }
+  return out;
 }
 
 std::shared_ptr<Build> run_build(cl_context c, const BuildInput& in, cl_int* err) {
@@ -339,7 +401,34 @@ cl_int BuildProgram(cl_program p, cl_uint num_devices, const cl_device_id* devic
     }
   }
   cl_int err = CL_SUCCESS;
-  auto b = run_build(p->context, in, &err);
+  std::shared_ptr<Build> b;
+  auto headers = in.format == GPUP_OCL_PROGRAM_SOURCE ? include_dir_headers(in.options)
+                                                      : std::vector<std::pair<std::string, std::string>>();
+  if (headers.empty()) {
+    b = run_build(p->context, in, &err);
+  } else {
+    // The guest's include directories travel with the source: compile with them as headers,
+    // then link into the executable the build would have made.
+    BuildInput compile;
+    compile.format = GPUP_OCL_PROGRAM_COMPILE;
+    compile.options = in.options;
+    std::vector<uint8_t> set = set_header(static_cast<uint32_t>(1 + headers.size()));
+    append_set_entry(&set, {}, in.content.data(), in.content.size());
+    for (const auto& [name, text] : headers) append_set_entry(&set, name, text.data(), text.size());
+    compile.content = std::move(set);
+    b = run_build(p->context, compile, &err);
+    if (err == CL_SUCCESS) {
+      BuildInput link;
+      link.format = GPUP_OCL_PROGRAM_LINK;
+      std::vector<uint8_t> objects = set_header(1);
+      append_set_entry(&objects, {}, b->binary.data(), b->binary.size());
+      link.content = std::move(objects);
+      std::string compile_log = b->log;
+      b = run_build(p->context, link, &err);
+      b->log = compile_log + b->log;
+    }
+    b->options = in.options;
+  }
   {
     std::lock_guard lock(p->mu);
     p->build = b;

@@ -96,8 +96,30 @@ json to_json(const VmSpec& vm) {
               {"optimal_vram", vm.optimal_vram},
               {"compute_weight", vm.compute_weight},
               {"max_compute", vm.max_compute},
-              {"secure", vm.secure}};
+              {"secure", vm.secure},
+              {"allow_users", vm.allow_users},
+              {"allow_groups", vm.allow_groups}};
 }
+
+namespace {
+
+// An optional array of ids (absent: empty), at most kMaxAllowIds, each below 2^32 - 1.
+Result<std::vector<uint32_t>> id_list(const json& j, const char* key, std::string_view context) {
+  std::vector<uint32_t> out;
+  auto it = j.find(key);
+  if (it == j.end()) return out;
+  if (!it->is_array() || it->size() > kMaxAllowIds)
+    return make_error(GPUP_STATUS_INVALID_PARAMETER,
+                      fmt::format("{}.{}: expected an array of at most {} ids", context, key, kMaxAllowIds));
+  for (const auto& v : *it) {
+    if (!v.is_number_unsigned() || v.get<uint64_t>() >= 0xffffffffu)
+      return make_error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("{}.{}: not a uid/gid", context, key));
+    out.push_back(v.get<uint32_t>());
+  }
+  return out;
+}
+
+}  // namespace
 
 Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
   ObjectReader r(j, std::string(context));
@@ -112,6 +134,10 @@ Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
   auto percent = r.u64("max_compute", kMinComputePercent, kMaxComputePercent);
   auto secure = r.boolean("secure");
   if (!r.ok()) return make_error(GPUP_STATUS_INVALID_PARAMETER, r.error());
+  auto users = id_list(j, "allow_users", context);
+  if (!users) return users.error();
+  auto groups = id_list(j, "allow_groups", context);
+  if (!groups) return groups.error();
   if (Status s = validate_name(*name, "vm"); !s.ok()) return s.error();
   if (Status s = validate_name(*adapter, "adapter"); !s.ok()) return s.error();
   if (!parse_guid(*guid))
@@ -129,6 +155,8 @@ Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
   vm.compute_weight = static_cast<uint32_t>(*weight);
   vm.max_compute = static_cast<uint32_t>(*percent);
   vm.secure = *secure;
+  vm.allow_users = std::move(*users);
+  vm.allow_groups = std::move(*groups);
   return vm;
 }
 
@@ -182,6 +210,19 @@ Result<ConfigureMessage> configure_from_json(const json& j) {
                       fmt::format("vm.adapter '{}' is not adapter.name '{}'", v->adapter, a->name));
   return ConfigureMessage{std::move(*v), std::move(*a), *endpoint, *level,
                           tdr ? static_cast<uint32_t>(*tdr) : kDefaultTdrDelayMs};
+}
+
+void encode(const GuestHandoff& h, uint8_t out[kGuestHandoffSize]) {
+  const uint32_t words[3] = {static_cast<uint32_t>(h.pid), h.uid, h.gid};
+  for (int w = 0; w < 3; ++w)
+    for (int b = 0; b < 4; ++b) out[w * 4 + b] = static_cast<uint8_t>(words[w] >> (8 * b));
+}
+
+GuestHandoff decode_guest_handoff(const uint8_t in[kGuestHandoffSize]) {
+  uint32_t words[3] = {};
+  for (int w = 0; w < 3; ++w)
+    for (int b = 0; b < 4; ++b) words[w] |= static_cast<uint32_t>(in[w * 4 + b]) << (8 * b);
+  return GuestHandoff{static_cast<int32_t>(words[0]), words[1], words[2]};
 }
 
 namespace {

@@ -32,6 +32,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/result.h"
 #include "host/control/json_lines.h"
@@ -98,8 +99,11 @@ struct VmSpec {
   uint32_t compute_weight = kDefaultComputeWeight;
   uint32_t max_compute = kMaxComputePercent;
   bool secure = false;
+  // Who may connect to its VRD endpoint besides root (uids, gids); at most kMaxAllowIds each.
+  std::vector<uint32_t> allow_users, allow_groups;
   bool operator==(const VmSpec&) const = default;
 };
+inline constexpr size_t kMaxAllowIds = 64;
 json to_json(const VmSpec& vm);
 // Strict: every field present with its type and range, min <= optimal <= max, valid names and GUID.
 Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context = "vm");
@@ -125,6 +129,18 @@ struct ConfigureMessage {
 };
 json to_json(const ConfigureMessage& m);  // includes "op":"configure"
 Result<ConfigureMessage> configure_from_json(const json& j);
+
+// A guest connection gpupd accepted on a partition's VRD endpoint and hands to its worker: one
+// SOCK_SEQPACKET message on the worker's fd kWorkerGuestFd, these bytes (little-endian) with the
+// socket attached (SCM_RIGHTS). The ids are the host's, as SO_PEERCRED gave them to gpupd.
+inline constexpr int kWorkerControlFd = 3, kWorkerGuestFd = 4;
+struct GuestHandoff {
+  int32_t pid = 0;
+  uint32_t uid = 0, gid = 0;
+};
+inline constexpr size_t kGuestHandoffSize = 12;
+void encode(const GuestHandoff& h, uint8_t out[kGuestHandoffSize]);
+GuestHandoff decode_guest_handoff(const uint8_t in[kGuestHandoffSize]);
 
 // Checks a worker's stats object and returns a copy holding only the known, well-typed fields:
 //   {"vram_used":N,"vram_max":N,"vram_min":N,"vram_held":N,"vram_borrowed":N,"vram_refused":N,

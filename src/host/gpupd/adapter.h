@@ -32,6 +32,7 @@ struct AdapterInfo {
   bool paravirtualization = false;  // DRIVERCAPS.MemoryManagementCaps.ParavirtualizationSupported
   bool secure_capable = false;      // ... IoMmuSecureModeSupported
   bool live_migration = false;      // GPUPCAPS.LiveMigration
+  std::string sandbox_needs;        // GPUPDDI_QAITYPE_SANDBOXNEEDS (jail.h parses it)
 
   bool partitionable() const { return state == AdapterState::kReady && paravirtualization; }
   // Why vm.add must refuse this adapter; empty when partitionable.

@@ -100,6 +100,12 @@ Adapter open_adapter(const AdapterConfig& cfg, uint64_t luid) {
   a.info.paravirtualization = caps->driver.MemoryManagementCaps.ParavirtualizationSupported != 0;
   a.info.secure_capable = caps->driver.MemoryManagementCaps.IoMmuSecureModeSupported != 0;
   a.info.live_migration = caps->gpup.LiveMigration != 0;
+  auto needs = kmd::query_sandbox_needs(*d, start.hAdapter);
+  if (!needs) {
+    a.info.error = needs.error().message;
+    return a;
+  }
+  a.info.sandbox_needs = std::move(*needs);
   a.info.state = AdapterState::kReady;
   a.runtime = std::move(rt);
   return a;

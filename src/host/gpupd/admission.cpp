@@ -31,9 +31,11 @@ static Result<std::optional<uint64_t>> size_field(const json& vm, const char* ke
 Result<VmRequest> parse_vm_request(const json& vm, bool for_add) {
   control::ObjectReader r(vm, "vm");
   if (for_add)
-    r.only({"name", "adapter", "min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure"});
+    r.only({"name", "adapter", "min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure",
+            "allow_users", "allow_groups"});
   else
-    r.only({"min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure"});
+    r.only({"min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure", "allow_users",
+            "allow_groups"});
   VmRequest req;
   if (for_add) {
     auto name = r.str("name", 256);
@@ -50,6 +52,20 @@ Result<VmRequest> parse_vm_request(const json& vm, bool for_add) {
     if (Status s = control::validate_name(req.name, "vm"); !s.ok()) return s.error();
     if (req.adapter)
       if (Status s = control::validate_name(*req.adapter, "adapter"); !s.ok()) return s.error();
+  }
+  // Who may connect to the partition's endpoint besides root: uids and gids (the CLI resolves names).
+  for (auto [key, field] : {std::pair{"allow_users", &req.allow_users}, std::pair{"allow_groups", &req.allow_groups}}) {
+    auto it = vm.find(key);
+    if (it == vm.end()) continue;
+    if (!it->is_array() || it->size() > control::kMaxAllowIds)
+      return refuse(fmt::format("{}: expected a list of at most {} ids", key, control::kMaxAllowIds));
+    std::vector<uint32_t> ids;
+    for (const auto& id : *it) {
+      if (!id.is_number_unsigned() || id.get<uint64_t>() >= 0xffffffffu)
+        return refuse(fmt::format("{}: {} is not a uid/gid", key, control::printable(id.dump(), 32)));
+      ids.push_back(id.get<uint32_t>());
+    }
+    *field = std::move(ids);
   }
   for (auto [key, field] : {std::pair{"min_vram", &req.min_vram}, std::pair{"max_vram", &req.max_vram},
                             std::pair{"optimal_vram", &req.optimal_vram}}) {
@@ -131,6 +147,8 @@ Result<VmSpec> admit_new_vm(const VmRequest& req, const std::vector<const Adapte
   vm.compute_weight = req.compute_weight.value_or(control::kDefaultComputeWeight);
   vm.max_compute = req.max_compute.value_or(control::kMaxComputePercent);
   vm.secure = req.secure.value_or(false);
+  vm.allow_users = req.allow_users.value_or(std::vector<uint32_t>{});
+  vm.allow_groups = req.allow_groups.value_or(std::vector<uint32_t>{});
   if (Status s = check_fit(vm, *a, existing); !s.ok()) return s.error();
   return vm;
 }
@@ -152,6 +170,8 @@ Result<VmSpec> admit_vm_change(const VmSpec& current, const VmRequest& change, c
   }
   if (change.compute_weight) vm.compute_weight = *change.compute_weight;
   if (change.max_compute) vm.max_compute = *change.max_compute;
+  if (change.allow_users) vm.allow_users = *change.allow_users;
+  if (change.allow_groups) vm.allow_groups = *change.allow_groups;
   if (Status s = check_fit(vm, *adapter, existing); !s.ok()) return s.error();
   return vm;
 }

@@ -29,6 +29,7 @@ struct VmRequest {
   std::optional<uint64_t> min_vram, max_vram, optimal_vram;
   std::optional<uint32_t> compute_weight, max_compute;
   std::optional<bool> secure;
+  std::optional<std::vector<uint32_t>> allow_users, allow_groups;  // replace the lists when given
 };
 
 // Parses the "vm" object of a request. Sizes are byte counts or strings with units ("256MiB",

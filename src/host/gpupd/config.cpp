@@ -1,6 +1,11 @@
 #include "host/gpupd/config.h"
 
+#include <grp.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <optional>
 #include <set>
@@ -18,6 +23,25 @@ std::string AdapterConfig::config_text() const {
   std::string out;
   for (const auto& [k, v] : config) out += k + "=" + v + "\n";
   return out;
+}
+
+Result<std::optional<gid_t>> lookup_group(const std::string& name) {
+  long hint = ::sysconf(_SC_GETGR_R_SIZE_MAX);
+  std::vector<char> buf(hint > 0 ? static_cast<size_t>(hint) : 4096);
+  for (;;) {
+    group grp{};
+    group* found = nullptr;
+    int rc = ::getgrnam_r(name.c_str(), &grp, buf.data(), buf.size(), &found);
+    // A group with many members needs a larger buffer than the hint.
+    if (rc == ERANGE && buf.size() < (16u << 20)) {
+      buf.resize(buf.size() * 2);
+      continue;
+    }
+    // Some NSS modules say "not found" with ENOENT or ESRCH rather than 0 and no entry.
+    if (rc == 0 || rc == ENOENT || rc == ESRCH)
+      return found ? std::optional<gid_t>(found->gr_gid) : std::optional<gid_t>();
+    return make_error(GPUP_STATUS_INTERNAL, fmt::format("cannot look up group '{}': {}", name, std::strerror(rc)));
+  }
 }
 
 Config default_config() {
@@ -65,7 +89,7 @@ bool key_char_ok(char c) {
 
 }  // namespace
 
-Result<Config> parse_config(std::string_view text, const std::string& source) {
+Result<Config> parse_config(std::string_view text, const std::string& source, const GroupLookup& lookup) {
   toml::table root;
   try {
     root = toml::parse(text, source);
@@ -89,14 +113,17 @@ Result<Config> parse_config(std::string_view text, const std::string& source) {
       {"tdr_limit_count", &cfg.tdr_limit_count, 1, 1000},
       {"tdr_limit_window_s", &cfg.tdr_limit_window_s, 1, 86400},
       {"scheduler_quantum_ms", &cfg.scheduler_quantum_ms, 1, 1000},
+      {"worker_id_base", &cfg.worker_id_base, kMinWorkerIdBase, static_cast<uint32_t>(kWorkerIdLimit - 1)},
+      {"worker_id_count", &cfg.worker_id_count, 1, kMaxWorkerIdCount},
   };
   for (const auto& [key, node] : root) {
-    bool known = key.str() == "adapter" || key.str() == "worker_memory_overhead";
+    bool known = key.str() == "adapter" || key.str() == "worker_memory_overhead" || key.str() == "admin_group";
     for (const auto& k : int_keys) known = known || key.str() == k.key;
     if (!known)
       return check.error(std::string(key.str()),
                          "unknown key (expected [[adapter]] tables, worker_memory_overhead, tdr_delay_ms, "
-                         "tdr_limit_count, tdr_limit_window_s or scheduler_quantum_ms)",
+                         "tdr_limit_count, tdr_limit_window_s, scheduler_quantum_ms, admin_group, worker_id_base "
+                         "or worker_id_count)",
                          &node);
   }
   for (const auto& k : int_keys) {
@@ -107,6 +134,30 @@ Result<Config> parse_config(std::string_view text, const std::string& source) {
     if (i->get() < k.min || i->get() > k.max)
       return check.error(k.key, fmt::format("{} is outside {} .. {}", i->get(), k.min, k.max), n);
     *k.out = static_cast<uint32_t>(i->get());
+  }
+  // Only an explicit base can run the range past the limit: the default base plus the largest
+  // count stays below it.
+  if (uint64_t end = uint64_t{cfg.worker_id_base} + cfg.worker_id_count; end > kWorkerIdLimit) {
+    const toml::node* n = root.get("worker_id_base");
+    return check.error("worker_id_base",
+                       fmt::format("{} + worker_id_count {} ends at {}, past {} ((uid_t)-2)", cfg.worker_id_base,
+                                   cfg.worker_id_count, end, kWorkerIdLimit),
+                       n ? n : root.get("worker_id_count"));
+  }
+  if (const toml::node* n = root.get("admin_group")) {
+    const auto* s = n->as_string();
+    if (!s) return check.error("admin_group", fmt::format("expected a string, got {}", node_type_name(*n)), n);
+    const std::string& name = s->get();
+    bool name_ok = !name.empty() && name.size() <= 256;
+    for (char c : name) name_ok = name_ok && static_cast<unsigned char>(c) > ' ' && c != 0x7f && c != ':';
+    if (!name_ok)
+      return check.error("admin_group", "must be a group name (1-256 characters, no spaces, control characters or ':')",
+                         n);
+    auto gid = lookup(name);
+    if (!gid) return check.error("admin_group", gid.error().message, n);
+    if (!*gid) return check.error("admin_group", fmt::format("no group named '{}'", name), n);
+    cfg.admin_group = name;
+    cfg.admin_gid = **gid;
   }
   if (const toml::node* n = root.get("worker_memory_overhead")) {
     std::optional<uint64_t> size;
@@ -200,13 +251,13 @@ Result<Config> parse_config(std::string_view text, const std::string& source) {
   return cfg;
 }
 
-Result<Config> load_config(const std::string& path) {
+Result<Config> load_config(const std::string& path, const GroupLookup& lookup) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return make_error(GPUP_STATUS_NOT_FOUND, fmt::format("{}: cannot open the configuration file", path));
   std::ostringstream ss;
   ss << in.rdbuf();
   if (in.bad()) return make_error(GPUP_STATUS_INTERNAL, fmt::format("{}: read error", path));
-  return parse_config(ss.str(), path);
+  return parse_config(ss.str(), path, lookup);
 }
 
 }  // namespace gpup::gpupd

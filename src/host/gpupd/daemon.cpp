@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -51,6 +52,18 @@ static Status mkdirs(const std::string& dir, mode_t mode) {
   if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
     return make_error(GPUP_STATUS_ACCESS_DENIED, fmt::format("{} is not a directory", dir));
   return {};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator credentials
+
+std::string operator_refusal(const Peer& p, const Config& config) {
+  if (p.uid == 0) return {};
+  if (!config.admin_gid)
+    return fmt::format("permission denied: uid {} is not root, and no admin_group is configured", p.uid);
+  const gid_t admin = *config.admin_gid;
+  if (p.gid == admin || std::find(p.groups.begin(), p.groups.end(), admin) != p.groups.end()) return {};
+  return fmt::format("permission denied: uid {} is not root and not in the admin group {}", p.uid, config.admin_group);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -143,6 +156,17 @@ Status Daemon::init() {
       new_luids = true;
     }
     Adapter a = open_adapter(ac, it->second);
+    if (a.info.state == AdapterState::kReady && opts_.worker.jails) {
+      // What its workers' jails must hold besides the libraries (jail.h); a KMD that declares
+      // nonsense gets no workers.
+      auto needs = parse_jail_needs(a.info.sandbox_needs);
+      if (needs) {
+        opts_.worker.jails->set_needs(a.info.name, std::move(*needs));
+      } else {
+        a.info.state = AdapterState::kFailed;
+        a.info.error = fmt::format("KMD {}: {}", a.info.driver_name, needs.error().message);
+      }
+    }
     if (a.info.state == AdapterState::kReady)
       spdlog::info("adapter {}: {} on {} ({}), {} of memory, luid {:#x}{}", a.info.name, a.info.driver_name,
                    a.info.device_name, a.info.device_vendor, format_size(a.info.total_vram), a.info.luid,
@@ -165,7 +189,10 @@ Status Daemon::init() {
   ::unlink(socket_path_.c_str());
   listen_fd_ = UniqueFd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!listen_fd_) return sys_error("socket");
-  mode_t old_mask = ::umask(0117);  // the socket file is created 0660, never wider
+  // The file is created 0600 (root's only) or, with an admin group, 0660 and then given to that
+  // group; never wider. Both happen before listen(), so nobody connects while the group is root's.
+  const std::optional<gid_t> admin_gid = opts_.config.admin_gid;
+  mode_t old_mask = ::umask(admin_gid ? 0117 : 0177);
   int rc = ::bind(listen_fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
   int bind_errno = errno;
   ::umask(old_mask);
@@ -173,6 +200,9 @@ Status Daemon::init() {
     errno = bind_errno;
     return sys_error("cannot bind " + socket_path_);
   }
+  if (admin_gid && ::lchown(socket_path_.c_str(), static_cast<uid_t>(-1), *admin_gid) != 0)
+    return sys_error(fmt::format("cannot give {} to the admin group {} (gid {})", socket_path_,
+                                 opts_.config.admin_group, *admin_gid));
   if (::listen(listen_fd_.get(), 64) != 0) return sys_error("listen");
   if (Status s = loop_.watch(listen_fd_.get(), EPOLLIN, [this](uint32_t) { on_accept(); }); !s.ok()) return s;
 
@@ -209,8 +239,10 @@ Status Daemon::init() {
   opts_.worker.tdr_limit_count = opts_.config.tdr_limit_count;
   opts_.worker.tdr_limit_window = std::chrono::seconds(opts_.config.tdr_limit_window_s);
   for (auto& [name, vm] : vms_) start_worker(vm);
-  spdlog::info("gpupd {} listening on {} ({} adapter(s), {} vm(s))", kVersion, socket_path_, adapters_.size(),
-               vms_.size());
+  spdlog::info("gpupd {} listening on {} for {} ({} adapter(s), {} vm(s))", kVersion, socket_path_,
+               admin_gid ? fmt::format("root and group {} (gid {})", opts_.config.admin_group, *admin_gid)
+                         : std::string("root only"),
+               adapters_.size(), vms_.size());
   return {};
 }
 
@@ -344,6 +376,9 @@ void Daemon::start_worker(Vm& vm) {
 // ---------------------------------------------------------------------------------------------
 // Operator socket
 
+// How long a refused connection is kept open for its peer to read why.
+static constexpr std::chrono::milliseconds kRefusedLinger{1000};
+
 void Daemon::on_accept() {
   for (;;) {
     UniqueFd fd(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
@@ -352,20 +387,66 @@ void Daemon::on_accept() {
       if (errno != EAGAIN && errno != EWOULDBLOCK) spdlog::error("accept: {}", std::strerror(errno));
       return;
     }
+    // Who connected decides before anything it sent is read.
+    auto peer = read_peer(fd.get());
+    std::string refusal;
+    if (!peer) {
+      refusal = "permission denied: cannot read the caller's credentials";
+      spdlog::warn("operator socket: refused a connection: {}", peer.error().message);
+    } else if (refusal = operator_refusal(*peer, opts_.config); !refusal.empty()) {
+      spdlog::warn("operator socket: refused {}: {}", to_string(*peer), refusal);
+    }
     if (clients_.size() >= opts_.max_clients) {
-      std::string msg = control::encode_line(json{{"ok", false}, {"error", "gpupd is busy: too many connections"}});
+      std::string msg = control::encode_line(
+          json{{"ok", false}, {"error", refusal.empty() ? std::string("gpupd is busy: too many connections") : refusal}});
       (void)control::flush_some(fd.get(), msg);
       continue;
     }
     uint64_t id = next_client_++;
     Client& c = clients_[id];
     c.fd = std::move(fd);
+    if (peer) c.peer = std::move(*peer);
     if (Status s = loop_.watch(c.fd.get(), EPOLLIN, [this, id](uint32_t ev) { on_client(id, ev); }); !s.ok()) {
       spdlog::error("{}", s.error().message);
       clients_.erase(id);
       continue;
     }
+    if (!refusal.empty()) {
+      refuse_client(id, refusal);
+      continue;
+    }
     arm_client_deadline(id);
+  }
+}
+
+// The refusal goes out at once and nothing the peer sends is parsed. The connection stays open a
+// moment, its input read and dropped, until the peer closes: closed at once, it could make the
+// peer's write of its request fail (EPIPE) or its read end in a reset before it sees why.
+void Daemon::refuse_client(uint64_t id, const std::string& why) {
+  Client& c = clients_.at(id);
+  c.refused = true;
+  c.out = control::encode_line(json{{"ok", false}, {"error", why}});
+  auto done = control::flush_some(c.fd.get(), c.out);
+  if (!done || !*done) return close_client(id);  // a new socket takes one short line, or the peer is gone
+  ::shutdown(c.fd.get(), SHUT_WR);
+  c.deadline = loop_.add_timer(std::min(opts_.client_timeout, kRefusedLinger), [this, id] {
+    auto it = clients_.find(id);
+    if (it == clients_.end()) return;
+    it->second.deadline = 0;
+    close_client(id);
+  });
+}
+
+void Daemon::drain_refused(uint64_t id) {
+  int fd = clients_.at(id).fd.get();
+  char buf[4096];
+  // Bounded per wake-up so a peer that keeps writing cannot hold the loop; the deadline ends it.
+  for (int i = 0; i < 16; ++i) {
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n > 0) continue;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    return close_client(id);  // closed by the peer, or an error
   }
 }
 
@@ -394,6 +475,7 @@ void Daemon::on_client(uint64_t id, uint32_t events) {
   auto it = clients_.find(id);
   if (it == clients_.end()) return;
   Client& c = it->second;
+  if (c.refused) return drain_refused(id);
   if (events & EPOLLOUT) {
     auto done = control::flush_some(c.fd.get(), c.out);
     if (!done) return close_client(id);
@@ -438,7 +520,8 @@ void Daemon::next_request(uint64_t id) {
   loop_.set_events(c.fd.get(), 0);  // one request at a time; the rest waits in the kernel
   auto req = control::parse_object_line(*line);
   if (!req) return send_reply(id, refuse("bad request: " + req.error().message));
-  dispatch(*req, replier(id));
+  Peer peer = c.peer;  // a reply may close the client, and c with it, while dispatch runs
+  dispatch(peer, *req, replier(id));
 }
 
 Daemon::Reply Daemon::replier(uint64_t id) {
@@ -478,11 +561,31 @@ void Daemon::send_reply(uint64_t id, Result<json> r) {
 //   vm.reset  {"name"}             -> vm (forgets its resets and starts a removed partition again)
 //   shutdown                       -> {"pid"}; gpupd then stops its workers and exits 0
 // A new op needs: an entry here, its handler validating every field (ObjectReader::only), a CLI
-// command and a test.
-void Daemon::dispatch(const json& req, Reply reply) {
+// command and a test; one that changes anything, an entry in changes_state.
+
+// Ops that change partitions, workers or gpupd itself: each request is logged with who sent it.
+static bool changes_state(std::string_view op) {
+  return op == "vm.add" || op == "vm.set" || op == "vm.remove" || op == "vm.start" || op == "vm.reset" ||
+         op == "shutdown";
+}
+
+// " NAME" for the partition a request names (vm.add: vm.name), for the log; "" if none.
+static std::string request_target(const json& req) {
+  const json* name = nullptr;
+  if (auto it = req.find("name"); it != req.end()) {
+    name = &*it;
+  } else if (auto vm = req.find("vm"); vm != req.end() && vm->is_object()) {
+    if (auto n = vm->find("name"); n != vm->end()) name = &*n;
+  }
+  if (!name || !name->is_string()) return {};
+  return " " + control::printable(name->get_ref<const std::string&>(), 64);
+}
+
+void Daemon::dispatch(const Peer& peer, const json& req, Reply reply) {
   control::ObjectReader r(req, "request");
   auto op = r.str("op", 64);
   if (!op) return reply(refuse(r.error()));
+  if (changes_state(*op)) spdlog::info("{}{} requested by {}", *op, request_target(req), to_string(peer));
   if (shutting_down_ && *op != "status") return reply(refuse("gpupd is shutting down"));
 
   auto simple = [&](std::initializer_list<std::string_view> fields) {
@@ -516,7 +619,7 @@ void Daemon::dispatch(const json& req, Reply reply) {
       loop_.post([this] { begin_shutdown("shutdown request"); });
     }
   } else {
-    spdlog::warn("unknown op '{}' refused", control::printable(*op, 64));
+    spdlog::warn("unknown op '{}' from {} refused", control::printable(*op, 64), to_string(peer));
     reply(refuse(fmt::format("unknown op '{}'", control::printable(*op, 64))));
   }
 }

@@ -1,9 +1,18 @@
 // gpupd: the partition manager. Owns the adapters (adapter-level KMD DDIs only), the persistent
 // partitions, one supervised gpup-vmwp per partition, and the operator socket.
 //
-// Runtime directory (--runtime-dir):  gpupd.sock (0660), gpupd.pid (flock'ed while gpupd runs),
+// Runtime directory (--runtime-dir):  gpupd.sock (0600, or 0660 and the admin group's; below),
+//                                     gpupd.pid (flock'ed while gpupd runs),
 //                                     vms/<vm>/vrd.sock (each worker's VRD endpoint).
 // State directory (--state-dir):      partitions.json (state.h).
+//
+// Who may use gpupd.sock: root, and the members of the config's admin_group (its gid or one of
+// their supplementary groups). The file mode keeps others from connecting; gpupd also checks every
+// connection's credentials as the kernel recorded them at connect() (SO_PEERCRED, SO_PEERGROUPS),
+// so a socket mode widened by mistake, a process with CAP_DAC_OVERRIDE or a file-system uid that
+// differs from its uid still gets no further. A refused connection gets one reply,
+// {"ok":false,"error":"permission denied: ..."}, and is closed; it is logged at warn. Requests
+// that change state are logged at info with who sent them.
 //
 // Everything after create() runs on one thread in one event loop: the operator socket, worker
 // control channels, worker pidfds, a signalfd (SIGTERM/SIGINT stop gpupd cleanly) and timers.
@@ -22,6 +31,7 @@
 #include "host/control/protocol.h"
 #include "host/gpupd/adapter.h"
 #include "host/gpupd/config.h"
+#include "host/gpupd/peer.h"
 #include "host/gpupd/event_loop.h"
 #include "host/gpupd/state.h"
 #include "host/gpupd/worker.h"
@@ -38,6 +48,9 @@ struct DaemonOptions {
   std::chrono::milliseconds client_timeout{10000};
   size_t max_clients = 64;
 };
+
+// Empty when p may use the operator socket; otherwise the reply's error, "permission denied: ...".
+std::string operator_refusal(const Peer& p, const Config& config);
 
 // Blocks SIGTERM, SIGINT and SIGHUP (gpupd takes them from a signalfd) and ignores SIGPIPE. Call it
 // before any thread exists (KMD plugins may start threads) so no thread can take those signals.
@@ -80,8 +93,10 @@ class Daemon {
     control::LineReader in{control::kMaxRequestLine};
     std::string out;
     EventLoop::TimerId deadline = 0;
-    bool busy = false;  // a request is being answered
-    bool eof = false;   // the client has shut down its writing side
+    Peer peer;
+    bool refused = false;  // refused at accept: only its input is drained until it closes
+    bool busy = false;     // a request is being answered
+    bool eof = false;      // the client has shut down its writing side
   };
   using Reply = std::function<void(Result<control::json>)>;
 
@@ -96,7 +111,9 @@ class Daemon {
   void arm_client_deadline(uint64_t id);
   Reply replier(uint64_t id);
   void send_reply(uint64_t id, Result<control::json> r);
-  void dispatch(const control::json& req, Reply reply);
+  void refuse_client(uint64_t id, const std::string& why);
+  void drain_refused(uint64_t id);
+  void dispatch(const Peer& peer, const control::json& req, Reply reply);
 
   // ops
   control::json status_json() const;

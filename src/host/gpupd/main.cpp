@@ -160,6 +160,20 @@ int main(int argc, char** argv) {
     spdlog::info("worker cpu weights and caps: {} under {}", to_string(opts.worker.cpu_cgroups->version()),
                  opts.worker.cpu_cgroups->own());
 
+  // Every worker runs in its jail (jail.h), its root built on this empty directory.
+  gpupd::JailOptions jail;
+  jail.id_base = opts.config.worker_id_base;
+  jail.id_count = opts.config.worker_id_count;
+  jail.stage_dir = opts.runtime_dir + "/jail";
+  if (::mkdir(jail.stage_dir.c_str(), 0700) != 0 && errno != EEXIST) {
+    spdlog::critical("cannot create {}: {}", jail.stage_dir, std::strerror(errno));
+    notify(ready_fd, "cannot create the jail directory");
+    return 1;
+  }
+  opts.worker.jails = std::make_shared<gpupd::Jails>(jail);
+  spdlog::info("workers are jailed: ids {}..{}, namespaces user mount pid ipc uts network cgroup, landlock ABI {}",
+               jail.id_base, uint64_t{jail.id_base} + jail.id_count - 1, opts.worker.jails->landlock_abi());
+
   auto daemon = gpupd::Daemon::create(std::move(opts));
   if (!daemon) {
     spdlog::critical("{}", daemon.error().message);

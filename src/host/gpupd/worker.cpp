@@ -5,6 +5,8 @@
 #include <spawn.h>
 #include <sys/syscall.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -13,6 +15,7 @@
 
 #include <fmt/format.h>
 
+#include "channel/channel.h"
 #include "common/units.h"
 #include <spdlog/spdlog.h>
 
@@ -29,8 +32,6 @@ static int sys_pidfd_send_signal(int pidfd, int sig) {
   return static_cast<int>(::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0u));
 }
 
-// The fd number the worker finds its control socket on (--control-fd).
-static constexpr int kWorkerControlFd = 3;
 // After the worker closed its control channel, how long it may take to exit.
 static constexpr auto kExitGrace = 2000ms;
 
@@ -78,6 +79,8 @@ Worker::~Worker() {
     release_vram();
   }
   detach_scheduler();
+  close_endpoint();
+  if (opts_.jails) opts_.jails->release(vm_);
 }
 
 void Worker::set_state(WorkerState s) {
@@ -136,6 +139,7 @@ json Worker::describe() const {
                        {"scheduled_ns", u.scheduled_ns}, {"grants", u.grants}, {"yields", u.yields},
                        {"busy_ns", busy_us_ * 1000}};
   }
+  j["jail"] = describe_jail();
   const auto now = EventLoop::Clock::now();
   size_t recent = 0;
   for (auto t : resets_)
@@ -144,6 +148,34 @@ json Worker::describe() const {
           {"window_s", opts_.tdr_limit_window.count()}};
   if (!last_reset_.empty()) rs["last"] = last_reset_;
   j["resets"] = std::move(rs);
+  return j;
+}
+
+// What confines the live process, as the kernel reports it (/proc/PID/status), not as asked.
+json Worker::describe_jail() const {
+  if (!opts_.jails) return json{{"enabled", false}, {"reason", "gpupd runs workers unconfined (no jail configured)"}};
+  json j{{"enabled", true}, {"namespaces", Jails::namespaces()}, {"landlock_abi", opts_.jails->landlock_abi()}};
+  if (pid_ <= 0) return j;
+  j["uid"] = jail_id_;
+  j["gid"] = jail_id_;
+  FILE* f = std::fopen(fmt::format("/proc/{}/status", pid_).c_str(), "re");
+  if (!f) return j;
+  char line[512];
+  while (std::fgets(line, sizeof line, f)) {
+    unsigned long v = 0;
+    unsigned long long caps = 0;
+    if (std::sscanf(line, "Seccomp: %lu", &v) == 1)
+      j["seccomp"] = v == 2 ? "filter" : v == 1 ? "strict" : "none";
+    else if (std::sscanf(line, "NoNewPrivs: %lu", &v) == 1)
+      j["no_new_privs"] = v == 1;
+    else if (std::sscanf(line, "CapEff: %llx", &caps) == 1)
+      j["cap_effective"] = fmt::format("{:016x}", caps);
+    else if (std::sscanf(line, "CapBnd: %llx", &caps) == 1)
+      j["cap_bounding"] = fmt::format("{:016x}", caps);
+    else if (std::sscanf(line, "Uid: %lu", &v) == 1)
+      j["uid_seen"] = v;
+  }
+  std::fclose(f);
   return j;
 }
 
@@ -302,54 +334,96 @@ void Worker::spawn() {
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
     return start_failed(fmt::format("socketpair: {}", std::strerror(errno)));
   UniqueFd ours(sv[0]), theirs(sv[1]);
-  if (theirs.get() == kWorkerControlFd) {
-    // dup2 onto itself would not clear close-on-exec; move it out of the way first.
-    theirs = UniqueFd(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, kWorkerControlFd + 1));
-    if (!theirs) return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
-  }
   int fl = ::fcntl(ours.get(), F_GETFL);
   if (fl < 0 || ::fcntl(ours.get(), F_SETFL, fl | O_NONBLOCK) != 0)
     return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
 
-  // The child gets: fd 0 = /dev/null, 1 and 2 = gpupd's, 3 = its control socket, nothing else
-  // (gpupd's fds are close-on-exec, and closefrom covers any a plugin left inheritable); default
-  // signal dispositions, an empty signal mask and its own process group, so a terminal's ^C
-  // reaches gpupd, which stops workers in order.
-  posix_spawn_file_actions_t fa;
-  posix_spawnattr_t attr;
-  ::posix_spawn_file_actions_init(&fa);
-  ::posix_spawnattr_init(&attr);
-  ::posix_spawn_file_actions_adddup2(&fa, theirs.get(), kWorkerControlFd);
-  ::posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  ::posix_spawn_file_actions_addclosefrom_np(&fa, kWorkerControlFd + 1);
-  sigset_t empty, defaults;
-  sigemptyset(&empty);
-  sigemptyset(&defaults);
-  for (int s : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGQUIT, SIGCHLD, SIGUSR1, SIGUSR2}) sigaddset(&defaults, s);
-  ::posix_spawnattr_setsigmask(&attr, &empty);
-  ::posix_spawnattr_setsigdefault(&attr, &defaults);
-  ::posix_spawnattr_setpgroup(&attr, 0);
-  ::posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+  int gv[2];
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, gv) != 0)
+    return start_failed(fmt::format("socketpair: {}", std::strerror(errno)));
+  UniqueFd guests_ours(gv[0]), guests_theirs(gv[1]);
+  if (::fcntl(guests_ours.get(), F_SETFL, O_NONBLOCK) != 0) return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
+  allow_uids_ = cfg->vm.allow_users;
+  allow_gids_ = cfg->vm.allow_groups;
+  if (Status l = listen_endpoint(*cfg); !l.ok()) return start_failed(l.error().message);
 
-  std::string fd_arg = std::to_string(kWorkerControlFd);
-  std::vector<char*> argv = {const_cast<char*>(opts_.vmwp_path.c_str()), const_cast<char*>("--vm"),
-                             const_cast<char*>(vm_.c_str()), const_cast<char*>("--control-fd"), fd_arg.data(),
-                             nullptr};
+  std::string fd_arg = std::to_string(control::kWorkerControlFd);
+  std::vector<std::string> args = {opts_.vmwp_path, "--vm", vm_, "--control-fd", fd_arg};
   pid_t pid = -1;
-  int rc = ::posix_spawn(&pid, opts_.vmwp_path.c_str(), &fa, &attr, argv.data(), environ);
-  ::posix_spawn_file_actions_destroy(&fa);
-  ::posix_spawnattr_destroy(&attr);
-  if (rc != 0) return start_failed(fmt::format("cannot execute {}: {}", opts_.vmwp_path, std::strerror(rc)));
-  theirs.reset();
-
-  UniqueFd pidfd(sys_pidfd_open(pid));
-  if (!pidfd) {
-    int err = errno;
-    ::kill(pid, SIGKILL);  // still our unreaped child: the pid cannot have been reused
-    while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+  UniqueFd pidfd;
+  if (opts_.jails) {
+    Jails::Spawn js;
+    js.vm = vm_;
+    js.program = opts_.vmwp_path;
+    js.argv = args;
+    js.kmd = cfg->adapter.kmd;
+    js.needs = opts_.jails->needs(cfg->vm.adapter);
+    js.fds = {{theirs.get(), control::kWorkerControlFd}, {guests_theirs.get(), control::kWorkerGuestFd}};
+    // Into its cgroups before it runs a single instruction of its own.
+    auto started = opts_.jails->spawn(js, [&](pid_t child) -> Status {
+      pid_ = child;
+      join_memory_cgroup(cfg->vm.max_vram);
+      join_cpu_cgroup();
+      return {};
+    });
+    if (!started.ok()) {
+      pid_ = -1;
+      (void)leave_memory_cgroup();
+      leave_cpu_cgroup();
+      return start_failed(fmt::format("cannot start the worker in its jail: {}", started.error().message));
     }
-    return start_failed(fmt::format("pidfd_open: {}", std::strerror(err)));
+    pid = started->pid;
+    pidfd = std::move(started->pidfd);
+    jail_id_ = started->id;
+  } else {
+    // Unconfined (no jail configured): fd 0 = /dev/null, 1 and 2 = gpupd's, 3 = its control
+    // socket, 4 = its guest socket, nothing else; default signal dispositions, an empty signal
+    // mask and its own process group, so a terminal's ^C reaches gpupd, which stops workers in order.
+    if (theirs.get() == control::kWorkerControlFd || theirs.get() == control::kWorkerGuestFd) {
+      // dup2 onto itself would not clear close-on-exec; move it out of the way first.
+      theirs = UniqueFd(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, control::kWorkerGuestFd + 1));
+      if (!theirs) return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
+    }
+    if (guests_theirs.get() == control::kWorkerGuestFd || guests_theirs.get() == control::kWorkerControlFd) {
+      guests_theirs = UniqueFd(::fcntl(guests_theirs.get(), F_DUPFD_CLOEXEC, control::kWorkerGuestFd + 1));
+      if (!guests_theirs) return start_failed(fmt::format("fcntl: {}", std::strerror(errno)));
+    }
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t attr;
+    ::posix_spawn_file_actions_init(&fa);
+    ::posix_spawnattr_init(&attr);
+    ::posix_spawn_file_actions_adddup2(&fa, theirs.get(), control::kWorkerControlFd);
+    ::posix_spawn_file_actions_adddup2(&fa, guests_theirs.get(), control::kWorkerGuestFd);
+    ::posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    ::posix_spawn_file_actions_addclosefrom_np(&fa, control::kWorkerGuestFd + 1);
+    sigset_t empty, defaults;
+    sigemptyset(&empty);
+    sigemptyset(&defaults);
+    for (int s : {SIGTERM, SIGINT, SIGHUP, SIGPIPE, SIGQUIT, SIGCHLD, SIGUSR1, SIGUSR2}) sigaddset(&defaults, s);
+    ::posix_spawnattr_setsigmask(&attr, &empty);
+    ::posix_spawnattr_setsigdefault(&attr, &defaults);
+    ::posix_spawnattr_setpgroup(&attr, 0);
+    ::posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    int rc = ::posix_spawn(&pid, opts_.vmwp_path.c_str(), &fa, &attr, argv.data(), environ);
+    ::posix_spawn_file_actions_destroy(&fa);
+    ::posix_spawnattr_destroy(&attr);
+    if (rc != 0) return start_failed(fmt::format("cannot execute {}: {}", opts_.vmwp_path, std::strerror(rc)));
+    pidfd = UniqueFd(sys_pidfd_open(pid));
+    if (!pidfd) {
+      int err = errno;
+      ::kill(pid, SIGKILL);  // still our unreaped child: the pid cannot have been reused
+      while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+      }
+      return start_failed(fmt::format("pidfd_open: {}", std::strerror(err)));
+    }
+    jail_id_ = 0;
   }
+  theirs.reset();
+  guests_theirs.reset();
+  guests_ = std::move(guests_ours);
   pid_ = pid;
   pidfd_ = std::move(pidfd);
   control_ = std::move(ours);
@@ -376,9 +450,113 @@ void Worker::spawn() {
     ready_timer_ = 0;
     violation(fmt::format("did not report ready within {} ms", opts_.ready_timeout.count()));
   });
-  join_memory_cgroup(cfg->vm.max_vram);
-  join_cpu_cgroup();
+  if (!opts_.jails) {
+    join_memory_cgroup(cfg->vm.max_vram);
+    join_cpu_cgroup();
+  }
   send(to_json(*cfg));
+}
+
+Status Worker::listen_endpoint(const control::ConfigureMessage& cfg) {
+  close_endpoint();
+  const std::string& path = cfg.endpoint;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.size() >= sizeof addr.sun_path)
+    return make_error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("endpoint {} is too long", path));
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!fd) return make_error(GPUP_STATUS_INTERNAL, fmt::format("socket: {}", std::strerror(errno)));
+  ::unlink(path.c_str());
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+    return make_error(GPUP_STATUS_INTERNAL, fmt::format("bind {}: {}", path, std::strerror(errno)));
+  if (Status m = apply_endpoint_mode(path); !m.ok()) return m;
+  if (::listen(fd.get(), 128) != 0) return make_error(GPUP_STATUS_INTERNAL, fmt::format("listen: {}", std::strerror(errno)));
+  listener_ = std::move(fd);
+  if (Status w = loop_.watch(listener_.get(), EPOLLIN, [this](uint32_t) { on_guest_connect(); }); !w.ok()) {
+    listener_.reset();
+    return w;
+  }
+  return {};
+}
+
+// The file mode is the first gate, the SO_PEERCRED check on every connection the real one: root
+// only (0600); one allowed group and no users (root:group 0660); otherwise open to all.
+Status Worker::apply_endpoint_mode(const std::string& path) const {
+  mode_t mode = 0600;
+  gid_t group = 0;
+  if (allow_uids_.empty() && allow_gids_.size() == 1) {
+    mode = 0660;
+    group = allow_gids_[0];
+  } else if (!allow_uids_.empty() || !allow_gids_.empty()) {
+    mode = 0666;
+  }
+  if (::chown(path.c_str(), 0, group) != 0 && ::geteuid() == 0)
+    return make_error(GPUP_STATUS_INTERNAL, fmt::format("chown {}: {}", path, std::strerror(errno)));
+  if (::chmod(path.c_str(), mode) != 0)
+    return make_error(GPUP_STATUS_INTERNAL, fmt::format("chmod {}: {}", path, std::strerror(errno)));
+  return {};
+}
+
+void Worker::close_endpoint() {
+  if (!listener_) return;
+  loop_.unwatch(listener_.get());
+  listener_.reset();
+}
+
+bool Worker::guest_allowed(const Peer& p, std::string* why) const {
+  auto listed = [](const std::vector<uint32_t>& ids, uint32_t id) { return std::find(ids.begin(), ids.end(), id) != ids.end(); };
+  if (p.uid == 0 || listed(allow_uids_, p.uid) || listed(allow_gids_, p.gid)) return true;
+  for (gid_t g : p.groups)
+    if (listed(allow_gids_, g)) return true;
+  *why = fmt::format("access denied: uid {} is not root and not allowed on partition {} (gpup vm set {} "
+                     "--allow-user/--allow-group)",
+                     p.uid, vm_, vm_);
+  return false;
+}
+
+void Worker::on_guest_connect() {
+  for (;;) {
+    UniqueFd c(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!c) {
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR && errno != ECONNABORTED)
+        spdlog::warn("vm {}: accept: {}", vm_, std::strerror(errno));
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      return;
+    }
+    auto peer = read_peer(c.get());
+    if (!peer.ok()) {
+      spdlog::warn("vm {}: guest connection refused: {}", vm_, peer.error().message);
+      channel::refuse_on_socket(c.get(), GPUP_STATUS_ACCESS_DENIED);
+      continue;
+    }
+    std::string why;
+    if (!guest_allowed(*peer, &why)) {
+      spdlog::warn("vm {}: guest connection refused: {}: {}", vm_, to_string(*peer), why);
+      channel::refuse_on_socket(c.get(), GPUP_STATUS_ACCESS_DENIED);
+      continue;
+    }
+    const ucred cr{peer->pid, peer->uid, peer->gid};
+    if (!guests_ || (state_ != WorkerState::kRunning && state_ != WorkerState::kStarting)) continue;
+    uint8_t data[control::kGuestHandoffSize];
+    control::encode(control::GuestHandoff{cr.pid, cr.uid, cr.gid}, data);
+    iovec iov{data, sizeof data};
+    alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
+    msghdr mh{};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = cbuf;
+    mh.msg_controllen = sizeof cbuf;
+    cmsghdr* cm = CMSG_FIRSTHDR(&mh);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    const int sent_fd = c.get();
+    std::memcpy(CMSG_DATA(cm), &sent_fd, sizeof sent_fd);
+    if (::sendmsg(guests_.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) != ssize_t(sizeof data))
+      spdlog::warn("vm {}: guest pid {} dropped: the worker does not take connections ({})", vm_, cr.pid,
+                   std::strerror(errno));
+  }
 }
 
 void Worker::start_failed(const std::string& why) {
@@ -472,6 +650,15 @@ void Worker::request(const std::string& op, json args, ReplyFn cb) {
       if (!alive.expired() && pid == pid_ && r.ok()) change_cpu_limits(weight, cap);
       cb(std::move(r));
     };
+  }
+  if (op == "update" && args.is_object() && args.contains("vm")) {
+    // Who may connect changes at once: the endpoint is gpupd's, not the worker's.
+    if (auto v = control::vm_spec_from_json(args["vm"]); v.ok()) {
+      allow_uids_ = v->allow_users;
+      allow_gids_ = v->allow_groups;
+      if (listener_)
+        if (Status m = apply_endpoint_mode(endpoint_); !m.ok()) spdlog::warn("vm {}: {}", vm_, m.error().message);
+    }
   }
   uint64_t id = next_id_++;
   args["op"] = op;
@@ -699,6 +886,7 @@ void Worker::on_exit() {
 
   loop_.unwatch(pidfd_.get());
   pidfd_.reset();
+  guests_.reset();
   pid_ = -1;
   if (control_) {
     loop_.unwatch(control_.get());
@@ -710,6 +898,7 @@ void Worker::on_exit() {
   fail_pending(fmt::format("vm {}: worker {}", vm_, desc));
 
   if (stop_requested_) {
+    close_endpoint();
     spdlog::info("vm {}: worker pid {} stopped ({})", vm_, old_pid, desc);
     set_state(WorkerState::kStopped);
     for (auto& cb : stop_waiters_) loop_.post(std::move(cb));
@@ -718,6 +907,7 @@ void Worker::on_exit() {
   }
   last_exit_ = desc;
   if (config_error_) {
+    close_endpoint();
     spdlog::error("vm {}: worker pid {} {}; vm failed: {}", vm_, old_pid, desc, last_error_);
     set_state(WorkerState::kFailed);
     return;
@@ -730,6 +920,7 @@ void Worker::on_exit() {
   if (ready_seen_ && (reset_pending_ || reset_exit || fault_signal)) {
     std::string why = reset_pending_ ? last_reset_ : fmt::format("the worker {} while running guest work", desc);
     if (count_reset(why)) {
+      close_endpoint();
       set_state(WorkerState::kRemoved);
       return;
     }

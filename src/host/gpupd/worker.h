@@ -29,6 +29,13 @@
 // to an id never issued, not draining its input) is killed with SIGKILL and handled as an exit.
 // Signals go through a pidfd, so a recycled pid is never signalled.
 //
+// Jail: with opts.jails, the worker starts in its jail (jail.h): its own uid, namespaces and root,
+// no capabilities; its cgroups are joined before it runs anything. gpupd owns the partition's VRD
+// endpoint: it accepts each guest connection, lets in only root and the partition's allowed users
+// and groups (SO_PEERCRED; the worker could not tell host users apart from inside its user
+// namespace, and must not be the one deciding), and passes the socket with the guest's pid, uid and
+// gid (GuestHandoff, control/protocol.h) on the worker's fd 4.
+//
 // CPU: with opts.cpu_cgroups usable, each process also joins its VM's cpu cgroup (cgroup.h), whose
 // weight and cap are the partition's compute weight and max compute: what the OS enforces for the
 // CPU device's kernels (which run in the worker) and the KMD's compiler, beside the scheduler's
@@ -63,6 +70,8 @@
 #include "host/gpupd/cgroup.h"
 #include "host/gpupd/config.h"
 #include "host/gpupd/event_loop.h"
+#include "host/gpupd/jail.h"
+#include "host/gpupd/peer.h"
 #include "host/gpupd/vidsch.h"
 #include "host/gpupd/vram_pool.h"
 
@@ -90,6 +99,9 @@ struct WorkerOptions {
   std::shared_ptr<VidSch> vidsch;
   unsigned tdr_limit_count = 5;
   std::chrono::seconds tdr_limit_window{60};
+  // The worker jail (jail.h); null: workers run unconfined (unit tests of supervision only;
+  // describe() says so).
+  std::shared_ptr<Jails> jails;
 };
 
 enum class WorkerState { kStopped, kStarting, kRunning, kRestarting, kStopping, kFailed, kRemoved };
@@ -158,6 +170,14 @@ class Worker {
   void close_control(const std::string& why);
   void fail_pending(const std::string& why);
   void start_failed(const std::string& why);
+  // The VRD endpoint: gpupd listens, checks who connects (SO_PEERCRED against the partition's
+  // allowed users and groups) and hands accepted connections to the worker on its guest socket.
+  Status listen_endpoint(const control::ConfigureMessage& cfg);
+  void close_endpoint();
+  Status apply_endpoint_mode(const std::string& path) const;
+  void on_guest_connect();
+  bool guest_allowed(const Peer& p, std::string* why) const;
+  control::json describe_jail() const;
   void set_state(WorkerState s);
   void deliver(ReplyFn cb, Result<control::json> r);
   uint64_t memory_limit_for(uint64_t max_vram) const;
@@ -183,6 +203,10 @@ class Worker {
   pid_t pid_ = -1;
   UniqueFd pidfd_;
   UniqueFd control_;
+  UniqueFd guests_;     // SOCK_SEQPACKET to the worker's fd 4: one accepted guest socket a message
+  UniqueFd listener_;   // the VRD endpoint
+  std::vector<uint32_t> allow_uids_, allow_gids_;
+  uint32_t jail_id_ = 0;  // the jailed process's uid and gid; 0 when unjailed
   control::LineReader reader_{control::kMaxWorkerLine};
   std::string out_;
   std::string endpoint_;

@@ -174,7 +174,9 @@ class GpupdDeviceTimeLink : public DeviceTimeLink {
 
 class ChannelLink : public GuestLink {
  public:
-  explicit ChannelLink(channel::Channel& ch) : ch_(ch) {}
+  // pid: the guest's, in the host's pid namespace, as gpupd's SO_PEERCRED saw it (the worker, in
+  // a pid namespace of its own, cannot see it); -1 when unknown.
+  ChannelLink(channel::Channel& ch, int pid) : ch_(ch), pid_(pid) {}
   gpup_status send(const proto::Encoded& msg) override {
     auto parts = msg.parts();
     return ch_.send(std::span<const std::span<const uint8_t>>(parts.data(), parts.size()));
@@ -184,14 +186,16 @@ class ChannelLink : public GuestLink {
     return ch_.shares_memory() ? ch_.receive_fd(id, out, timeout_ms) : GPUP_STATUS_NOT_SUPPORTED;
   }
   bool shares_memory() const override { return ch_.shares_memory(); }
-  int peer_pid() const override { return ch_.peer_pid(); }
+  int peer_pid() const override { return pid_ > 0 ? pid_ : ch_.peer_pid(); }
 
  private:
   channel::Channel& ch_;
+  int pid_;
 };
 
 struct Connection {
   UniqueFd socket;                            // until the handshake has run
+  int pid = -1;                               // the guest's, from gpupd
   std::mutex mu;                              // guards channel against shutdown() from the main loop
   std::unique_ptr<channel::Channel> channel;
   bool stopping = false;
@@ -220,7 +224,7 @@ void serve(Worker& worker, Connection& conn) {
     conn.channel = std::move(*ch);
     if (conn.stopping) conn.channel->shutdown();
   }
-  auto process = worker.connect(std::make_unique<ChannelLink>(*conn.channel));
+  auto process = worker.connect(std::make_unique<ChannelLink>(*conn.channel, conn.pid));
   std::vector<uint8_t> msg;
   for (;;) {
     gpup_status st = conn.channel->receive(msg);
@@ -236,9 +240,38 @@ void serve(Worker& worker, Connection& conn) {
   conn.done = true;
 }
 
+// One guest connection gpupd accepted (control/protocol.h GuestHandoff): 1 with sock and pid set,
+// 0 when gpupd closed the socket, -1 on a malformed message (ignored).
+int receive_guest(int fd, UniqueFd& sock, int& pid) {
+  uint8_t data[control::kGuestHandoffSize];
+  iovec iov{data, sizeof data};
+  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))];
+  msghdr mh{};
+  mh.msg_iov = &iov;
+  mh.msg_iovlen = 1;
+  mh.msg_control = cbuf;
+  mh.msg_controllen = sizeof cbuf;
+  ssize_t n = ::recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  if (n == 0) return 0;
+  if (n < 0) return errno == EAGAIN || errno == EINTR ? -1 : 0;
+  for (cmsghdr* cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {
+      int received = -1;
+      std::memcpy(&received, CMSG_DATA(cm), sizeof received);
+      sock = UniqueFd(received);
+    }
+  if (n != ssize_t(sizeof data) || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || !sock) return -1;
+  pid = control::decode_guest_handoff(data).pid;
+  return 1;
+}
+
 int run(const std::string& vm, int control_fd) {
-  prctl(PR_SET_PDEATHSIG, SIGTERM);
+  // gpupd gone: this worker goes (SIGKILL: as pid 1 of its namespace, it ignores the others unless
+  // it handles them); a SIGTERM from gpupd before it is configured ends it.
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  signal(SIGTERM, [](int) { std::_Exit(0); });
   signal(SIGPIPE, SIG_IGN);
+  const int guest_fd = control::kWorkerGuestFd;
   LineReader control(control_fd);
   std::string line;
   if (control.next(line) != 1) {
@@ -282,16 +315,7 @@ int run(const std::string& vm, int control_fd) {
     write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
     return 1;
   }
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(endpoint).parent_path(), ec);
-  auto listener = channel::Listener::listen_unix(endpoint);
-  if (!listener.ok()) {
-    write_line(control_fd, {{"event", "error"}, {"message", listener.error().message}});
-    return 1;
-  }
-  chmod(endpoint.c_str(), 0666);
-  // The loop only accepts; a client gone between poll() and accept4() must not block it.
-  fcntl(listener->fd(), F_SETFL, fcntl(listener->fd(), F_GETFL) | O_NONBLOCK);
+  // gpupd listens on the endpoint and checks who connects; accepted guests arrive on guest_fd.
   // From here on guest work runs: the KMD is loaded and its threads exist (TSYNC covers them).
   if (auto s = install_worker_seccomp(); !s.ok()) {
     spdlog::error("{}", s.error().message);
@@ -312,7 +336,7 @@ int run(const std::string& vm, int control_fd) {
         ++it;
       }
     }
-    pollfd fds[2] = {{listener->fd(), POLLIN, 0}, {control_fd, POLLIN, 0}};
+    pollfd fds[2] = {{guest_fd, POLLIN, 0}, {control_fd, POLLIN, 0}};
     // About four release ticks a second, however busy the loop is.
     if (auto now = std::chrono::steady_clock::now(); now - last_release_tick >= std::chrono::milliseconds(250)) {
       last_release_tick = now;
@@ -320,14 +344,18 @@ int run(const std::string& vm, int control_fd) {
     }
     int n = control.buffered() ? 1 : poll(fds, 2, 250);
     if (n < 0 && errno != EINTR) break;
-    if (fds[0].revents & POLLIN) {
-      UniqueFd sock(::accept4(listener->fd(), nullptr, nullptr, SOCK_CLOEXEC));
-      if (sock) {
+    if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+      UniqueFd sock;
+      int pid = -1;
+      int r = receive_guest(guest_fd, sock, pid);
+      if (r == 1) {
         auto& c = connections.emplace_back();
         c.socket = std::move(sock);
+        c.pid = pid;
         c.thread = std::thread([&worker, &c] { serve(worker, c); });
-      } else if (errno != EAGAIN && errno != EINTR && errno != ECONNABORTED) {
-        spdlog::warn("accept: {}", std::strerror(errno));
+      } else if (r == 0) {
+        spdlog::info("guest socket from gpupd closed; shutting down");
+        break;
       }
     }
     if ((fds[1].revents & (POLLIN | POLLHUP | POLLERR)) || control.buffered()) {

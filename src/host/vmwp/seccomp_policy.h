@@ -13,20 +13,21 @@
 //     not dumpable               a guest running as the same user cannot ptrace or read the
 //                                worker's memory through /proc (also keeps core dumps off)
 //
-//   install_worker_seccomp()   once the KMD is loaded, the adapter started and the VRD endpoint
-//                              listening, before "ready"; on every thread (TSYNC), with
-//                              no_new_privs. PoCL still compiles kernels afterwards (LLVM in the
-//                              process, the linker started with vfork+exec), so this is a deny
-//                              list: an allow list would have to track every syscall LLVM, glibc
-//                              and PoCL's threads may make, and a miss kills a VM's work. What it
-//                              denies is what a taken-over worker would use to leave its sandbox,
-//                              reach other processes or the network, or attack the kernel.
-//                              Denied calls fail with EPERM (clone3 with ENOSYS, so glibc falls
-//                              back to clone, whose flags can be checked); syscalls of another
-//                              ABI (32-bit, x32) kill the process.
+//   install_worker_seccomp()   once the KMD is loaded and the adapter started, before "ready"; on
+//                              every thread (TSYNC), with no_new_privs. An allow-list (kAllowed in
+//                              the .cpp, derived from what the worker, PoCL with its LLVM, and the
+//                              linker PoCL runs per kernel build call); anything else fails with
+//                              EPERM. No new sockets of any family and no connect/bind/listen/
+//                              accept: the worker only uses the sockets gpupd gave it and those it
+//                              receives. clone only without namespace flags (clone3 is "not
+//                              implemented", so glibc falls back to clone, whose flags can be
+//                              checked); personality only as a query; ioctl but not TIOCSTI or
+//                              TIOCLINUX (EACCES). Syscalls of another ABI (32-bit, x32) kill the process.
+//                              execve is allowed: Landlock (gpupd's jail.h) bounds it to the
+//                              programs the KMD declared.
 //
-// Adding to the worker: a syscall it newly needs that is on the list below needs a reason here
-// and a test in vmwp_unittest (SeccompPolicy.*).
+// Adding to the worker: a syscall it newly needs goes on the allow-list with a reason, and
+// vmwp_unittest's SeccompPolicy.* keeps the escape routes off it.
 #pragma once
 #include <span>
 
@@ -37,9 +38,9 @@ namespace gpup::vmwp {
 Status apply_worker_rlimits();
 Status install_worker_seccomp();
 
-// The syscalls denied outright, by name (socket, socketpair, clone and personality are denied
-// only for some arguments; clone3 is "not implemented"). For the documentation and tests.
-std::span<const char* const> worker_denied_syscalls();
+// The syscalls allowed without conditions, by name (clone and personality are allowed only with
+// some arguments, ioctl with all but two). For the documentation and tests.
+std::span<const char* const> worker_allowed_syscalls();
 
 inline constexpr unsigned long kWorkerMaxOpenFiles = 16384;
 

@@ -3,7 +3,7 @@
 //
 //   fake_vmwp --vm NAME --control-fd N
 //
-// It checks the configure message strictly, listens on the endpoint it was given, reports ready,
+// It checks the configure message strictly, checks it got its guest socket from gpupd, reports ready,
 // and answers stats (vram_max = the partition's current max_vram), update and shutdown. The VM name
 // picks a misbehaviour to test gpupd against:
 //   fail*    answers configure with {"event":"error"} and exits 1
@@ -93,14 +93,11 @@ int main(int argc, char** argv) {
   }
   if (starts_with(vm, "crash")) return 3;
 
-  // The VRD endpoint, as the real worker would offer it to guests.
-  UniqueFd listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
-  sockaddr_un addr{};
-  addr.sun_family = AF_UNIX;
-  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", cfg->endpoint.c_str());
-  ::unlink(cfg->endpoint.c_str());
-  if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 || ::listen(listener.get(), 4) != 0) {
-    send_line(json{{"event", "error"}, {"message", std::string("cannot listen on endpoint: ") + std::strerror(errno)}});
+  // gpupd listens on the VRD endpoint and hands guests over on this socket, as to the real worker.
+  int type = 0;
+  socklen_t tlen = sizeof type;
+  if (::getsockopt(kWorkerGuestFd, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 || type != SOCK_SEQPACKET) {
+    send_line(json{{"event", "error"}, {"message", "no guest socket from gpupd on fd 4"}});
     return 1;
   }
   send_line(json{{"event", "ready"}, {"endpoint", cfg->endpoint}});
@@ -148,12 +145,10 @@ int main(int argc, char** argv) {
       }
     } else if (*op == "shutdown") {
       send_line(json{{"reply", *id}, {"ok", true}});
-      ::unlink(cfg->endpoint.c_str());
       return 0;
     } else {
       send_line(json{{"reply", *id}, {"ok", false}, {"error", "unknown op"}});
     }
   }
-  ::unlink(cfg->endpoint.c_str());
   return 0;
 }

@@ -1,20 +1,35 @@
-// Unit tests of gpupd's pieces: configuration, persistent state, admission, and the worker
-// supervisor driven against fake_vmwp.
+// Unit tests of gpupd's pieces: configuration, persistent state, admission, the worker
+// supervisor driven against fake_vmwp, and who may use the operator socket.
 #include <dirent.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <pwd.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <mutex>
+#include <thread>
 
 #include <gtest/gtest.h>
+#include <spdlog/sinks/base_sink.h>
+#include <spdlog/spdlog.h>
 
 #include "common/units.h"
+#include "host/control/client.h"
 #include "host/gpupd/admission.h"
 #include "host/gpupd/config.h"
+#include "host/gpupd/daemon.h"
 #include "host/gpupd/event_loop.h"
 #include "host/gpupd/state.h"
 #include "host/gpupd/worker.h"
@@ -99,7 +114,8 @@ TEST(GpupdConfig, UnknownKeyIsNamedWithFileAndLine) {
   ASSERT_FALSE(top.ok());
   EXPECT_EQ(top.error().message,
             "g.toml: adapters: unknown key (expected [[adapter]] tables, worker_memory_overhead, tdr_delay_ms, "
-            "tdr_limit_count, tdr_limit_window_s or scheduler_quantum_ms) (line 1)");
+            "tdr_limit_count, tdr_limit_window_s, scheduler_quantum_ms, admin_group, worker_id_base or "
+            "worker_id_count) (line 1)");
 }
 
 TEST(GpupdConfig, SchedulerAndTdrSettings) {
@@ -122,6 +138,104 @@ TEST(GpupdConfig, SchedulerAndTdrSettings) {
   auto type = parse_config("tdr_limit_count = \"5\"\n", "g.toml");
   ASSERT_FALSE(type.ok());
   EXPECT_EQ(type.error().message, "g.toml: tdr_limit_count: expected an integer, got string (line 1)");
+}
+
+TEST(GpupdConfig, WorkerIdRange) {
+  auto d = parse_config("", "g.toml");
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->worker_id_base, 1900000000u);
+  EXPECT_EQ(d->worker_id_count, 65536u);
+  auto c = parse_config("worker_id_base = 100000\nworker_id_count = 1000\n", "g.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  EXPECT_EQ(c->worker_id_base, 100000u);
+  EXPECT_EQ(c->worker_id_count, 1000u);
+  // The extremes that are still accepted: the lowest base, the largest count, a range ending at the limit.
+  auto low = parse_config("worker_id_base = 65537\nworker_id_count = 16777216\n", "g.toml");
+  ASSERT_TRUE(low.ok()) << low.error().message;
+  EXPECT_EQ(low->worker_id_base, 65537u);
+  EXPECT_EQ(low->worker_id_count, 16777216u);
+  auto top = parse_config("worker_id_base = 4294901758\nworker_id_count = 65536\n", "g.toml");
+  ASSERT_TRUE(top.ok()) << top.error().message;
+  EXPECT_EQ(uint64_t{top->worker_id_base} + top->worker_id_count, 4294967294u);
+
+  const std::pair<const char*, const char*> bad[] = {
+      {"worker_id_base = 65536\n", "g.toml: worker_id_base: 65536 is outside 65537 .. 4294967293 (line 1)"},
+      {"worker_id_base = 1000\n", "g.toml: worker_id_base: 1000 is outside 65537 .. 4294967293 (line 1)"},
+      {"worker_id_base = -1\n", "g.toml: worker_id_base: -1 is outside 65537 .. 4294967293 (line 1)"},
+      {"worker_id_base = 4294967294\n", "g.toml: worker_id_base: 4294967294 is outside 65537 .. 4294967293 (line 1)"},
+      {"worker_id_base = \"1900000000\"\n", "g.toml: worker_id_base: expected an integer, got string (line 1)"},
+      {"worker_id_count = 0\n", "g.toml: worker_id_count: 0 is outside 1 .. 16777216 (line 1)"},
+      {"worker_id_count = 16777217\n", "g.toml: worker_id_count: 16777217 is outside 1 .. 16777216 (line 1)"},
+      {"worker_id_count = 1.5\n", "g.toml: worker_id_count: expected an integer, got float (line 1)"},
+      {"worker_id_count = 65536\nworker_id_base = 4294901759\n",
+       "g.toml: worker_id_base: 4294901759 + worker_id_count 65536 ends at 4294967295, past 4294967294 ((uid_t)-2) "
+       "(line 2)"},
+      {"worker_id_base = 4294967293\n",
+       "g.toml: worker_id_base: 4294967293 + worker_id_count 65536 ends at 4295032829, past 4294967294 ((uid_t)-2) "
+       "(line 1)"},
+  };
+  for (const auto& [text, error] : bad) {
+    auto r = parse_config(text, "g.toml");
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_EQ(r.error().message, error);
+  }
+}
+
+TEST(GpupdConfig, AdminGroupIsResolvedWhenLoaded) {
+  std::vector<std::string> asked;
+  GroupLookup lookup = [&](const std::string& name) -> Result<std::optional<gid_t>> {
+    asked.push_back(name);
+    if (name == "gpup") return std::optional<gid_t>(4242);
+    if (name == "broken") return make_error(GPUP_STATUS_INTERNAL, "cannot look up group 'broken': Input/output error");
+    return std::optional<gid_t>();
+  };
+  auto none = parse_config("", "g.toml", lookup);
+  ASSERT_TRUE(none.ok());
+  EXPECT_EQ(none->admin_group, "");
+  EXPECT_FALSE(none->admin_gid.has_value());
+  EXPECT_TRUE(asked.empty()) << "nothing is looked up without an admin_group";
+
+  auto c = parse_config("admin_group = \"gpup\"\n", "g.toml", lookup);
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  EXPECT_EQ(c->admin_group, "gpup");
+  ASSERT_TRUE(c->admin_gid.has_value());
+  EXPECT_EQ(*c->admin_gid, 4242u);
+  EXPECT_EQ(asked, std::vector<std::string>{"gpup"});
+
+  const std::pair<const char*, const char*> bad[] = {
+      {"admin_group = \"gpupp\"\n", "g.toml: admin_group: no group named 'gpupp' (line 1)"},
+      {"admin_group = \"broken\"\n", "g.toml: admin_group: cannot look up group 'broken': Input/output error (line 1)"},
+      {"admin_group = 4242\n", "g.toml: admin_group: expected a string, got integer (line 1)"},
+      {"admin_group = \"\"\n",
+       "g.toml: admin_group: must be a group name (1-256 characters, no spaces, control characters or ':') (line 1)"},
+      {"admin_group = \"gp up\"\n",
+       "g.toml: admin_group: must be a group name (1-256 characters, no spaces, control characters or ':') (line 1)"},
+      {"admin_group = \"a:b\"\n",
+       "g.toml: admin_group: must be a group name (1-256 characters, no spaces, control characters or ':') (line 1)"},
+  };
+  for (const auto& [text, error] : bad) {
+    auto r = parse_config(text, "g.toml", lookup);
+    ASSERT_FALSE(r.ok()) << text;
+    EXPECT_EQ(r.error().message, error);
+  }
+}
+
+TEST(GpupdConfig, AdminGroupFromTheSystemGroupDatabase) {
+  // root (gid 0) is in every group database; the other name in none.
+  auto root = lookup_group("root");
+  ASSERT_TRUE(root.ok()) << root.error().message;
+  ASSERT_TRUE(root->has_value());
+  EXPECT_EQ(**root, 0u);
+  auto missing = lookup_group("gpup-no-such-group-7f3a");
+  ASSERT_TRUE(missing.ok()) << missing.error().message;
+  EXPECT_FALSE(missing->has_value());
+
+  auto c = parse_config("admin_group = \"root\"\n", "g.toml");
+  ASSERT_TRUE(c.ok()) << c.error().message;
+  EXPECT_EQ(c->admin_gid, std::optional<gid_t>(0));
+  auto unknown = parse_config("\nadmin_group = \"gpup-no-such-group-7f3a\"\n", "/etc/gpup/gpupd.toml");
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_EQ(unknown.error().message, "/etc/gpup/gpupd.toml: admin_group: no group named 'gpup-no-such-group-7f3a' (line 2)");
 }
 
 TEST(GpupdConfig, BadTypeIsNamed) {
@@ -162,6 +276,8 @@ TEST(GpupdConfig, ExampleFileParses) {
   ASSERT_TRUE(c.ok()) << c.error().message;
   ASSERT_GE(c->adapters.size(), 1u);
   EXPECT_EQ(c->adapters[0].name, "pocl0");
+  EXPECT_EQ(c->worker_id_base, 1900000000u);
+  EXPECT_EQ(c->worker_id_count, 65536u);
   auto missing = load_config("/nonexistent/gpupd.toml");
   ASSERT_FALSE(missing.ok());
   EXPECT_EQ(missing.error().message, "/nonexistent/gpupd.toml: cannot open the configuration file");
@@ -592,6 +708,314 @@ TEST_F(GpupdWorker, RequestsToAStoppedWorkerFail) {
   auto r = request(w, "stats");
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().message, "vm v1: worker is stopped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Who may use the operator socket
+
+TEST(GpupdOperatorAccess, RootAndTheAdminGroupOnly) {
+  Config none = default_config();
+  Config admin = default_config();
+  admin.admin_group = "gpup";
+  admin.admin_gid = 4242;
+  Peer root{42, 0, 0, {}, "gpup"};
+  EXPECT_EQ(operator_refusal(root, none), "");
+  EXPECT_EQ(operator_refusal(root, admin), "");
+  Peer user{43, 1000, 1000, {24, 25}, "gpup"};
+  EXPECT_EQ(operator_refusal(user, none), "permission denied: uid 1000 is not root, and no admin_group is configured");
+  EXPECT_EQ(operator_refusal(user, admin), "permission denied: uid 1000 is not root and not in the admin group gpup");
+  Peer member = user;
+  member.groups.push_back(4242);
+  EXPECT_EQ(operator_refusal(member, admin), "") << "a supplementary group";
+  EXPECT_NE(operator_refusal(member, none), "") << "no admin group: groups do not matter";
+  Peer primary{44, 1000, 4242, {}, ""};
+  EXPECT_EQ(operator_refusal(primary, admin), "") << "the gid";
+  EXPECT_EQ(to_string(user), "pid 43, uid 1000, gid 1000 (gpup)");
+  EXPECT_EQ(to_string(primary), "pid 44, uid 1000, gid 4242");
+}
+
+TEST(GpupdOperatorAccess, ReadsThePeersCredentials) {
+  int sv[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+  UniqueFd a(sv[0]), b(sv[1]);
+  auto p = read_peer(a.get());
+  ASSERT_TRUE(p.ok()) << p.error().message;
+  EXPECT_EQ(p->pid, ::getpid());
+  EXPECT_EQ(p->uid, ::geteuid());
+  EXPECT_EQ(p->gid, ::getegid());
+  std::vector<gid_t> groups(static_cast<size_t>(::getgroups(0, nullptr)));
+  groups.resize(static_cast<size_t>(::getgroups(static_cast<int>(groups.size()), groups.data())));
+  std::sort(groups.begin(), groups.end());
+  std::sort(p->groups.begin(), p->groups.end());
+  EXPECT_EQ(p->groups, groups);
+  EXPECT_EQ(p->comm, std::string("gpupd_unittest").substr(0, 15));
+}
+
+// Records what gpupd logs, with its level.
+class LogCapture : public spdlog::sinks::base_sink<std::mutex> {
+ public:
+  // Lines at level whose text holds every one of parts.
+  size_t count(spdlog::level::level_enum level, std::initializer_list<std::string> parts) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    size_t n = 0;
+    for (const auto& [l, text] : lines_) {
+      bool all = l == level;
+      for (const auto& p : parts) all = all && text.find(p) != std::string::npos;
+      n += all;
+    }
+    return n;
+  }
+  std::string dump() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::string out;
+    for (const auto& [l, text] : lines_) out += fmt::format("[{}] {}\n", spdlog::level::to_string_view(l), text);
+    return out;
+  }
+
+ protected:
+  void sink_it_(const spdlog::details::log_msg& m) override {
+    lines_.emplace_back(m.level, std::string(m.payload.data(), m.payload.size()));
+  }
+  void flush_() override {}
+
+ private:
+  std::vector<std::pair<spdlog::level::level_enum, std::string>> lines_;
+};
+
+// The ids a test client takes in its own process before it connects.
+struct Ids {
+  uid_t uid;
+  gid_t gid;
+  std::vector<gid_t> groups;
+};
+
+// The lowest gid (uid) from `from` that the host does not know.
+gid_t unused_gid(gid_t from) {
+  while (::getgrgid(from)) ++from;
+  return from;
+}
+uid_t unused_uid(uid_t from) {
+  while (::getpwuid(from)) ++from;
+  return from;
+}
+
+// A real gpupd (no adapters, fake_vmwp) on a private runtime directory, serving from a thread,
+// with one persisted partition, "keep", whose adapter is not configured (so no worker runs).
+// Needs root: the clients are forked children that drop to other ids.
+class GpupdOperatorSocket : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (::geteuid() != 0) GTEST_SKIP() << "needs root: clients run as other users";
+    // The clients' ids must reach the socket: mkdtemp made the directory 0700.
+    ASSERT_EQ(::chmod(dir_.path().c_str(), 0755), 0);
+    ASSERT_EQ(::mkdir(dir_.file("state").c_str(), 0755), 0);
+    PersistentState s;
+    s.luids = {{"mock0", 0x1234}};
+    s.partitions = {VmSpec{"keep", control::new_guid(), "mock0", 0, GiB, GiB, 100, 100, false}};
+    ASSERT_TRUE(save_state(dir_.file("state/partitions.json"), s).ok());
+    ::pthread_sigmask(SIG_BLOCK, nullptr, &old_mask_);
+    log_ = std::make_shared<LogCapture>();
+    old_level_ = spdlog::get_level();
+    spdlog::set_level(spdlog::level::info);
+    spdlog::default_logger()->sinks().push_back(log_);
+  }
+  void TearDown() override {
+    stop();
+    if (!log_) return;
+    auto& sinks = spdlog::default_logger()->sinks();
+    sinks.erase(std::remove(sinks.begin(), sinks.end(), log_), sinks.end());
+    spdlog::set_level(old_level_);
+    if (HasFailure()) std::cerr << "---- gpupd log ----\n" << log_->dump() << "-------------------\n";
+  }
+
+  Config config() const {
+    Config c;
+    c.source = "test";
+    return c;
+  }
+  void start(Config c) {
+    DaemonOptions opts;
+    opts.config = std::move(c);
+    opts.runtime_dir = dir_.file("run");
+    opts.state_dir = dir_.file("state");
+    opts.worker.vmwp_path = FAKE_VMWP_PATH;
+    opts.client_timeout = 5000ms;
+    auto d = Daemon::create(std::move(opts));
+    ASSERT_TRUE(d.ok()) << d.error().message;
+    daemon_ = std::move(*d);
+    ASSERT_EQ(::chmod(dir_.file("run").c_str(), 0755), 0);  // whatever the umask made it
+    thread_ = std::thread([this] { daemon_->run(); });
+  }
+  void stop() {
+    if (!thread_.joinable()) return;
+    if (!control::call(sock(), json{{"op", "shutdown"}}, 5000ms).ok()) ::kill(::getpid(), SIGTERM);
+    thread_.join();
+    daemon_.reset();
+    // Daemon::create blocked SIGTERM, SIGINT and SIGHUP for its signalfd; the other tests get them back.
+    ::pthread_sigmask(SIG_SETMASK, &old_mask_, nullptr);
+  }
+  std::string sock() const { return dir_.file("run/gpupd.sock"); }
+
+  // As root, from this process.
+  Result<json> call(const json& req) { return control::call(sock(), req, 5000ms); }
+  std::vector<std::string> vm_names() {
+    auto r = call(json{{"op", "vm.list"}});
+    EXPECT_TRUE(r.ok()) << r.error().message;
+    std::vector<std::string> names;
+    if (r.ok())
+      for (const auto& v : *r) names.push_back(v.value("name", ""));
+    return names;
+  }
+
+  // Sends one request line from a child process running as ids and returns what it read: the
+  // reply line, then "<eof>" if gpupd closed the connection right after it (until_eof), or
+  // "connect: <reason>". *pid gets the child's pid.
+  std::string call_as(const Ids& ids, const json& req, bool until_eof = false, pid_t* pid = nullptr) {
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC) != 0) return "pipe failed";
+    pid_t child = ::fork();
+    if (child == 0) {
+      ::close(p[0]);
+      std::string out = [&]() -> std::string {
+        if (::setgroups(ids.groups.size(), ids.groups.data()) != 0 || ::setgid(ids.gid) != 0 || ::setuid(ids.uid) != 0)
+          return std::string("cannot change ids: ") + std::strerror(errno);
+        int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_un addr{};
+        addr.sun_family = AF_UNIX;
+        std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sock().c_str());
+        if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+          return std::string("connect: ") + std::strerror(errno);
+        timeval tv{5, 0};
+        ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        std::string line = control::encode_line(req);
+        if (::send(fd, line.data(), line.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(line.size()))
+          return std::string("send: ") + std::strerror(errno);
+        std::string reply;
+        char buf[4096];
+        for (;;) {
+          ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+          if (n == 0) return reply + "<eof>";
+          if (n < 0) return reply + "recv: " + std::strerror(errno);
+          reply.append(buf, static_cast<size_t>(n));
+          if (!until_eof && reply.find('\n') != std::string::npos) return reply;
+        }
+      }();
+      (void)!::write(p[1], out.data(), out.size());
+      ::_exit(0);
+    }
+    ::close(p[1]);
+    if (pid) *pid = child;
+    std::string out;
+    char buf[4096];
+    ssize_t n;
+    while ((n = ::read(p[0], buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+    ::close(p[0]);
+    int status = 0;
+    ::waitpid(child, &status, 0);
+    return out;
+  }
+
+  static std::string refusal_line(const std::string& error) {
+    return control::encode_line(json{{"ok", false}, {"error", error}});
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Daemon> daemon_;
+  std::thread thread_;
+  sigset_t old_mask_{};
+  std::shared_ptr<LogCapture> log_;
+  spdlog::level::level_enum old_level_ = spdlog::level::info;
+};
+
+TEST_F(GpupdOperatorSocket, RootOnlyWithoutAnAdminGroup) {
+  ASSERT_NO_FATAL_FAILURE(start(config()));
+  struct stat st {};
+  ASSERT_EQ(::stat(sock().c_str(), &st), 0);
+  EXPECT_TRUE(S_ISSOCK(st.st_mode));
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  EXPECT_EQ(st.st_uid, 0u);
+  ASSERT_EQ(vm_names(), std::vector<std::string>{"keep"});
+
+  const Ids nobody{65534, 65534, {}};
+  EXPECT_EQ(call_as(nobody, json{{"op", "vm.list"}}), "connect: Permission denied") << "the file mode keeps it out";
+
+  // Past the file mode (widened by mistake here), gpupd refuses the connection itself, before
+  // reading what was sent, and closes it.
+  ASSERT_EQ(::chmod(sock().c_str(), 0666), 0);
+  const std::string refused =
+      refusal_line("permission denied: uid 65534 is not root, and no admin_group is configured") + "<eof>";
+  pid_t pid = 0;
+  EXPECT_EQ(call_as(nobody, json{{"op", "vm.remove"}, {"name", "keep"}}, true, &pid), refused);
+  EXPECT_EQ(log_->count(spdlog::level::warn, {fmt::format("operator socket: refused pid {}, uid 65534, gid 65534", pid),
+                                              "is not root"}),
+            1u);
+  EXPECT_EQ(call_as(nobody, json{{"op", "vm.add"}, {"vm", {{"name", "intruder"}}}}, true), refused);
+  EXPECT_EQ(call_as(nobody, json{{"op", "shutdown"}}, true), refused);
+  EXPECT_EQ(log_->count(spdlog::level::warn, {"operator socket: refused", "uid 65534"}), 3u);
+  EXPECT_EQ(log_->count(spdlog::level::info, {"requested by"}), 0u) << "refused requests are never read";
+
+  // Nothing changed: the partition is there, in gpupd and on disk, and gpupd still serves.
+  EXPECT_EQ(vm_names(), std::vector<std::string>{"keep"});
+  auto state = load_state(dir_.file("state/partitions.json"));
+  ASSERT_TRUE(state.ok()) << state.error().message;
+  ASSERT_EQ(state->partitions.size(), 1u);
+  EXPECT_EQ(state->partitions[0].name, "keep");
+
+  // Root's request of the same does change it, and says who asked.
+  auto removed = call(json{{"op", "vm.remove"}, {"name", "keep"}});
+  ASSERT_TRUE(removed.ok()) << removed.error().message;
+  EXPECT_EQ(vm_names(), std::vector<std::string>{});
+  EXPECT_EQ(log_->count(spdlog::level::info,
+                        {fmt::format("vm.remove keep requested by pid {}, uid 0, gid 0 (gpupd_unittest)", ::getpid())}),
+            1u);
+  EXPECT_EQ(log_->count(spdlog::level::info, {"vm.list", "requested by"}), 0u) << "reading changes nothing";
+}
+
+TEST_F(GpupdOperatorSocket, AdminGroupMembersAreLetIn) {
+  // Ids the host does not know: the group exists only in this config, so /etc/group stays as it is.
+  const gid_t admin = unused_gid(3990000);
+  const gid_t other = unused_gid(admin + 1);
+  const uid_t user = unused_uid(3990000);
+  Config c = config();
+  c.admin_group = "gpup-ut";
+  c.admin_gid = admin;
+  ASSERT_NO_FATAL_FAILURE(start(c));
+  struct stat st {};
+  ASSERT_EQ(::stat(sock().c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  EXPECT_EQ(st.st_uid, 0u);
+  EXPECT_EQ(st.st_gid, admin);
+
+  // A member by a supplementary group.
+  const Ids member{user, other, {admin}};
+  std::string listed = call_as(member, json{{"op", "vm.list"}});
+  auto reply = control::parse_object_line(listed.substr(0, listed.find('\n')));
+  ASSERT_TRUE(reply.ok()) << listed;
+  EXPECT_EQ((*reply)["ok"], true) << listed;
+  ASSERT_EQ((*reply)["result"].size(), 1u) << listed;
+  EXPECT_EQ((*reply)["result"][0]["name"], "keep");
+  // A member by its gid.
+  std::string status = call_as(Ids{user, admin, {}}, json{{"op", "status"}});
+  EXPECT_EQ(status.rfind("{\"ok\":true,", 0), 0u) << status;
+
+  // Anyone else: kept out by the file mode and, past it, by gpupd.
+  const Ids outsider{user, other, {}};
+  EXPECT_EQ(call_as(outsider, json{{"op", "status"}}), "connect: Permission denied");
+  ASSERT_EQ(::chmod(sock().c_str(), 0666), 0);
+  EXPECT_EQ(call_as(outsider, json{{"op", "vm.remove"}, {"name", "keep"}}, true),
+            refusal_line(fmt::format("permission denied: uid {} is not root and not in the admin group gpup-ut", user)) +
+                "<eof>");
+  EXPECT_EQ(vm_names(), std::vector<std::string>{"keep"});
+
+  // A member's change goes through, logged with who asked.
+  pid_t pid = 0;
+  std::string removed = call_as(member, json{{"op", "vm.remove"}, {"name", "keep"}}, false, &pid);
+  EXPECT_EQ(removed, "{\"ok\":true,\"result\":{\"removed\":\"keep\"}}\n");
+  EXPECT_EQ(vm_names(), std::vector<std::string>{});
+  EXPECT_EQ(log_->count(spdlog::level::info, {fmt::format("vm.remove keep requested by pid {}, uid {}, gid {} "
+                                                          "(gpupd_unittest)",
+                                                          pid, user, other)}),
+            1u);
 }
 
 }  // namespace
