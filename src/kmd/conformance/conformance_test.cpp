@@ -156,6 +156,35 @@ TEST_P(Conformance, QueriesAnswerConsistently) {
   EXPECT_EQ(written, sizeof(gpup));
 }
 
+// SANDBOXNEEDS (DDI 1.2) is optional; when answered, it is one NUL-terminated text of known lines,
+// its size reported when the buffer is too small.
+TEST_P(Conformance, SandboxNeedsAreWellFormedWhenAnswered) {
+  uint32_t need = 0;
+  const gpup_status s = f.query(GPUPDDI_QAITYPE_SANDBOXNEEDS, nullptr, 0, nullptr, 0, &need);
+  if (s == GPUP_STATUS_NOT_SUPPORTED) GTEST_SKIP() << "the KMD declares nothing";
+  ASSERT_EQ(s, GPUP_STATUS_BUFFER_TOO_SMALL);
+  ASSERT_GE(need, 1u);
+  ASSERT_LE(need, 64u * 1024);
+  std::vector<char> text(need + 16, 'x');
+  uint32_t written = 0;
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_SANDBOXNEEDS, text.data(), need - 1, nullptr, 0, &written),
+            GPUP_STATUS_BUFFER_TOO_SMALL);
+  EXPECT_EQ(written, need);
+  ASSERT_EQ(f.query(GPUPDDI_QAITYPE_SANDBOXNEEDS, text.data(), static_cast<uint32_t>(text.size()), nullptr, 0, &written),
+            GPUP_STATUS_SUCCESS);
+  ASSERT_EQ(written, need);
+  ASSERT_EQ(text[need - 1], '\0');
+  std::istringstream lines(std::string(text.data(), need - 1));
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.empty()) continue;
+    const bool path = line.rfind("ro /", 0) == 0 || line.rfind("exec /", 0) == 0 || line.rfind("dev /", 0) == 0;
+    const bool env = line.rfind("env ", 0) == 0 && line.find('=') != std::string::npos;
+    const bool pass = line.rfind("passenv ", 0) == 0 && line.size() > 8;
+    EXPECT_TRUE(path || env || pass) << line;
+  }
+}
+
 TEST_P(Conformance, QueriesRejectBadSizesAndTypes) {
   const std::array<std::pair<uint32_t, uint32_t>, 5> fixed = {{
       {GPUPDDI_QAITYPE_DRIVERCAPS, sizeof(GPUPDDI_DRIVERCAPS)},
