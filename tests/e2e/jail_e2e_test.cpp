@@ -500,6 +500,30 @@ TEST_F(JailE2E, OtherLocalUserCannotUseAPartition) {
   EXPECT_TRUE(says_refused(cli.output())) << "no clear refusal:\n" << cli.output();
 }
 
+// The operator allows that user: its kernel runs; revoked, it is refused again at once.
+TEST_F(JailE2E, AllowedLocalUserRunsUntilRevoked) {
+  const json victim = show("victim");
+  const std::string endpoint = victim.value("endpoint", ""), store = victim.value("driver_store", "");
+  ASSERT_FALSE(endpoint.empty());
+  std::map<std::string, std::string> direct = {{"GPUP_VRD", "unix:" + endpoint},
+                                               {"OCL_ICD_VENDORS", store + "/OpenCL/vendors"},
+                                               {"GPUP_OCL_DEBUG", "1"}};
+  Cleanup undo{[&] { host_->gpup({"vm", "set", "victim", "--allow-user", "none"}); }};
+  auto set = host_->gpup({"vm", "set", "victim", "--allow-user", std::to_string(kNobody)});
+  ASSERT_EQ(set.code, 0) << set.out;
+  Child allowed({GPUP_CL_ATTACK, "read-file", "/dev/null", "16"}, direct, kNobody);
+  allowed.wait(120s);
+  EXPECT_NE(allowed.output().find("WORKER pid="), std::string::npos) << "an allowed user was refused:\n"
+                                                                       << allowed.output();
+  auto revoke = host_->gpup({"vm", "set", "victim", "--allow-user", "none"});
+  ASSERT_EQ(revoke.code, 0) << revoke.out;
+  Child refused({GPUP_CL_ATTACK, "read-file", "/dev/null", "16"}, direct, kNobody);
+  refused.wait(120s);
+  EXPECT_EQ(refused.output().find("WORKER pid="), std::string::npos) << "a revoked user ran a kernel:\n"
+                                                                       << refused.output();
+  EXPECT_TRUE(says_refused(refused.output())) << refused.output();
+}
+
 // The same user asking gpupd to remove a partition.
 TEST_F(JailE2E, OtherLocalUserCannotManagePartitions) {
   Child c({GPUP_CLI, "vm", "remove", "victim"}, host_->env(), kNobody);
