@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -270,6 +271,9 @@ MemoryCgroupSite find_memory_cgroup(const CgroupEnv& env) { return find_site(env
 
 CpuCgroupSite find_cpu_cgroup(const CgroupEnv& env) { return find_site(env, "cpu", "cpu.shares"); }
 
+// The root cgroup of the pids hierarchy has no pids.* files: probe for what every cgroup has.
+CgroupSite find_pids_cgroup(const CgroupEnv& env) { return find_site(env, "pids", "cgroup.procs"); }
+
 // ---------------------------------------------------------------------------------------------
 // VmCgroups: <own>/<instance>/<vm> of one controller.
 
@@ -342,6 +346,31 @@ Result<std::string> VmCgroups::make_vm_dir(const std::string& vm) {
 
 Status VmCgroups::add_process(const std::string& dir, pid_t pid) {
   return write_file(dir + "/cgroup.procs", std::to_string(pid), fake_);
+}
+
+Result<size_t> VmCgroups::kill_all(const std::string& dir) {
+  if (fake_) return size_t{0};  // a fake tree's cgroup.procs lists no process of its own
+  if (exists(dir + "/cgroup.kill")) (void)write_file(dir + "/cgroup.kill", "1");
+  size_t signalled = 0;
+  for (int round = 0; round < 100; ++round) {
+    bool any = false;
+    const std::string procs = read_text(dir + "/cgroup.procs");
+    for (const auto& word : split(procs, '\n')) {
+      if (word.empty()) continue;
+      char* end = nullptr;
+      long pid = std::strtol(word.c_str(), &end, 10);
+      if (pid <= 0 || *end != '\0') continue;
+      any = true;
+      // Through a pidfd: the pid is this process's from here on, whatever exits meanwhile.
+      int fd = static_cast<int>(::syscall(SYS_pidfd_open, static_cast<pid_t>(pid), 0u));
+      if (fd < 0) continue;
+      if (::syscall(SYS_pidfd_send_signal, fd, SIGKILL, nullptr, 0u) == 0) ++signalled;
+      ::close(fd);
+    }
+    if (!any) return signalled;
+    ::usleep(1000 * (round < 10 ? 1 : 10));  // killed processes leave the list once reaped
+  }
+  return make_error(GPUP_STATUS_BUSY, fmt::format("processes are still in {} after killing them", dir));
 }
 
 Status VmCgroups::remove(const std::string& dir) {
@@ -517,6 +546,25 @@ Result<uint64_t> CpuCgroups::usage_ns(const std::string& dir) const {
   auto ns = read_u64(file);
   if (!ns) return make_error(GPUP_STATUS_INTERNAL, "cannot read " + file);
   return *ns;
+}
+
+// ---------------------------------------------------------------------------------------------
+// PidsCgroups
+
+std::shared_ptr<PidsCgroups> PidsCgroups::create(const CgroupEnv& env, const std::string& instance) {
+  std::shared_ptr<PidsCgroups> p(new PidsCgroups(find_pids_cgroup(env), instance, !env.prefix.empty()));
+  if (p->version() != CgroupVersion::kNone) p->remove_stale_instances();
+  return p;
+}
+
+PidsCgroups::PidsCgroups(CgroupSite site, std::string instance, bool fake)
+    : VmCgroups("pids", std::move(site), std::move(instance), fake) {}
+
+Result<std::string> PidsCgroups::prepare(const std::string& vm, uint64_t max_tasks) {
+  auto dir = make_vm_dir(vm);
+  if (!dir.ok()) return dir;
+  if (Status s = write_file(*dir + "/pids.max", std::to_string(max_tasks), fake_); !s.ok()) return s.error();
+  return dir;
 }
 
 }  // namespace gpup::gpupd

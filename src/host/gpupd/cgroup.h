@@ -57,6 +57,7 @@ using CpuCgroupSite = CgroupSite;
 // hierarchy may be co-mounted with others ("cpu,cpuacct").
 MemoryCgroupSite find_memory_cgroup(const CgroupEnv& env);
 CpuCgroupSite find_cpu_cgroup(const CgroupEnv& env);
+CgroupSite find_pids_cgroup(const CgroupEnv& env);
 
 // What the memory and cpu cgroups of workers share: <own>/<instance>/<vm> of one controller.
 class VmCgroups {
@@ -70,6 +71,12 @@ class VmCgroups {
   std::string vm_dir(const std::string& vm) const;  // <own>/<instance>/<vm>
 
   Status add_process(const std::string& dir, pid_t pid);  // cgroup.procs
+  // Kills every process in dir (a worker's, when it exits or is restarted, so nothing it started
+  // outlives it): cgroup v2's cgroup.kill where the kernel has it, then SIGKILL through a pidfd
+  // to each pid cgroup.procs still lists, until it lists none (v1, or a v2 without cgroup.kill;
+  // a process forking meanwhile lands in the same cgroup and is caught by the next round).
+  // Returns how many processes it signalled itself.
+  Result<size_t> kill_all(const std::string& dir);
   // rmdir; fails (EBUSY) while a process is still in it; succeeds when it is already gone.
   Status remove(const std::string& dir);
 
@@ -108,6 +115,18 @@ class MemoryCgroups : public VmCgroups {
  private:
   MemoryCgroups(CgroupSite site, std::string instance, bool fake);
 };
+
+// The number of tasks (processes and threads) a worker may have: pids.max, v1 or v2.
+class PidsCgroups : public VmCgroups {
+ public:
+  static std::shared_ptr<PidsCgroups> create(const CgroupEnv& env, const std::string& instance);
+  // Creates <own>/<instance>/<vm> (reusing it if present), sets pids.max and returns it.
+  Result<std::string> prepare(const std::string& vm, uint64_t max_tasks);
+
+ private:
+  PidsCgroups(CgroupSite site, std::string instance, bool fake);
+};
+inline constexpr uint64_t kDefaultWorkerMaxTasks = 4096;
 
 // A partition's compute weight (1..10000, 100 by default) and compute cap (1..100 percent of the
 // host's CPUs) as the kernel's CPU scheduler sees them:

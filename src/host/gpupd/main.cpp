@@ -160,6 +160,11 @@ int main(int argc, char** argv) {
     spdlog::info("worker cpu weights and caps: {} under {}", to_string(opts.worker.cpu_cgroups->version()),
                  opts.worker.cpu_cgroups->own());
 
+  // And its pids cgroup: a bound on its tasks, and the list of what to kill when it exits.
+  opts.worker.pids_cgroups = gpupd::PidsCgroups::create(gpupd::CgroupEnv::from_proc(), "gpupd." + std::to_string(::getpid()));
+  if (opts.worker.pids_cgroups->version() == gpupd::CgroupVersion::kNone)
+    spdlog::warn("workers run without a bound on their tasks: {}", opts.worker.pids_cgroups->unavailable_reason());
+
   // Every worker runs in its jail (jail.h), its root built on this empty directory.
   gpupd::JailOptions jail;
   jail.id_base = opts.config.worker_id_base;

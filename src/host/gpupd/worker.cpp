@@ -158,6 +158,7 @@ json Worker::describe_jail() const {
   if (pid_ <= 0) return j;
   j["uid"] = jail_id_;
   j["gid"] = jail_id_;
+  if (!pids_cgroup_dir_.empty()) j["max_tasks"] = opts_.max_tasks;
   FILE* f = std::fopen(fmt::format("/proc/{}/status", pid_).c_str(), "re");
   if (!f) return j;
   char line[512];
@@ -232,9 +233,7 @@ std::string Worker::leave_memory_cgroup() {
   std::string note;
   if (opts_.memory_cgroups->oom_kills(cgroup_dir_) > oom_kills_at_join_)
     note = fmt::format(" (out of memory: its cgroup reached the limit of {})", format_size(memory_limit_));
-  if (Status s = opts_.memory_cgroups->remove(cgroup_dir_); !s.ok())
-    spdlog::warn("vm {}: {} (it is reused at the next start)", vm_, s.error().message);
-  cgroup_dir_.clear();
+  empty_and_remove(opts_.memory_cgroups.get(), cgroup_dir_);
   memory_limit_ = 0;
   return note;
 }
@@ -255,10 +254,30 @@ void Worker::join_cpu_cgroup() {
 }
 
 void Worker::leave_cpu_cgroup() {
-  if (cpu_cgroup_dir_.empty()) return;
-  if (Status s = opts_.cpu_cgroups->remove(cpu_cgroup_dir_); !s.ok())
+  empty_and_remove(opts_.cpu_cgroups.get(), cpu_cgroup_dir_);
+  empty_and_remove(opts_.pids_cgroups.get(), pids_cgroup_dir_);
+}
+
+void Worker::join_pids_cgroup() {
+  pids_cgroup_dir_.clear();
+  auto dir = enter_cgroup(opts_.pids_cgroups.get(), "pids", [&] { return opts_.pids_cgroups->prepare(vm_, opts_.max_tasks); });
+  if (!dir.ok()) {
+    spdlog::warn("vm {}: worker pid {} runs without a bound on its tasks: {}", vm_, pid_, dir.error().message);
+    return;
+  }
+  pids_cgroup_dir_ = *dir;
+}
+
+void Worker::empty_and_remove(VmCgroups* cgroups, std::string& dir) {
+  if (dir.empty() || !cgroups) return;
+  auto killed = cgroups->kill_all(dir);
+  if (!killed.ok())
+    spdlog::error("vm {}: {}", vm_, killed.error().message);
+  else if (*killed > 0)
+    spdlog::warn("vm {}: killed {} process(es) its worker left in {}", vm_, *killed, dir);
+  if (Status s = cgroups->remove(dir); !s.ok())
     spdlog::warn("vm {}: {} (it is reused at the next start)", vm_, s.error().message);
-  cpu_cgroup_dir_.clear();
+  dir.clear();
 }
 
 void Worker::change_cpu_limits(uint32_t weight, uint32_t max_percent) {
@@ -364,6 +383,7 @@ void Worker::spawn() {
       pid_ = child;
       join_memory_cgroup(cfg->vm.max_vram);
       join_cpu_cgroup();
+      join_pids_cgroup();
       return {};
     });
     if (!started.ok()) {
@@ -453,6 +473,7 @@ void Worker::spawn() {
   if (!opts_.jails) {
     join_memory_cgroup(cfg->vm.max_vram);
     join_cpu_cgroup();
+    join_pids_cgroup();
   }
   send(to_json(*cfg));
 }

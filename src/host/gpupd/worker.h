@@ -91,6 +91,9 @@ struct WorkerOptions {
   std::shared_ptr<MemoryCgroups> memory_cgroups;
   // Shared by every worker; null: no CPU weight or cap is set by the OS (the scheduler still is).
   std::shared_ptr<CpuCgroups> cpu_cgroups;
+  // Shared by every worker; null: no bound on a worker's tasks but its memory cgroup.
+  std::shared_ptr<PidsCgroups> pids_cgroups;
+  uint64_t max_tasks = kDefaultWorkerMaxTasks;
   // Worker memory limit = partition max VRAM + this (config.h: worker_memory_overhead).
   uint64_t memory_overhead = kDefaultWorkerMemoryOverhead;
   // The device-memory arbiter of every adapter; null: a worker may grow to its max unasked.
@@ -241,7 +244,12 @@ class Worker {
   std::string cpu_cgroup_dir_;  // the live process's cpu cgroup, empty when none
   std::string cpu_note_;        // why none
   void join_cpu_cgroup();
-  void leave_cpu_cgroup();
+  void leave_cpu_cgroup();  // and the pids cgroup
+  std::string pids_cgroup_dir_;  // the live process's pids cgroup, empty when none
+  void join_pids_cgroup();
+  // Kills whatever is left in dir (nothing, for a jailed worker: its pid namespace went with it),
+  // then removes it.
+  void empty_and_remove(VmCgroups* cgroups, std::string& dir);
   void change_cpu_limits(uint32_t weight, uint32_t max_percent);
 
   std::string cgroup_dir_;      // the live process's memory cgroup, empty when none

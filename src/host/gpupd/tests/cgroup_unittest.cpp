@@ -685,5 +685,58 @@ TEST(GpupdCpuCgroupReal, ProcessRunsInANestedCpuCgroupWithItsWeightAndCap) {
   EXPECT_FALSE(is_dir(base));
 }
 
+
+// A worker's pids cgroup bounds its tasks, and kill_all ends every process in it, grandchildren
+// that left their parent included.
+TEST(GpupdPidsCgroupReal, TasksAreBoundedAndKillAllEndsEveryProcess) {
+  auto p = PidsCgroups::create(CgroupEnv::from_proc(), "gpupd." + std::to_string(::getpid()));
+  if (p->version() == CgroupVersion::kNone) GTEST_SKIP() << "no writable pids cgroup: " << p->unavailable_reason();
+  auto dir = p->prepare("ut", 64);
+  ASSERT_TRUE(dir.ok()) << dir.error().message;
+  EXPECT_EQ(slurp(*dir + "/pids.max"), "64");
+
+  int go[2], report[2];
+  ASSERT_EQ(::pipe(go), 0);
+  ASSERT_EQ(::pipe(report), 0);
+  pid_t child = ::fork();
+  if (child == 0) {
+    char c;
+    if (::read(go[0], &c, 1) != 1) ::_exit(1);
+    for (int i = 0; i < 3; ++i) {
+      pid_t g = ::fork();
+      if (g == 0) {
+        ::setsid();  // leaves its parent's session, as an escaping process would
+        for (;;) ::pause();
+      }
+      ssize_t ignored = ::write(report[1], &g, sizeof g);
+      (void)ignored;
+    }
+    for (;;) ::pause();
+  }
+  ASSERT_GT(child, 0);
+  ASSERT_TRUE(p->add_process(*dir, child).ok());
+  ASSERT_EQ(::write(go[1], "g", 1), 1);
+  std::vector<pid_t> grandchildren(3);
+  for (auto& g : grandchildren) ASSERT_EQ(::read(report[0], &g, sizeof g), ssize_t(sizeof g));
+
+  auto killed = p->kill_all(*dir);
+  ASSERT_TRUE(killed.ok()) << killed.error().message;
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  for (pid_t g : grandchildren) {
+    // Reparented and reaped elsewhere: gone, or a zombie on its way out.
+    bool dead = false;
+    for (int i = 0; i < 200 && !dead; ++i) {
+      std::string st = slurp("/proc/" + std::to_string(g) + "/stat");
+      dead = st.empty() || st.find(") Z") != std::string::npos;
+      if (!dead) ::usleep(10000);
+    }
+    EXPECT_TRUE(dead) << "grandchild " << g << " survived kill_all";
+  }
+  EXPECT_TRUE(slurp(*dir + "/cgroup.procs").empty());
+  EXPECT_TRUE(p->remove(*dir).ok());
+}
+
 }  // namespace
 }  // namespace gpup::gpupd
