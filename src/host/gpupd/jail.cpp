@@ -386,20 +386,18 @@ class PlanBuilder {
   explicit PlanBuilder(Plan& p) : p_(p) {}
 
   // Shows host path `path` (and the links leading to it) read-only; exec: may be mapped/executed.
-  Status show(const std::string& path, bool exec) {
+  // Returns its real path, empty when it does not exist on this host (then nothing is shown).
+  std::string show(const std::string& path, bool exec) {
     std::vector<std::pair<std::string, std::string>> links;
     std::string real = resolve_with_links(path, links);
-    if (real.empty()) return {};  // absent on this host: nothing to show
+    if (real.empty()) return real;
     for (auto& [link, text] : links) {
       add_dirs(dir_of(link));
       if (seen_links_.insert(link).second) p_.links.emplace_back(text, "." + link);
     }
     auto [it, inserted] = shown_.emplace(real, exec);
-    if (!inserted) {
-      it->second = it->second || exec;
-      return {};
-    }
-    return {};
+    if (!inserted) it->second = it->second || exec;
+    return real;
   }
 
   void finish() {
@@ -559,23 +557,17 @@ Result<Jails::Started> Jails::spawn(const Spawn& s, const std::function<Status(p
   for (const auto& e : s.needs ? s.needs->exec : std::vector<std::string>{}) execs.push_back(e);
   std::vector<std::string> exec_inside;
   for (const auto& e : execs) {
-    if (Status st = b.show(e, true); !st.ok()) return st.error();
-    std::vector<std::pair<std::string, std::string>> ignored;
-    std::string real = resolve_with_links(e, ignored);
+    std::string real = b.show(e, true);
     if (real.empty()) continue;
     exec_inside.push_back(real);
-    if (std::string interp = elf_interpreter(real); !interp.empty()) {
-      (void)b.show(interp, true);
-      std::string ri = resolve_with_links(interp, ignored);
-      if (!ri.empty()) exec_inside.push_back(ri);
-    }
+    if (std::string interp = elf_interpreter(real); !interp.empty())
+      if (std::string ri = b.show(interp, true); !ri.empty()) exec_inside.push_back(ri);
   }
-  (void)b.show(s.kmd, true);
-  for (const auto& dir : loaded_library_dirs()) (void)b.show(dir, true);
-  (void)b.show("/etc/ld.so.cache", false);
-  if (s.needs) {
-    for (const auto& r : s.needs->ro) (void)b.show(r, false);
-  }
+  b.show(s.kmd, true);
+  for (const auto& dir : loaded_library_dirs()) b.show(dir, true);
+  b.show("/etc/ld.so.cache", false);
+  if (s.needs)
+    for (const auto& r : s.needs->ro) b.show(r, false);
   b.finish();
   std::sort(exec_inside.begin(), exec_inside.end());
   exec_inside.erase(std::unique(exec_inside.begin(), exec_inside.end()), exec_inside.end());
