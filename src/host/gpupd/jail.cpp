@@ -225,6 +225,14 @@ void drop_privileges(int rfd, uint32_t id) {
   const long host_fsuid = 0, jail_fsuid = p.id;
   ::syscall(SYS_setfsuid, jail_fsuid);
   ::syscall(SYS_setfsgid, jail_fsuid);
+  // Its writable places, bounded, its own; mounted before the host paths are shown, as one of
+  // those may live under /tmp (a build tree there) and must not be covered.
+  for (const std::string* d : {&p.tmp, &p.cache})
+    if (::mkdir(d->c_str(), 0755) != 0 && errno != EEXIST) fail(rfd, "mkdir", d->c_str());
+  if (::mount("tmpfs", p.tmp.c_str(), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, p.tmp_opts.c_str()) != 0)
+    fail(rfd, "mount /tmp");
+  if (::mount("tmpfs", p.cache.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, p.cache_opts.c_str()) != 0)
+    fail(rfd, "mount", kJailCacheDir);
   for (const auto& d : p.dirs)
     if (::mkdir(d.c_str(), 0755) != 0 && errno != EEXIST) fail(rfd, "mkdir", d.c_str());
   for (const auto& [text, path] : p.links)
@@ -269,12 +277,6 @@ void drop_privileges(int rfd, uint32_t id) {
     if (::symlink(target.c_str(), link.c_str()) != 0 && errno != EEXIST) fail(rfd, "symlink", link.c_str());
   if (::mount(nullptr, p.dev.c_str(), nullptr, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC, "mode=0755") != 0)
     fail(rfd, "remount /dev read-only");
-
-  // Its writable places, bounded, its own.
-  if (::mount("tmpfs", p.tmp.c_str(), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, p.tmp_opts.c_str()) != 0)
-    fail(rfd, "mount /tmp");
-  if (::mount("tmpfs", p.cache.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, p.cache_opts.c_str()) != 0)
-    fail(rfd, "mount", kJailCacheDir);
 
   // Into it; the host's root is detached and gone from view.
   if (::syscall(SYS_pivot_root, ".", ".") != 0) fail(rfd, "pivot_root");
