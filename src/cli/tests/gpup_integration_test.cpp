@@ -187,6 +187,27 @@ class GpupHost : public ::testing::Test {
   }
   std::string run_dir() const { return dir_ + "/run"; }
   std::string state_file() const { return dir_ + "/state/partitions.json"; }
+  json state() {
+    std::ifstream in(state_file());
+    return json::parse(in, nullptr, false);
+  }
+  // The partition's entry in the state file.
+  json persisted(const std::string& name) {
+    json s = state();
+    if (s.is_object() && s["partitions"].is_array())
+      for (const auto& p : s["partitions"])
+        if (p["name"] == name) return p;
+    return json();
+  }
+  // How many workers gpupd ever spawned for the VM, from its log (kept across gpupd restarts).
+  size_t spawns(const std::string& name) {
+    std::ifstream log(run_dir() + "/gpupd.log");
+    std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+    const std::string line = "vm " + name + ": worker started, pid ";
+    size_t n = 0;
+    for (auto at = text.find(line); at != std::string::npos; at = text.find(line, at + 1)) ++n;
+    return n;
+  }
 
   std::string dir_, config_;
   std::map<std::string, std::string> env_;
@@ -459,6 +480,104 @@ TEST_F(GpupHost, KilledWorkerIsRestarted) {
   EXPECT_NE(v["last_exit"].get<std::string>().find("killed by signal 9"), std::string::npos) << v;
   json shown = gpup_json({"vm", "show", "v1"});
   EXPECT_TRUE(shown.contains("stats")) << shown;
+}
+
+// A partition removed after repeated resets stays removed across gpupd restarts, its history kept,
+// until `gpup vm reset`; then it runs, and stays running across the next restart. fake_vmwp's tdr*
+// reports a TDR and exits 75 right after each ready, fault* dies of SIGSEGV, while their compute
+// weight is 1.
+TEST_F(GpupHost, QuarantineSurvivesARestart) {
+  require_mocks();
+  const std::string config = std::string("tdr_limit_count = 2\ntdr_limit_window_s = 3600\n") + kMockConfig;
+  start(config);
+  ASSERT_EQ(gpup({"vm", "add", "tdr1", "--adapter", "mock0", "--compute-weight", "1"}).code, 0);
+  ASSERT_EQ(gpup({"vm", "add", "fault1", "--adapter", "mock0", "--compute-weight", "1"}).code, 0);
+  ASSERT_TRUE(wait_vm("tdr1", [](const json& v) { return v["state"] == "removed"; }));
+  ASSERT_TRUE(wait_vm("fault1", [](const json& v) { return v["state"] == "removed"; }));
+  json t = vm("tdr1");
+  EXPECT_FALSE(t.contains("pid"));
+  EXPECT_EQ(t["resets"]["recent"], 2);
+  EXPECT_EQ(t["resets"]["total"], 2);
+  const std::string last = t["resets"]["last"];
+  EXPECT_EQ(last.rfind("TDR: work of fake-guest (pid ", 0), 0u) << t;
+  const std::string why = "removed after 2 resets within 3600 s (last: " + last + ")";
+  EXPECT_EQ(t["last_error"], why + "; `gpup vm reset tdr1` brings it back");
+  json f = vm("fault1");
+  EXPECT_EQ(f["resets"]["last"], "the worker killed by signal 11 (SEGV) while running guest work") << f;
+  EXPECT_EQ(spawns("tdr1"), 2u);
+  EXPECT_EQ(spawns("fault1"), 2u);
+
+  // On disk as soon as it happened, with the times of both resets.
+  json p = persisted("tdr1");
+  ASSERT_TRUE(p["resets"].is_object()) << state();
+  EXPECT_EQ(p["resets"]["total"], 2);
+  EXPECT_EQ(p["resets"]["last"], last);
+  EXPECT_EQ(p["resets"]["removed"], why);
+  ASSERT_EQ(p["resets"]["times"].size(), 2u);
+  const auto now_s = std::chrono::duration_cast<std::chrono::seconds>(
+                         std::chrono::system_clock::now().time_since_epoch()).count();
+  for (const auto& at : p["resets"]["times"]) EXPECT_LE(std::abs(at.get<int64_t>() - now_s), 120) << p;
+  EXPECT_TRUE(persisted("fault1")["resets"].contains("removed")) << state();
+
+  // A new gpupd: both still removed, their workers never started.
+  ASSERT_EQ(gpup({"host", "stop"}).code, 0);
+  start(config);
+  std::this_thread::sleep_for(500ms);  // well past the restart backoff, had anything been started
+  t = vm("tdr1");
+  EXPECT_EQ(t["state"], "removed") << t;
+  EXPECT_FALSE(t.contains("pid")) << t;
+  EXPECT_EQ(t["restarts"], 0);
+  EXPECT_EQ(t["last_error"], why + ", before gpupd restarted; `gpup vm reset tdr1` brings it back");
+  EXPECT_EQ(t["resets"]["recent"], 2) << "resets within the window still count";
+  EXPECT_EQ(t["resets"]["total"], 2);
+  EXPECT_EQ(t["resets"]["last"], last);
+  EXPECT_EQ(vm("fault1")["state"], "removed");
+  EXPECT_EQ(spawns("tdr1"), 2u) << "no worker started for a removed partition";
+  EXPECT_EQ(spawns("fault1"), 2u);
+  EXPECT_EQ(gpup_json({"host", "status"})["vms_running"], 0);
+  Out shown = gpup({"vm", "show", "tdr1"});
+  EXPECT_EQ(shown.code, 0);
+  EXPECT_NE(shown.out.find("2 in the last 3600 s (removed at 2), 2 in all; last: " + last), std::string::npos)
+      << shown.out;
+  EXPECT_NE(shown.out.find("before gpupd restarted"), std::string::npos) << shown.out;
+  Out refused = gpup({"vm", "start", "tdr1"});
+  EXPECT_EQ(refused.code, 1);
+  EXPECT_NE(refused.err.find("vm tdr1 is removed: " + why), std::string::npos) << refused.err;
+  EXPECT_EQ(spawns("tdr1"), 2u);
+
+  // The operator lets it run (weight 100: fake_vmwp serves) and resets it.
+  ASSERT_EQ(gpup({"vm", "set", "tdr1", "--compute-weight", "100"}).code, 0);
+  Out reset = gpup({"vm", "reset", "tdr1"});
+  ASSERT_EQ(reset.code, 0) << reset.err;
+  t = vm("tdr1");
+  EXPECT_EQ(t["state"], "running") << t;
+  ASSERT_TRUE(t.contains("pid")) << t;
+  const pid_t worker = t["pid"];
+  EXPECT_TRUE(alive(worker));
+  EXPECT_EQ(spawns("tdr1"), 3u);
+  EXPECT_FALSE(t.contains("last_error")) << t;
+  EXPECT_EQ(t["resets"]["recent"], 0);
+  EXPECT_EQ(t["resets"]["total"], 2) << "the total stays";
+  p = persisted("tdr1");
+  EXPECT_FALSE(p["resets"].contains("removed")) << p;
+  EXPECT_TRUE(p["resets"]["times"].empty()) << p;
+  EXPECT_EQ(p["resets"]["total"], 2);
+  EXPECT_EQ(p["compute_weight"], 100);
+
+  // And after another restart it runs: not removed, nothing recent; fault1 was not reset.
+  ASSERT_EQ(gpup({"host", "stop"}).code, 0);
+  EXPECT_FALSE(alive(worker));
+  start(config);
+  ASSERT_TRUE(wait_vm("tdr1", [&](const json& v) {
+    return v["state"] == "running" && v.contains("pid") && v["pid"].get<pid_t>() != worker;
+  })) << vm("tdr1");
+  t = vm("tdr1");
+  EXPECT_EQ(t["resets"]["recent"], 0);
+  EXPECT_EQ(t["resets"]["total"], 2);
+  EXPECT_EQ(t["resets"]["last"], last);
+  EXPECT_EQ(spawns("tdr1"), 4u);
+  EXPECT_EQ(vm("fault1")["state"], "removed");
+  EXPECT_EQ(spawns("fault1"), 2u);
 }
 
 TEST_F(GpupHost, VmSetReachesTheWorker) {

@@ -2,6 +2,7 @@
 
 #include <sys/random.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -160,12 +161,21 @@ Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
   return vm;
 }
 
+Result<VmSpec> exact_vm_spec_from_json(const json& j, std::string_view context) {
+  ObjectReader r(j, std::string(context));
+  r.only({"name", "guid", "adapter", "min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute",
+          "secure", "allow_users", "allow_groups"});
+  if (!r.ok()) return make_error(GPUP_STATUS_INVALID_PARAMETER, r.error());
+  return vm_spec_from_json(j, context);
+}
+
 json to_json(const AdapterSpec& a) {
   return json{{"name", a.name}, {"luid", a.luid}, {"kmd", a.kmd}, {"config", a.config}};
 }
 
 Result<AdapterSpec> adapter_spec_from_json(const json& j, std::string_view context) {
   ObjectReader r(j, std::string(context));
+  r.only({"name", "luid", "kmd", "config"});
   auto name = r.str("name", kMaxAdapterNameLength);
   auto luid = r.u64("luid", 1);
   auto kmd = r.str("kmd", kMaxPathLength);
@@ -189,27 +199,282 @@ json to_json(const ConfigureMessage& m) {
 }
 
 Result<ConfigureMessage> configure_from_json(const json& j) {
-  ObjectReader r(j, "");
+  ObjectReader r(j, "configure");
+  r.only({"op", "vm", "adapter", "endpoint", "log_level", "tdr_delay_ms"});
   auto op = r.str("op", 32);
   const json* vm = r.object("vm");
   const json* adapter = r.object("adapter");
   auto endpoint = r.str("endpoint", kUnixPathMax);
   auto level = r.str("log_level", 16);
-  auto tdr = r.opt_u64("tdr_delay_ms", kMinTdrDelayMs, kMaxTdrDelayMs);
+  auto tdr = r.u64("tdr_delay_ms", kMinTdrDelayMs, kMaxTdrDelayMs);
   if (!r.ok()) return make_error(GPUP_STATUS_INVALID_PARAMETER, r.error());
   if (*op != "configure")
     return make_error(GPUP_STATUS_PROTOCOL_ERROR, fmt::format("expected op 'configure', got '{}'", printable(*op)));
-  auto v = vm_spec_from_json(*vm);
+  if (std::find(kLogLevels.begin(), kLogLevels.end(), *level) == kLogLevels.end())
+    return make_error(GPUP_STATUS_INVALID_PARAMETER,
+                      fmt::format("configure.log_level: '{}' is not a log level", printable(*level)));
+  auto v = exact_vm_spec_from_json(*vm, "vm");
   if (!v) return v.error();
   auto a = adapter_spec_from_json(*adapter);
   if (!a) return a.error();
   if (endpoint->empty() || endpoint->front() != '/')
-    return make_error(GPUP_STATUS_INVALID_PARAMETER, "endpoint: not an absolute path");
+    return make_error(GPUP_STATUS_INVALID_PARAMETER, "configure.endpoint: not an absolute path");
   if (v->adapter != a->name)
     return make_error(GPUP_STATUS_INVALID_PARAMETER,
                       fmt::format("vm.adapter '{}' is not adapter.name '{}'", v->adapter, a->name));
-  return ConfigureMessage{std::move(*v), std::move(*a), *endpoint, *level,
-                          tdr ? static_cast<uint32_t>(*tdr) : kDefaultTdrDelayMs};
+  return ConfigureMessage{std::move(*v), std::move(*a), *endpoint, *level, static_cast<uint32_t>(*tdr)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worker channel after configure
+
+namespace {
+
+Error protocol_error(std::string message) { return make_error(GPUP_STATUS_PROTOCOL_ERROR, std::move(message)); }
+
+// A peer's text cut to what its decoder takes (encode_line replaces a cut UTF-8 sequence).
+std::string capped(const std::string& text, size_t max) { return text.size() > max ? text.substr(0, max) : text; }
+
+// The value of key that names the line ("event", "sched"), which must be one of names.
+std::optional<std::string> kind_of(ObjectReader& r, std::string_view key, std::initializer_list<std::string_view> names) {
+  auto kind = r.str(key, 16);
+  if (!kind) return std::nullopt;
+  std::string known;
+  for (auto n : names) {
+    if (*kind == n) return kind;
+    known += fmt::format("{}{}", known.empty() ? "" : " or ", n);
+  }
+  r.fail(fmt::format("{} is '{}', not {}", key, printable(*kind, 16), known));
+  return std::nullopt;
+}
+
+}  // namespace
+
+const char* to_string(WorkerOp op) {
+  switch (op) {
+    case WorkerOp::kStats: return "stats";
+    case WorkerOp::kUpdate: return "update";
+    case WorkerOp::kShutdown: return "shutdown";
+  }
+  return "?";
+}
+
+std::optional<WorkerOp> worker_op_from_string(std::string_view op) {
+  for (WorkerOp o : {WorkerOp::kStats, WorkerOp::kUpdate, WorkerOp::kShutdown})
+    if (op == to_string(o)) return o;
+  return std::nullopt;
+}
+
+json to_json(const WorkerRequest& m) {
+  json j{{"op", to_string(m.op)}, {"id", m.id}};
+  if (m.vm) j["vm"] = to_json(*m.vm);
+  return j;
+}
+
+Result<WorkerRequest> worker_request_from_json(const json& j) {
+  ObjectReader r(j, "request");
+  r.only({"op", "id", "vm"});
+  auto op_name = r.str("op", 16);
+  auto id = r.u64("id", 1);
+  if (!r.ok()) return protocol_error(r.error());
+  auto op = worker_op_from_string(*op_name);
+  if (!op) return protocol_error(fmt::format("request.op: unknown op '{}'", printable(*op_name, 16)));
+  WorkerRequest m{*op, *id, std::nullopt};
+  if (*op == WorkerOp::kUpdate) {
+    const json* vm = r.object("vm");
+    if (!r.ok()) return protocol_error(r.error());
+    auto spec = exact_vm_spec_from_json(*vm, "request.vm");
+    if (!spec) return protocol_error(spec.error().message);
+    m.vm = std::move(*spec);
+  } else if (r.has("vm")) {
+    return protocol_error(fmt::format("request.vm: only an update carries one, not {}", to_string(*op)));
+  }
+  return m;
+}
+
+json to_json(const WorkerReply& m) {
+  json j{{"reply", m.id}, {"ok", m.ok}};
+  if (!m.ok) j["error"] = capped(m.error, kMaxMessageLength);
+  if (m.ok && m.stats) j["stats"] = *m.stats;
+  return j;
+}
+
+Result<WorkerReply> worker_reply_from_json(const json& j, std::optional<WorkerOp> op) {
+  ObjectReader r(j, "reply");
+  r.only({"reply", "ok", "error", "stats"});
+  auto id = r.u64("reply", 1);
+  auto ok = r.boolean("ok");
+  if (!r.ok()) return protocol_error(r.error());
+  WorkerReply m{*id, *ok, {}, std::nullopt};
+  if (!*ok) {
+    auto error = r.str("error", kMaxMessageLength);
+    if (r.has("stats")) r.fail("stats in a refusal");
+    if (!r.ok()) return protocol_error(r.error());
+    m.error = std::move(*error);
+    return m;
+  }
+  if (r.has("error")) return protocol_error("reply: error in an ok reply");
+  const bool want_stats = op == WorkerOp::kStats;
+  if (op && want_stats != r.has("stats"))
+    return protocol_error(want_stats ? "reply.stats: missing" : fmt::format("reply.stats: not in a reply to {}", to_string(*op)));
+  if (r.has("stats")) {
+    auto stats = sanitize_worker_stats(j.at("stats"));
+    if (!stats) return protocol_error(stats.error().message);
+    m.stats = std::move(*stats);
+  }
+  return m;
+}
+
+json to_json(const ReadyEvent& m) {
+  json j{{"event", "ready"}, {"endpoint", m.endpoint}};
+  if (m.pid) j["pid"] = *m.pid;
+  return j;
+}
+
+Result<ReadyEvent> ready_event_from_json(const json& j) {
+  ObjectReader r(j, "ready");
+  r.only({"event", "endpoint", "pid"});
+  kind_of(r, "event", {"ready"});
+  auto endpoint = r.str("endpoint", kUnixPathMax);
+  auto pid = r.opt_u64("pid", 1, INT32_MAX);
+  if (!r.ok()) return protocol_error(r.error());
+  return ReadyEvent{*endpoint, pid ? std::optional<uint32_t>(static_cast<uint32_t>(*pid)) : std::nullopt};
+}
+
+json to_json(const ErrorEvent& m) { return json{{"event", "error"}, {"message", capped(m.message, kMaxMessageLength)}}; }
+
+Result<ErrorEvent> error_event_from_json(const json& j) {
+  ObjectReader r(j, "error");
+  r.only({"event", "message"});
+  kind_of(r, "event", {"error"});
+  auto message = r.str("message", kMaxMessageLength);
+  if (!r.ok()) return protocol_error(r.error());
+  return ErrorEvent{*message};
+}
+
+json to_json(const TdrEvent& m) {
+  json j{{"event", "tdr"}, {"running_ms", m.running_ms}, {"tdr_delay_ms", m.tdr_delay_ms}};
+  if (m.context) j["context"] = *m.context;
+  if (m.pid) j["pid"] = *m.pid;
+  if (m.process) j["process"] = capped(*m.process, kMaxProcessName);
+  if (!m.guests_told) j["guests_told"] = false;
+  return j;
+}
+
+Result<TdrEvent> tdr_event_from_json(const json& j) {
+  ObjectReader r(j, "tdr");
+  r.only({"event", "running_ms", "tdr_delay_ms", "context", "pid", "process", "guests_told"});
+  kind_of(r, "event", {"tdr"});
+  TdrEvent m;
+  auto ran = r.u64("running_ms");
+  auto delay = r.u64("tdr_delay_ms", kMinTdrDelayMs, kMaxTdrDelayMs);
+  auto context = r.opt_u64("context", 0, UINT32_MAX);
+  auto pid = r.opt_u64("pid", 0, UINT32_MAX);
+  m.process = r.opt_str("process", kMaxProcessName);
+  auto told = r.opt_boolean("guests_told");
+  if (!r.ok()) return protocol_error(r.error());
+  m.running_ms = *ran;
+  m.tdr_delay_ms = static_cast<uint32_t>(*delay);
+  if (context) m.context = static_cast<uint32_t>(*context);
+  if (pid) m.pid = static_cast<uint32_t>(*pid);
+  m.guests_told = told.value_or(true);
+  return m;
+}
+
+json to_json(const VramAsk& m) {
+  json j{{"ask", m.id}, {"op", "vram"}};
+  if (!m.query) {
+    j["need"] = m.need;
+    j["want"] = m.want;
+  }
+  return j;
+}
+
+Result<VramAsk> vram_ask_from_json(const json& j) {
+  ObjectReader r(j, "ask");
+  r.only({"ask", "op", "need", "want"});
+  auto id = r.u64("ask", 1);
+  auto op = r.str("op", 16);
+  if (op && *op != "vram") r.fail(fmt::format("op is '{}', not vram", printable(*op, 16)));
+  const bool query = !r.has("need") && !r.has("want");
+  auto need = query ? std::optional<uint64_t>(0) : r.u64("need");
+  auto want = query ? std::optional<uint64_t>(0) : r.u64("want");
+  if (!r.ok()) return protocol_error(r.error());
+  if (*need > *want) return protocol_error(fmt::format("ask: need {} is above want {}", *need, *want));
+  return VramAsk{*id, query, *need, *want};
+}
+
+json to_json(const VramAnswer& m) {
+  json j{{"answer", m.id}, {"ok", true}, {"granted", m.granted}, {"hold", m.hold}, {"borrowable", m.borrowable}};
+  if (m.min) j["min"] = *m.min;
+  if (m.max) j["max"] = *m.max;
+  if (!m.granted) j["error"] = capped(m.why, kMaxMessageLength);
+  return j;
+}
+
+Result<VramAnswer> vram_answer_from_json(const json& j) {
+  ObjectReader r(j, "answer");
+  r.only({"answer", "ok", "granted", "hold", "borrowable", "min", "max", "error"});
+  VramAnswer m;
+  auto id = r.u64("answer", 1);
+  auto ok = r.boolean("ok");
+  if (ok && !*ok) r.fail("ok is false (a refusal is granted:false)");
+  auto granted = r.boolean("granted");
+  auto hold = r.u64("hold");
+  auto borrowable = r.u64("borrowable");
+  m.min = r.opt_u64("min");
+  m.max = r.opt_u64("max");
+  auto why = r.opt_str("error", kMaxMessageLength);
+  if (granted && *granted && why) r.fail("error in a grant");
+  if (!r.ok()) return protocol_error(r.error());
+  m.id = *id;
+  m.granted = *granted;
+  m.hold = *hold;
+  m.borrowable = *borrowable;
+  m.why = why.value_or("");
+  return m;
+}
+
+json to_json(const SchedRequest& m) {
+  if (m.kind == SchedRequest::Kind::kWant) return json{{"sched", "want"}};
+  return json{{"sched", "release"}, {"busy_us", m.busy_us}, {"more", m.more}};
+}
+
+Result<SchedRequest> sched_request_from_json(const json& j) {
+  ObjectReader r(j, "sched");
+  auto kind = kind_of(r, "sched", {"want", "release"});
+  SchedRequest m;
+  if (kind == "want") {
+    r.only({"sched"});
+  } else if (kind == "release") {
+    r.only({"sched", "busy_us", "more"});
+    auto busy = r.u64("busy_us", 0, kMaxBusyUs);
+    auto more = r.boolean("more");
+    if (r.ok()) m = SchedRequest{SchedRequest::Kind::kRelease, *busy, *more};
+  }
+  if (!r.ok()) return protocol_error(r.error());
+  return m;
+}
+
+json to_json(const SchedNotice& m) {
+  if (m.kind == SchedNotice::Kind::kGrant) return json{{"sched", "grant"}};
+  return json{{"sched", "yield"}, {"after_us", m.after_us}, {"if_idle", m.if_idle}};
+}
+
+Result<SchedNotice> sched_notice_from_json(const json& j) {
+  ObjectReader r(j, "sched");
+  auto kind = kind_of(r, "sched", {"grant", "yield"});
+  SchedNotice m;
+  if (kind == "grant") {
+    r.only({"sched"});
+  } else if (kind == "yield") {
+    r.only({"sched", "after_us", "if_idle"});
+    auto after = r.u64("after_us", 0, kMaxYieldAfterUs);
+    auto if_idle = r.boolean("if_idle");
+    if (r.ok()) m = SchedNotice{SchedNotice::Kind::kYield, *after, *if_idle};
+  }
+  if (!r.ok()) return protocol_error(r.error());
+  return m;
 }
 
 void encode(const GuestHandoff& h, uint8_t out[kGuestHandoffSize]) {
@@ -226,6 +491,12 @@ GuestHandoff decode_guest_handoff(const uint8_t in[kGuestHandoffSize]) {
 }
 
 namespace {
+
+std::string ascii_only(std::string text) {
+  for (char& c : text)
+    if (c < 0x20 || c > 0x7e) c = '?';
+  return text;
+}
 
 bool counter_name(const std::string& k) {
   if (k.empty() || k.size() > 32) return false;
@@ -284,7 +555,8 @@ Result<json> sanitize_worker_stats(const json& stats) {
       ObjectReader p(pj, fmt::format("stats.processes[{}]", i));
       json o = json::object();
       if (auto pid = p.opt_u64("pid", 0, UINT32_MAX)) o["pid"] = *pid;
-      if (auto name = p.opt_str("name", kMaxProcessName)) o["name"] = *name;
+      // A program name reaches the operator's terminal: printable ASCII only, as the worker makes it.
+      if (auto name = p.opt_str("name", kMaxProcessName)) o["name"] = ascii_only(*name);
       if (!p.ok()) return make_error(GPUP_STATUS_PROTOCOL_ERROR, p.error());
       if (Status s = copy_counters(p, pj, {"vram_used", "devices", "contexts", "allocations", "sync_objects"}, o);
           !s.ok())

@@ -142,7 +142,7 @@ Status Daemon::init() {
                               socket_path_, control::kUnixPathMax));
 
   state_path_ = fmt::format("{}/{}", opts_.state_dir, control::kStateFileName);
-  auto state = load_state(state_path_);
+  auto state = load_state(state_path_, opts_.config.tdr_limit_count);
   if (!state) return state.error();
   luids_ = state->luids;
   spdlog::info("state {}: {} partition(s)", state_path_, state->partitions.size());
@@ -177,7 +177,8 @@ Status Daemon::init() {
   }
   for (auto& vm : state->partitions) {
     std::string name = vm.name;
-    vms_.emplace(name, Vm{std::move(vm), nullptr, false});
+    auto h = state->resets.find(name);
+    vms_.emplace(name, Vm{std::move(vm), nullptr, false, h == state->resets.end() ? ResetHistory{} : h->second});
   }
   if (new_luids)
     if (Status s = persist(specs()); !s.ok()) return s;
@@ -238,6 +239,9 @@ Status Daemon::init() {
   });
   opts_.worker.tdr_limit_count = opts_.config.tdr_limit_count;
   opts_.worker.tdr_limit_window = std::chrono::seconds(opts_.config.tdr_limit_window_s);
+  // Resets and removals survive a restart of gpupd: written as they happen. A failed write is
+  // logged (persist) and the partition carries on; the next change writes everything again.
+  opts_.worker.resets_changed = [this](const std::string&) { (void)persist(specs()); };
   for (auto& [name, vm] : vms_) start_worker(vm);
   spdlog::info("gpupd {} listening on {} for {} ({} adapter(s), {} vm(s))", kVersion, socket_path_,
                admin_gid ? fmt::format("root and group {} (gid {})", opts_.config.admin_group, *admin_gid)
@@ -331,7 +335,14 @@ std::vector<control::VmSpec> Daemon::specs() const {
 }
 
 Status Daemon::persist(const std::vector<control::VmSpec>& specs) {
-  PersistentState s{luids_, specs};
+  PersistentState s{luids_, specs, {}};
+  for (const auto& spec : specs) {
+    auto it = vms_.find(spec.name);
+    if (it == vms_.end()) continue;  // being added: no history yet
+    const Vm& vm = it->second;
+    ResetHistory h = vm.worker ? vm.worker->reset_history() : vm.resets;
+    if (!h.empty()) s.resets.emplace(spec.name, std::move(h));
+  }
   Status st = save_state(state_path_, s);
   if (!st.ok()) spdlog::error("{}", st.error().message);
   return st;
@@ -365,13 +376,18 @@ Result<control::ConfigureMessage> Daemon::configure_message(const std::string& n
   return m;
 }
 
-void Daemon::start_worker(Vm& vm) {
+Worker& Daemon::ensure_worker(Vm& vm) {
   if (!vm.worker) {
     std::string name = vm.spec.name;
     vm.worker = std::make_unique<Worker>(loop_, opts_.worker, name, [this, name] { return configure_message(name); });
+    if (!vm.resets.empty()) vm.worker->restore_resets(vm.resets);
+    vm.resets = {};
   }
-  vm.worker->start();
+  return *vm.worker;
 }
+
+// A partition persisted as removed is left so (Worker::start does not start a removed worker).
+void Daemon::start_worker(Vm& vm) { ensure_worker(vm).start(); }
 
 // ---------------------------------------------------------------------------------------------
 // Operator socket
@@ -558,7 +574,7 @@ void Daemon::send_reply(uint64_t id, Result<json> r) {
 //                                  -> vm, after the worker applied it (pfnSetVirtualMachineData)
 //   vm.remove {"name"}             -> {"removed": name}, after its worker stopped
 //   vm.start  {"name"}             -> vm (restarts a failed or stopped worker; not a removed one)
-//   vm.reset  {"name"}             -> vm (forgets its resets and starts a removed partition again)
+//   vm.reset  {"name"}             -> vm (forgets its recent resets, starts a removed partition again)
 //   shutdown                       -> {"pid"}; gpupd then stops its workers and exits 0
 // A new op needs: an entry here, its handler validating every field (ObjectReader::only), a CLI
 // command and a test; one that changes anything, an entry in changes_state.
@@ -853,14 +869,13 @@ void Daemon::op_vm_start(const json& req, Reply reply) {
   auto it = vms_.find(*name);
   if (it == vms_.end()) return reply(refuse(fmt::format("no vm named '{}'", control::printable(*name, 64))));
   if (it->second.busy) return reply(refuse(fmt::format("vm {}: another change is in progress", *name)));
-  Vm& vm = it->second;
+  Worker& w = ensure_worker(it->second);
   if (*op == "vm.reset") {
-    if (!vm.worker) start_worker(vm);
-    else vm.worker->reset();
+    w.reset();
   } else {
-    if (vm.worker && vm.worker->state() == WorkerState::kRemoved)
-      return reply(refuse(fmt::format("vm {} is removed: {}", *name, vm.worker->last_error())));
-    start_worker(vm);
+    if (w.state() == WorkerState::kRemoved)
+      return reply(refuse(fmt::format("vm {} is removed: {}", *name, w.last_error())));
+    w.start();
   }
   std::string vname = *name;
   it->second.worker->when_settled([this, vname, reply = std::move(reply)] {

@@ -4,7 +4,9 @@
 // Runtime directory (--runtime-dir):  gpupd.sock (0600, or 0660 and the admin group's; below),
 //                                     gpupd.pid (flock'ed while gpupd runs),
 //                                     vms/<vm>/vrd.sock (each worker's VRD endpoint).
-// State directory (--state-dir):      partitions.json (state.h).
+// State directory (--state-dir):      partitions.json (state.h): the partitions, and each one's
+//                                     reset history and whether it is removed (quarantined), written
+//                                     whenever a worker counts a reset, on removal and on vm.reset.
 //
 // Who may use gpupd.sock: root, and the members of the config's admin_group (its gid or one of
 // their supplementary groups). The file mode keeps others from connecting; gpupd also checks every
@@ -74,7 +76,8 @@ class PidFile {
 class Daemon {
  public:
   // Takes the pid file, loads the state (refusing a corrupt one), starts the adapters, listens on
-  // the operator socket and starts a worker for every persisted partition.
+  // the operator socket and starts a worker for every persisted partition, except those persisted
+  // as removed: they stay removed, with their reset history, until vm.reset.
   static Result<std::unique_ptr<Daemon>> create(DaemonOptions opts);
   ~Daemon();
 
@@ -87,6 +90,7 @@ class Daemon {
     control::VmSpec spec;
     std::unique_ptr<Worker> worker;
     bool busy = false;  // a vm.set or vm.remove is in progress
+    ResetHistory resets;  // as loaded; handed to the worker when it is made, then the worker's
   };
   struct Client {
     UniqueFd fd;
@@ -128,8 +132,11 @@ class Daemon {
   // partitions and workers
   const AdapterInfo* find_adapter(const std::string& name) const;
   std::vector<control::VmSpec> specs() const;
+  // Writes the state file: these partitions, with the reset history of each.
   Status persist(const std::vector<control::VmSpec>& specs);
   Result<control::ConfigureMessage> configure_message(const std::string& vm);
+  // The partition's worker, made (with its persisted reset history) on first use.
+  Worker& ensure_worker(Vm& vm);
   void start_worker(Vm& vm);
 
   void on_signal();

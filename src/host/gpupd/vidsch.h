@@ -42,12 +42,14 @@
 #include <optional>
 #include <string>
 
+#include "host/control/protocol.h"
+
 namespace gpup::gpupd {
 
 struct SchedPolicy {
   std::chrono::microseconds quantum{10000};       // a holder's turn while others wait
   std::chrono::microseconds cap_period{100000};   // a cap of P% earns P% of this per period, kept up to one period's worth
-  std::chrono::milliseconds tdr_delay{2000};      // work running this long is reset (the worker's watchdog)
+  std::chrono::milliseconds tdr_delay{control::kDefaultTdrDelayMs};  // work running this long is reset (the worker's watchdog)
 };
 
 // After its yield deadline, a holder gets tdr_delay plus this before it is reported overdue: the

@@ -301,11 +301,60 @@ void Worker::change_memory_limit(uint64_t limit) {
 
 void Worker::reset() {
   resets_.clear();
+  removed_why_.clear();
   if (state_ == WorkerState::kRemoved) {
     set_state(WorkerState::kStopped);
     spdlog::info("vm {}: reset by the operator; starting its worker again", vm_);
   }
+  resets_changed();  // kept as no longer removed before anything runs
   start();
+}
+
+void Worker::resets_changed() {
+  if (opts_.resets_changed) opts_.resets_changed(vm_);
+}
+
+ResetHistory Worker::reset_history() const {
+  ResetHistory h;
+  h.total = resets_total_;
+  h.last = last_reset_;
+  const auto now = EventLoop::Clock::now();
+  const auto wall = std::chrono::system_clock::now();
+  for (auto t : resets_) {
+    if (now - t >= opts_.tdr_limit_window) continue;
+    const auto at = wall - std::chrono::duration_cast<std::chrono::system_clock::duration>(now - t);
+    // Rounded, not cut: a time read back (restore_resets) comes out as the same second.
+    const auto secs = std::chrono::round<std::chrono::seconds>(at.time_since_epoch()).count();
+    h.times.push_back(static_cast<uint64_t>(std::max<int64_t>(secs, 1)));
+  }
+  // The newest tdr_limit_count decide the limit; the file takes no more than twice that (state.h).
+  if (h.times.size() > opts_.tdr_limit_count)
+    h.times.erase(h.times.begin(), h.times.end() - static_cast<ptrdiff_t>(opts_.tdr_limit_count));
+  if (state_ == WorkerState::kRemoved) h.removed = removed_why_;
+  return h;
+}
+
+void Worker::restore_resets(const ResetHistory& h) {
+  resets_total_ = h.total;
+  last_reset_ = h.last;
+  resets_.clear();
+  const auto now = EventLoop::Clock::now();
+  const auto wall = std::chrono::system_clock::now();
+  for (uint64_t s : h.times) {
+    const std::chrono::system_clock::time_point at{std::chrono::seconds(std::min(s, kMaxResetTime))};
+    // One ahead of the clock (set back since it was written) counts as now rather than never.
+    const auto age = at < wall ? wall - at : std::chrono::system_clock::duration::zero();
+    if (age >= opts_.tdr_limit_window) continue;
+    resets_.push_back(now - std::chrono::duration_cast<EventLoop::Clock::duration>(age));
+  }
+  // More than the limit (it was lowered since): the newest tdr_limit_count, so the next reset removes.
+  if (resets_.size() > opts_.tdr_limit_count)
+    resets_.erase(resets_.begin(), resets_.end() - static_cast<ptrdiff_t>(opts_.tdr_limit_count));
+  if (h.removed.empty() || state_ != WorkerState::kStopped) return;
+  removed_why_ = h.removed;
+  last_error_ = fmt::format("{}, before gpupd restarted; `gpup vm reset {}` brings it back", h.removed, vm_);
+  spdlog::warn("vm {}: {}; not started", vm_, last_error_);
+  set_state(WorkerState::kRemoved);
 }
 
 void Worker::start() {
@@ -650,40 +699,40 @@ void Worker::request(const std::string& op, json args, ReplyFn cb) {
     return deliver(std::move(cb),
                    make_error(GPUP_STATUS_BUSY, fmt::format("vm {}: {} requests already waiting for the worker", vm_,
                                                             pending_.size())));
-  if (op == "update" && !cgroup_dir_.empty() && args.is_object() && args.contains("vm") && args["vm"].is_object() &&
-      args["vm"].contains("max_vram") && args["vm"]["max_vram"].is_number_unsigned()) {
+  // The request as the worker will decode it (control::WorkerRequest): gpupd's own callers are
+  // held to the codec too, and what follows reads its typed settings.
+  const uint64_t id = next_id_;
+  json line = args.is_object() ? std::move(args) : json::object();
+  line["op"] = op;
+  line["id"] = id;
+  auto req = control::worker_request_from_json(line);
+  if (!req)
+    return deliver(std::move(cb), make_error(GPUP_STATUS_INVALID_PARAMETER,
+                                             fmt::format("vm {}: bad request to the worker: {}", vm_, req.error().message)));
+  ++next_id_;
+  if (req->op == control::WorkerOp::kUpdate && !cgroup_dir_.empty()) {
     // More room before the worker may use it; less only once it has accepted the smaller budget.
     uint64_t before = memory_limit_;
-    uint64_t after = memory_limit_for(args["vm"]["max_vram"].get<uint64_t>());
+    uint64_t after = memory_limit_for(req->vm->max_vram);
     if (after > before) change_memory_limit(after);
     cb = [this, alive = std::weak_ptr<int>(alive_), before, after, pid = pid_, cb = std::move(cb)](Result<json> r) {
       if (!alive.expired() && pid == pid_) change_memory_limit(r.ok() ? after : before);
       cb(std::move(r));
     };
   }
-  if (op == "update" && args.is_object() && args.contains("vm") && args["vm"].is_object() &&
-      args["vm"].contains("compute_weight") && args["vm"]["compute_weight"].is_number_unsigned() &&
-      args["vm"].contains("max_compute") && args["vm"]["max_compute"].is_number_unsigned()) {
+  if (req->op == control::WorkerOp::kUpdate) {
     // Device time and the OS's CPU share follow once the worker has accepted the settings.
-    const auto weight = args["vm"]["compute_weight"].get<uint32_t>();
-    const auto cap = args["vm"]["max_compute"].get<uint32_t>();
+    const uint32_t weight = req->vm->compute_weight, cap = req->vm->max_compute;
     cb = [this, alive = std::weak_ptr<int>(alive_), weight, cap, pid = pid_, cb = std::move(cb)](Result<json> r) {
       if (!alive.expired() && pid == pid_ && r.ok()) change_cpu_limits(weight, cap);
       cb(std::move(r));
     };
-  }
-  if (op == "update" && args.is_object() && args.contains("vm")) {
     // Who may connect changes at once: the endpoint is gpupd's, not the worker's.
-    if (auto v = control::vm_spec_from_json(args["vm"]); v.ok()) {
-      allow_uids_ = v->allow_users;
-      allow_gids_ = v->allow_groups;
-      if (listener_)
-        if (Status m = apply_endpoint_mode(endpoint_); !m.ok()) spdlog::warn("vm {}: {}", vm_, m.error().message);
-    }
+    allow_uids_ = req->vm->allow_users;
+    allow_gids_ = req->vm->allow_groups;
+    if (listener_)
+      if (Status m = apply_endpoint_mode(endpoint_); !m.ok()) spdlog::warn("vm {}: {}", vm_, m.error().message);
   }
-  uint64_t id = next_id_++;
-  args["op"] = op;
-  args["id"] = id;
   Pending p{op, std::move(cb), 0};
   p.timer = loop_.add_timer(opts_.request_timeout, [this, id] {
     auto it = pending_.find(id);
@@ -697,7 +746,7 @@ void Worker::request(const std::string& op, json args, ReplyFn cb) {
                                                         opts_.request_timeout.count())));
   });
   pending_.emplace(id, std::move(p));
-  send(args);
+  send(control::to_json(*req));
 }
 
 void Worker::on_control(uint32_t events) {
@@ -724,21 +773,36 @@ void Worker::on_control(uint32_t events) {
   }
 }
 
+// Every line is one record of control/protocol.h, picked by its leading key and taken only whole
+// by that record's decoder; anything else, or a record out of turn, is a violation. Whatever a line
+// says applies to this worker's own partition (vm_) only.
 void Worker::handle_line(const std::string& line) {
   auto msg = control::parse_object_line(line);
   if (!msg) return violation("sent a malformed line: " + msg.error().message);
   control::ObjectReader r(*msg, "");
 
   if (r.has("event")) {
-    auto event = r.str("event", 64);
+    auto event = r.str("event", 16);
     if (!event) return violation("sent a bad event: " + r.error());
-    if (state_ == WorkerState::kStarting && *event == "ready") {
-      auto endpoint = r.str("endpoint", control::kMaxPathLength);
-      if (!endpoint) return violation("sent a bad ready event: " + r.error());
-      if (*endpoint != endpoint_)
-        return violation(fmt::format("reported endpoint '{}', not '{}'", control::printable(*endpoint), endpoint_));
+    const bool starting = state_ == WorkerState::kStarting;
+    if (*event == "ready" || *event == "error") {
+      // The answer to configure: once, before anything else.
+      if (ready_seen_) return violation(fmt::format("sent a second answer to its configuration ('{}')", *event));
+      if (!starting) return;  // stop() came first: its SIGTERM is on the way
       loop_.cancel_timer(ready_timer_);
       ready_timer_ = 0;
+      if (*event == "error") {
+        auto e = control::error_event_from_json(*msg);
+        if (!e) return violation("sent a bad error event: " + e.error().message);
+        config_error_ = true;
+        last_error_ = control::printable(e->message, control::kMaxMessageLength);
+        spdlog::error("vm {}: worker refused its configuration: {}", vm_, last_error_);
+        return close_control("reported an error");
+      }
+      auto ready = control::ready_event_from_json(*msg);
+      if (!ready) return violation("sent a bad ready event: " + ready.error().message);
+      if (ready->endpoint != endpoint_)
+        return violation(fmt::format("reported endpoint '{}', not '{}'", control::printable(ready->endpoint), endpoint_));
       ready_seen_ = true;
       ready_at_ = EventLoop::Clock::now();
       last_error_.clear();
@@ -748,88 +812,74 @@ void Worker::handle_line(const std::string& line) {
       set_state(WorkerState::kRunning);
       return;
     }
-    if (state_ == WorkerState::kStarting && *event == "error") {
-      auto message = r.str("message", control::kMaxMessageLength);
-      if (!message) return violation("sent a bad error event: " + r.error());
-      config_error_ = true;
-      last_error_ = control::printable(*message, control::kMaxMessageLength);
-      spdlog::error("vm {}: worker refused its configuration: {}", vm_, last_error_);
-      loop_.cancel_timer(ready_timer_);
-      ready_timer_ = 0;
-      return close_control("reported an error");
-    }
-    if (state_ == WorkerState::kStarting)
-      return violation(fmt::format("sent event '{}' before ready", control::printable(*event, 64)));
+    if (!ready_seen_) return violation(fmt::format("sent event '{}' before ready", control::printable(*event, 16)));
     if (*event == "tdr") return handle_tdr_event(*msg);
-    spdlog::debug("vm {}: worker event '{}' ignored", vm_, control::printable(*event, 64));
-    return;
+    return violation(fmt::format("sent an unknown event '{}'", control::printable(*event, 16)));
   }
 
   if (r.has("ask")) return handle_ask(*msg);
   if (r.has("sched")) return handle_sched(*msg);
 
   if (r.has("reply")) {
+    // The request it answers decides what the reply must hold (stats for stats).
     auto id = r.u64("reply");
-    auto ok = r.boolean("ok");
-    if (!r.ok()) return violation("sent a bad reply: " + r.error());
+    if (!id) return violation("sent a bad reply: " + r.error());
     auto it = pending_.find(*id);
+    auto op = it == pending_.end() ? std::nullopt : control::worker_op_from_string(it->second.op);
+    auto reply = control::worker_reply_from_json(*msg, op);
+    if (!reply) return violation("sent a bad reply: " + reply.error().message);
     if (it == pending_.end()) {
-      if (*id == 0 || *id >= next_id_) return violation(fmt::format("replied to request {}, which was never sent", *id));
+      if (*id >= next_id_) return violation(fmt::format("replied to request {}, which was never sent", *id));
       spdlog::debug("vm {}: late reply to request {} ignored", vm_, *id);
       return;
     }
     Pending p = std::move(it->second);
     pending_.erase(it);
     loop_.cancel_timer(p.timer);
-    if (*ok) return deliver(std::move(p.cb), std::move(*msg));
-    auto error = r.opt_str("error", control::kMaxMessageLength);
-    std::string text = error ? control::printable(*error, control::kMaxMessageLength) : std::string("no reason given");
-    return deliver(std::move(p.cb), make_error(GPUP_STATUS_INVALID_PARAMETER, text));
+    // The callback sees the reply as decoded (stats sanitized), not the worker's text.
+    if (reply->ok) return deliver(std::move(p.cb), control::to_json(*reply));
+    return deliver(std::move(p.cb), make_error(GPUP_STATUS_INVALID_PARAMETER,
+                                               control::printable(reply->error, control::kMaxMessageLength)));
   }
-  violation("sent a line that is neither an event nor a reply");
+  violation("sent a line that is neither an event, an ask, a scheduler line nor a reply");
 }
 
 // A worker asking for device memory above its min; answered at once (nothing waits on it).
 void Worker::handle_ask(const json& msg) {
-  control::ObjectReader r(msg, "ask");
-  r.only({"ask", "op", "need", "want"});
-  auto id = r.u64("ask", 1);
-  auto op = r.str("op", 64);
-  auto need = r.opt_u64("need");
-  auto want = r.opt_u64("want");
-  if (!r.ok()) return violation("sent a bad ask: " + r.error());
+  auto ask = control::vram_ask_from_json(msg);
+  if (!ask) return violation("sent a bad ask: " + ask.error().message);
   if (!ready_seen_) return violation("asked before it was ready");
-  if (*op != "vram") {
-    send(json{{"answer", *id}, {"ok", false}, {"error", fmt::format("unknown ask '{}'", control::printable(*op, 64))}});
-    return;
-  }
-  if (need.has_value() != want.has_value() || (need && *need > *want))
-    return violation("sent a vram ask with need and want not both given, or need above want");
-  json a{{"answer", *id}, {"ok", true}};
+  control::VramAnswer a;
+  a.id = ask->id;
   if (!opts_.vram) {
     // No arbiter: nothing is shared to protect; the worker's max is its only limit.
-    a.update(json{{"granted", true}, {"hold", want.value_or(0)}, {"borrowable", 0}});
-    return send(a);
+    a.granted = true;
+    a.hold = ask->want;
+    return send(control::to_json(a));
   }
-  VramArbiter::Answer ans = need ? opts_.vram->request(vm_, *need, *want) : opts_.vram->query(vm_);
-  a.update(json{{"granted", ans.granted}, {"hold", ans.hold}, {"min", ans.min}, {"max", ans.max},
-                {"borrowable", ans.borrowable}});
+  VramArbiter::Answer ans = ask->query ? opts_.vram->query(vm_) : opts_.vram->request(vm_, ask->need, ask->want);
+  a.granted = ans.granted;
+  a.hold = ans.hold;
+  a.min = ans.min;
+  a.max = ans.max;
+  a.borrowable = ans.borrowable;
   if (!ans.granted) {
-    a["error"] = ans.why;
+    a.why = ans.why;
     spdlog::info("vm {}: device memory refused: {}", vm_, ans.why);
-  } else if (need) {
-    spdlog::debug("vm {}: device memory held {} (asked {} at least {})", vm_, format_size(ans.hold), format_size(*want),
-                  format_size(*need));
+  } else if (!ask->query) {
+    spdlog::debug("vm {}: device memory held {} (asked {} at least {})", vm_, format_size(ans.hold),
+                  format_size(ask->want), format_size(ask->need));
   }
-  send(a);
+  send(control::to_json(a));
 }
 
 void Worker::attach_scheduler() {
   if (!opts_.vidsch || sched_attached_) return;
   VidSch::Hooks h;
-  h.grant = [this] { send(json{{"sched", "grant"}}); };
+  h.grant = [this] { send(control::to_json(control::SchedNotice{control::SchedNotice::Kind::kGrant})); };
   h.yield = [this](std::chrono::microseconds after, bool if_idle) {
-    send(json{{"sched", "yield"}, {"after_us", after.count()}, {"if_idle", if_idle}});
+    const auto us = std::clamp<int64_t>(after.count(), 0, static_cast<int64_t>(control::kMaxYieldAfterUs));
+    send(control::to_json(control::SchedNotice{control::SchedNotice::Kind::kYield, static_cast<uint64_t>(us), if_idle}));
   };
   h.overdue = [this](const std::string& why) {
     // A worker that keeps the adapter this long is hung or hostile: end it as a TDR would.
@@ -848,34 +898,26 @@ void Worker::detach_scheduler() {
 }
 
 void Worker::handle_sched(const json& msg) {
-  control::ObjectReader r(msg, "sched");
-  r.only({"sched", "busy_us", "more"});
-  auto what = r.str("sched", 16);
-  auto busy = r.opt_u64("busy_us");
-  auto more = r.has("more") ? r.boolean("more") : std::optional<bool>(false);
-  if (!r.ok()) return violation("sent a bad scheduler line: " + r.error());
+  auto s = control::sched_request_from_json(msg);
+  if (!s) return violation("sent a bad scheduler line: " + s.error().message);
   if (!ready_seen_) return violation("sent a scheduler line before it was ready");
   if (!sched_attached_) return;  // no scheduler: it holds its device anyway
   const auto now = EventLoop::Clock::now();
-  if (*what == "want") {
+  if (s->kind == control::SchedRequest::Kind::kWant) {
     opts_.vidsch->want(vm_, now);
-  } else if (*what == "release") {
-    if (busy) busy_us_ = *busy;
-    opts_.vidsch->release(vm_, *more, now);
   } else {
-    violation(fmt::format("sent an unknown scheduler line '{}'", control::printable(*what, 16)));
+    busy_us_ = s->busy_us;
+    opts_.vidsch->release(vm_, s->more, now);
   }
 }
 
 void Worker::handle_tdr_event(const json& msg) {
-  control::ObjectReader r(msg, "tdr");
-  auto ran = r.opt_u64("running_ms");
-  auto process = r.opt_str("process", control::kMaxProcessName);
-  auto pid = r.opt_u64("pid");
-  if (!r.ok()) return violation("sent a bad tdr event: " + r.error());
+  auto ev = control::tdr_event_from_json(msg);
+  if (!ev) return violation("sent a bad tdr event: " + ev.error().message);
   reset_pending_ = true;
-  last_reset_ = fmt::format("TDR: work of {}{} ran {} ms, past the TDR delay", process ? control::printable(*process) : "a guest",
-                            pid ? fmt::format(" (pid {})", *pid) : "", ran.value_or(0));
+  last_reset_ = fmt::format("TDR: work of {}{} ran {} ms, past the TDR delay",
+                            ev->process ? control::printable(*ev->process) : "a guest",
+                            ev->pid ? fmt::format(" (pid {})", *ev->pid) : "", ev->running_ms);
   spdlog::error("vm {}: {}; the partition is reset", vm_, last_reset_);
 }
 
@@ -886,8 +928,9 @@ bool Worker::count_reset(const std::string& why) {
   ++resets_total_;
   last_reset_ = why;
   if (resets_.size() < opts_.tdr_limit_count) return false;
-  last_error_ = fmt::format("removed after {} resets within {} s (last: {}); `gpup vm reset {}` brings it back",
-                            resets_.size(), opts_.tdr_limit_window.count(), why, vm_);
+  removed_why_ = fmt::format("removed after {} resets within {} s (last: {})", resets_.size(),
+                             opts_.tdr_limit_window.count(), why);
+  last_error_ = fmt::format("{}; `gpup vm reset {}` brings it back", removed_why_, vm_);
   spdlog::error("vm {}: {}", vm_, last_error_);
   return true;
 }
@@ -898,6 +941,9 @@ void Worker::on_exit() {
   while ((r = ::waitpid(pid_, &status, WNOHANG)) < 0 && errno == EINTR) {
   }
   if (r == 0) return;  // spurious wake-up; the pidfd stays readable until the child is reaped
+  // What it wrote before it died (a tdr event, say) is read before its exit is judged: the exit
+  // and the last lines may reach the loop in either order.
+  if (control_) on_control(EPOLLIN);
   std::string desc = r < 0 ? fmt::format("could not be reaped: {}", std::strerror(errno)) : describe_wait_status(status);
   pid_t old_pid = pid_;
   desc += leave_memory_cgroup();
@@ -938,13 +984,19 @@ void Worker::on_exit() {
                             (WTERMSIG(status) == SIGSEGV || WTERMSIG(status) == SIGBUS || WTERMSIG(status) == SIGILL ||
                              WTERMSIG(status) == SIGFPE || WTERMSIG(status) == SIGABRT);
   const bool reset_exit = r > 0 && WIFEXITED(status) && WEXITSTATUS(status) == control::kWorkerExitReset;
-  if (ready_seen_ && (reset_pending_ || reset_exit || fault_signal)) {
+  // A jailed worker is pid 1 of its namespace, where a fatal signal it sends itself (abort(), a
+  // sanitizer's report) is ignored: it then ends with a failing status instead. After ready, a
+  // worker exits on its own only when something failed, so that counts as the work's fault too.
+  const bool failed_exit = r > 0 && WIFEXITED(status) && WEXITSTATUS(status) != 0;
+  if (ready_seen_ && (reset_pending_ || reset_exit || fault_signal || failed_exit)) {
     std::string why = reset_pending_ ? last_reset_ : fmt::format("the worker {} while running guest work", desc);
-    if (count_reset(why)) {
+    const bool removed = count_reset(why);
+    if (removed) {
       close_endpoint();
       set_state(WorkerState::kRemoved);
-      return;
     }
+    resets_changed();  // kept before the worker restarts (or as removed)
+    if (removed) return;
   }
   if (ready_seen_) {
     if (EventLoop::Clock::now() - ready_at_ >= opts_.stable_after) {
@@ -999,7 +1051,7 @@ void Worker::stop(std::function<void()> done) {
               },
               0};
     pending_.emplace(id, std::move(p));
-    send(json{{"op", "shutdown"}, {"id", id}});
+    send(control::to_json(control::WorkerRequest{control::WorkerOp::kShutdown, id, std::nullopt}));
   } else {
     signal(SIGTERM);
   }

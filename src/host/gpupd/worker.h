@@ -17,15 +17,19 @@
 //               tdr_limit_window: not restarted until reset() (the operator's `gpup vm reset`)
 //
 // Resets. A worker whose device work ran past the TDR delay says {"event":"tdr",...} and exits with
-// kWorkerExitReset; one that dies of a fault signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT) was
-// ended by the work it ran; one that keeps the adapter past its yield deadline + TDR delay
+// kWorkerExitReset; one that dies of a fault signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT), or
+// exits with a failing status after ready (a jailed worker is pid 1, which its own abort() cannot
+// kill), was ended by the work it ran; one that keeps the adapter past its yield deadline + TDR delay
 // (vidsch.h "overdue") is killed. Each is a reset of the partition: counted, then the worker is
 // restarted as after any unexpected exit (its guests got the device-lost error and reconnect).
+// opts.resets_changed runs after each counted reset, a removal and reset(), so gpupd keeps the
+// history (reset_history(), state.h) across its own restarts and gives it back with
+// restore_resets() before the first start().
 //
 // Device time (vidsch.h): once ready the worker is attached to opts.vidsch with its partition's
 // adapter, weight and cap; its {"sched":...} lines go to the scheduler and the scheduler's grants
 // and yields go to it. It is detached when its process is gone.
-// A worker that breaks the protocol (overlong or malformed line, unknown event before ready, reply
+// A worker that breaks the protocol (overlong or malformed line, an unknown or repeated event, reply
 // to an id never issued, not draining its input) is killed with SIGKILL and handled as an exit.
 // Signals go through a pidfd, so a recycled pid is never signalled.
 //
@@ -71,6 +75,7 @@
 #include "host/gpupd/config.h"
 #include "host/gpupd/event_loop.h"
 #include "host/gpupd/jail.h"
+#include "host/gpupd/state.h"
 #include "host/gpupd/peer.h"
 #include "host/gpupd/vidsch.h"
 #include "host/gpupd/vram_pool.h"
@@ -100,8 +105,12 @@ struct WorkerOptions {
   std::shared_ptr<VramArbiter> vram;
   // The device-time scheduler of every adapter; null: a worker always holds its device.
   std::shared_ptr<VidSch> vidsch;
-  unsigned tdr_limit_count = 5;
-  std::chrono::seconds tdr_limit_window{60};
+  unsigned tdr_limit_count = control::kDefaultTdrLimitCount;
+  std::chrono::seconds tdr_limit_window{control::kDefaultTdrLimitWindowS};
+  // Runs with the VM's name, from inside the worker's call, when its reset history or removed
+  // state changed (a reset counted, the partition removed, reset()); gpupd persists it. It must
+  // not destroy the worker. Null: nothing is kept.
+  std::function<void(const std::string& vm)> resets_changed;
   // The worker jail (jail.h); null: workers run unconfined (unit tests of supervision only;
   // describe() says so).
   std::shared_ptr<Jails> jails;
@@ -130,6 +139,12 @@ class Worker {
   void start();
   // Forgets the partition's resets and starts it again (from removed, or any state start() takes).
   void reset();
+  // The partition's resets with wall-clock times (those within the window), and why it is removed.
+  ResetHistory reset_history() const;
+  // Before the first start(): takes back a history from reset_history() of an earlier gpupd. Times
+  // outside the window are dropped (one ahead of the clock counts as now); a removed partition
+  // stays removed, and start() leaves it so.
+  void restore_resets(const ResetHistory& h);
   // Stops the worker; done runs (from the loop) once no process is left.
   void stop(std::function<void()> done);
   // Sends {"op":op,"id":N,...args}; cb gets the whole reply object on {"ok":true}, an error with
@@ -233,13 +248,15 @@ class Worker {
 
   // Device time and resets.
   std::string sched_adapter_;
-  uint32_t sched_weight_ = 100, sched_cap_ = 100;
+  uint32_t sched_weight_ = control::kDefaultComputeWeight, sched_cap_ = control::kMaxComputePercent;
   bool sched_attached_ = false;
   uint64_t busy_us_ = 0;        // the worker's last report
   bool reset_pending_ = false;  // this process reset its partition (tdr event, or overdue kill)
   std::vector<EventLoop::Clock::time_point> resets_;  // within the window
   uint64_t resets_total_ = 0;
   std::string last_reset_;
+  std::string removed_why_;  // while removed: "removed after N resets ..." (without the remedy)
+  void resets_changed();
 
   std::string cpu_cgroup_dir_;  // the live process's cpu cgroup, empty when none
   std::string cpu_note_;        // why none

@@ -1,5 +1,6 @@
 // gpup-vmwp: the worker process of one VM partition. Spawned and supervised by gpupd, which
-// configures it over a control socket (JSON lines, see docs/ARCHITECTURE.md); it then serves the
+// configures it over a control socket (JSON lines; every line is a record of control/protocol.h,
+// read and written only through its codec); it then serves the
 // VM's VRD endpoint, one thread per guest process connected to it. It runs sandboxed
 // (seccomp_policy.h): rlimits before the KMD is loaded, the seccomp filter before it reports ready;
 // gpupd has put it in its memory cgroup before sending the configuration.
@@ -31,45 +32,40 @@
 namespace gpup::vmwp {
 namespace {
 
-constexpr size_t kMaxControlLine = 1 << 20;
-
-// Reads newline-delimited JSON from gpupd.
-class LineReader {
+// Lines from gpupd, in control/json_lines.h's framing (the fd blocks: poll() says when to read).
+class ControlReader {
  public:
-  explicit LineReader(int fd) : fd_(fd) {}
-  // 1: a line; 0: EOF; -1: error or an over-long line.
+  explicit ControlReader(int fd) : fd_(fd) {}
+  // 1: a line; 0: EOF; -1: a read error or an over-long line.
   int next(std::string& line) {
     for (;;) {
-      auto nl = buf_.find('\n');
-      if (nl != std::string::npos) {
-        line = buf_.substr(0, nl);
-        buf_.erase(0, nl + 1);
+      if (auto l = lines_.pop()) {
+        line = std::move(*l);
         return 1;
       }
-      if (buf_.size() > kMaxControlLine) return -1;
-      char tmp[4096];
+      char tmp[16384];
       ssize_t n = ::read(fd_, tmp, sizeof tmp);
       if (n == 0) return 0;
       if (n < 0) {
         if (errno == EINTR) continue;
         return -1;
       }
-      buf_.append(tmp, static_cast<size_t>(n));
+      if (!lines_.append(std::string_view(tmp, static_cast<size_t>(n))).ok()) return -1;
     }
   }
-  bool buffered() const { return buf_.find('\n') != std::string::npos; }
+  bool buffered() const { return lines_.has_line(); }
 
  private:
   int fd_;
-  std::string buf_;
+  control::LineReader lines_{control::kMaxToWorkerLine};
 };
 
 // Serializes whole lines from the control loop and from guest threads asking for memory.
 std::mutex g_write_mu;
 
-void write_line(int fd, const nlohmann::json& j) {
+void write_line(int fd, const control::json& j) {
+  const std::string s = control::encode_line(j);
   std::lock_guard l(g_write_mu);
-  std::string s = j.dump() + "\n";
   const char* p = s.data();
   size_t left = s.size();
   while (left) {
@@ -81,30 +77,33 @@ void write_line(int fd, const nlohmann::json& j) {
   }
 }
 
-// The worker's side of gpupd's memory arbiter (gpupd/worker.h has the lines): a guest thread
-// writes {"ask":N,...} and waits; the control loop hands it gpupd's {"answer":N,...}.
+// Every line to gpupd is one of control/protocol.h's records, written by its encoder.
+template <typename Message>
+void send(int fd, const Message& m) {
+  write_line(fd, control::to_json(m));
+}
+
+// The worker's side of gpupd's memory arbiter (control::VramAsk / VramAnswer): a guest thread
+// writes its ask and waits; the control loop hands it gpupd's answer.
 class GpupdVramBroker : public VramBroker {
  public:
   explicit GpupdVramBroker(int fd) : fd_(fd) {}
 
-  Result<Grant> ask(uint64_t need, uint64_t want) override {
-    return round_trip({{"op", "vram"}, {"need", need}, {"want", want}});
-  }
-  Result<Grant> query() override { return round_trip({{"op", "vram"}}); }
+  Result<Grant> ask(uint64_t need, uint64_t want) override { return round_trip(control::VramAsk{0, false, need, want}); }
+  Result<Grant> query() override { return round_trip(control::VramAsk{0, true, 0, 0}); }
   void release(uint64_t hold) override {
-    nlohmann::json j = {{"op", "vram"}, {"need", hold}, {"want", hold}};
+    control::VramAsk a{0, false, hold, hold};
     {
       std::lock_guard l(mu_);
       if (closed_) return;
-      j["ask"] = next_++;  // its answer is not waited for
+      a.id = next_++;  // its answer is not waited for
     }
-    write_line(fd_, j);
+    send(fd_, a);
   }
   // From the control loop.
-  void on_answer(const nlohmann::json& a) {
-    if (!a["answer"].is_number_unsigned()) return;
+  void on_answer(const control::VramAnswer& a) {
     std::lock_guard l(mu_);
-    auto it = waiting_.find(a["answer"].get<uint64_t>());
+    auto it = waiting_.find(a.id);
     if (it == waiting_.end()) return;  // a release, or a request that timed out
     it->second = a;
     cv_.notify_all();
@@ -119,27 +118,20 @@ class GpupdVramBroker : public VramBroker {
  private:
   static constexpr auto kTimeout = std::chrono::seconds(5);
 
-  Result<Grant> round_trip(nlohmann::json j) {
+  Result<Grant> round_trip(control::VramAsk ask) {
     std::unique_lock l(mu_);
     if (closed_) return Error(GPUP_STATUS_CONNECTION_LOST, "the control channel to gpupd is closed");
     const uint64_t id = next_++;
-    j["ask"] = id;
-    waiting_[id] = nullptr;
+    ask.id = id;
+    waiting_[id] = std::nullopt;
     l.unlock();
-    write_line(fd_, j);
+    send(fd_, ask);
     l.lock();
-    bool answered = cv_.wait_for(l, kTimeout, [&] { return closed_ || !waiting_[id].is_null(); });
-    nlohmann::json a = std::move(waiting_[id]);
+    cv_.wait_for(l, kTimeout, [&] { return closed_ || waiting_[id].has_value(); });
+    std::optional<control::VramAnswer> a = std::move(waiting_[id]);
     waiting_.erase(id);
-    if (!answered || a.is_null())
-      return Error(GPUP_STATUS_TIMEOUT, closed_ ? "the control channel to gpupd closed" : "no answer within 5 s");
-    if (!a.value("ok", false)) return Error(GPUP_STATUS_INVALID_PARAMETER, a.value("error", std::string("refused")));
-    Grant g;
-    g.granted = a.value("granted", false);
-    g.hold = a.value("hold", uint64_t{0});
-    g.borrowable = a.value("borrowable", uint64_t{0});
-    g.why = a.value("error", std::string());
-    return g;
+    if (!a) return Error(GPUP_STATUS_TIMEOUT, closed_ ? "the control channel to gpupd closed" : "no answer within 5 s");
+    return Grant{a->granted, a->hold, a->borrowable, a->why};
   }
 
   int fd_;
@@ -147,22 +139,20 @@ class GpupdVramBroker : public VramBroker {
   std::condition_variable cv_;
   uint64_t next_ = 1;
   bool closed_ = false;
-  std::map<uint64_t, nlohmann::json> waiting_;
+  std::map<uint64_t, std::optional<control::VramAnswer>> waiting_;
 };
 
-// The worker's side of gpupd's device-time scheduler (gpupd/vidsch.h has the lines): wants and
-// releases go out as they happen; grants and yields come in through the control loop.
+// The worker's side of gpupd's device-time scheduler (control::SchedRequest / SchedNotice): wants
+// and releases go out as they happen; grants and yields come in through the control loop.
 class GpupdDeviceTimeLink : public DeviceTimeLink {
  public:
   explicit GpupdDeviceTimeLink(int fd) : fd_(fd) {}
-  void want() override { write_line(fd_, {{"sched", "want"}}); }
+  void want() override { send(fd_, control::SchedRequest{control::SchedRequest::Kind::kWant}); }
   void release(uint64_t busy_us, bool more) override {
-    write_line(fd_, {{"sched", "release"}, {"busy_us", busy_us}, {"more", more}});
+    send(fd_, control::SchedRequest{control::SchedRequest::Kind::kRelease, std::min(busy_us, control::kMaxBusyUs), more});
   }
-  void reset(const nlohmann::json& what) override {
-    nlohmann::json event = what;
-    event["event"] = "tdr";
-    write_line(fd_, event);
+  void reset(const control::json& tdr_event) override {
+    write_line(fd_, tdr_event);  // control::TdrEvent, encoded by Worker::on_hang
     // The hung work cannot be taken back from the KMD: the partition is reset by ending this
     // process (its guests were told), and gpupd starts a new worker.
     std::_Exit(control::kWorkerExitReset);
@@ -272,57 +262,40 @@ int run(const std::string& vm, int control_fd) {
   signal(SIGTERM, [](int) { std::_Exit(0); });
   signal(SIGPIPE, SIG_IGN);
   const int guest_fd = control::kWorkerGuestFd;
-  LineReader control(control_fd);
+  ControlReader from_gpupd(control_fd);
+  auto refuse = [control_fd](const std::string& why) {
+    send(control_fd, control::ErrorEvent{why});
+    return 1;
+  };
   std::string line;
-  if (control.next(line) != 1) {
+  if (from_gpupd.next(line) != 1) {
     spdlog::error("no configuration from gpupd");
     return 1;
   }
-  nlohmann::json cfg = nlohmann::json::parse(line, nullptr, false);
-  if (cfg.is_discarded() || cfg.value("op", "") != "configure") {
-    write_line(control_fd, {{"event", "error"}, {"message", "first control message is not a valid configure"}});
-    return 1;
-  }
-  if (cfg.contains("log_level") && cfg["log_level"].is_string())
-    spdlog::set_level(spdlog::level::from_str(cfg["log_level"].get<std::string>()));
-  auto config = parse_worker_config(cfg);
-  if (!config.ok()) {
-    write_line(control_fd, {{"event", "error"}, {"message", config.error().message}});
-    return 1;
-  }
-  if (config->vm_name != vm) {
-    write_line(control_fd, {{"event", "error"}, {"message", "configure names another VM"}});
-    return 1;
-  }
-  const std::string endpoint = cfg.value("endpoint", std::string());
-  if (endpoint.empty()) {
-    write_line(control_fd, {{"event", "error"}, {"message", "configure has no endpoint"}});
-    return 1;
-  }
+  auto msg = control::parse_object_line(line);
+  auto configured = msg ? control::configure_from_json(*msg) : Result<control::ConfigureMessage>(msg.error());
+  if (!configured) return refuse("bad configure: " + configured.error().message);
+  control::ConfigureMessage cfg = std::move(*configured);
+  spdlog::set_level(spdlog::level::from_str(cfg.log_level));
+  if (cfg.vm.name != vm) return refuse("configure names another VM");
+  if (auto s = apply_worker_rlimits(); !s.ok()) return refuse(s.error().message);
 
-  if (auto s = apply_worker_rlimits(); !s.ok()) {
-    write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
-    return 1;
-  }
-
-  Worker worker(*config);
+  Worker worker(worker_config(cfg));
   GpupdVramBroker broker(control_fd);
   worker.set_vram_broker(&broker);
   GpupdDeviceTimeLink device_time(control_fd);
   worker.set_device_time_link(&device_time);
   if (auto s = worker.start(); !s.ok()) {
     spdlog::error("{}", s.error().describe());
-    write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
-    return 1;
+    return refuse(s.error().message);
   }
   // gpupd listens on the endpoint and checks who connects; accepted guests arrive on guest_fd.
   // From here on guest work runs: the KMD is loaded and its threads exist (TSYNC covers them).
   if (auto s = install_worker_seccomp(); !s.ok()) {
     spdlog::error("{}", s.error().message);
-    write_line(control_fd, {{"event", "error"}, {"message", s.error().message}});
-    return 1;
+    return refuse(s.error().message);
   }
-  write_line(control_fd, {{"event", "ready"}, {"endpoint", endpoint}, {"pid", getpid()}});
+  send(control_fd, control::ReadyEvent{cfg.endpoint, static_cast<uint32_t>(getpid())});
 
   std::list<Connection> connections;
   bool running = true;
@@ -342,7 +315,7 @@ int run(const std::string& vm, int control_fd) {
       last_release_tick = now;
       worker.release_idle_vram();
     }
-    int n = control.buffered() ? 1 : poll(fds, 2, 250);
+    int n = from_gpupd.buffered() ? 1 : poll(fds, 2, 250);
     if (n < 0 && errno != EINTR) break;
     if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
       UniqueFd sock;
@@ -358,50 +331,60 @@ int run(const std::string& vm, int control_fd) {
         break;
       }
     }
-    if ((fds[1].revents & (POLLIN | POLLHUP | POLLERR)) || control.buffered()) {
-      int r = control.next(line);
+    if ((fds[1].revents & (POLLIN | POLLHUP | POLLERR)) || from_gpupd.buffered()) {
+      int r = from_gpupd.next(line);
       if (r != 1) {
         spdlog::info("control channel closed; shutting down");
         break;
       }
-      auto req = nlohmann::json::parse(line, nullptr, false);
-      if (req.is_object() && req.contains("answer")) {
-        broker.on_answer(req);
+      // gpupd's lines, by their leading key: answers, scheduler notices, requests.
+      auto in = control::parse_object_line(line);
+      if (!in) {
+        spdlog::warn("ignoring a malformed control line from gpupd: {}", in.error().message);
         continue;
       }
-      if (req.is_object() && req.contains("sched")) {
-        const std::string what = req["sched"].is_string() ? req["sched"].get<std::string>() : "";
-        if (what == "grant") {
-          worker.on_grant();
-        } else if (what == "yield" && req.contains("after_us") && req["after_us"].is_number_unsigned()) {
-          const bool if_idle = req.contains("if_idle") && req["if_idle"].is_boolean() && req["if_idle"].get<bool>();
-          worker.on_yield(std::chrono::microseconds(req["after_us"].get<uint64_t>()), if_idle);
-        } else {
-          spdlog::warn("ignoring a malformed scheduler line from gpupd");
+      if (in->contains("answer")) {
+        auto a = control::vram_answer_from_json(*in);
+        if (a) broker.on_answer(*a);
+        else spdlog::warn("ignoring a malformed answer from gpupd: {}", a.error().message);
+        continue;
+      }
+      if (in->contains("sched")) {
+        auto notice = control::sched_notice_from_json(*in);
+        if (!notice) spdlog::warn("ignoring a malformed scheduler line from gpupd: {}", notice.error().message);
+        else if (notice->kind == control::SchedNotice::Kind::kGrant) worker.on_grant();
+        else worker.on_yield(std::chrono::microseconds(notice->after_us), notice->if_idle);
+        continue;
+      }
+      auto req = control::worker_request_from_json(*in);
+      if (!req) {
+        // A request gpupd numbered gets the reason; anything else is not a request to answer.
+        control::ObjectReader id_reader(*in, "request");
+        if (auto id = id_reader.u64("id", 1)) send(control_fd, control::WorkerReply{*id, false, req.error().message, {}});
+        else spdlog::warn("ignoring a malformed control line from gpupd: {}", req.error().message);
+        continue;
+      }
+      control::WorkerReply rep{req->id, true, {}, std::nullopt};
+      switch (req->op) {
+        case control::WorkerOp::kStats:
+          rep.stats = worker.stats_json();
+          break;
+        case control::WorkerOp::kUpdate: {
+          // New settings of this partition, on the adapter it was configured with.
+          control::ConfigureMessage next = cfg;
+          next.vm = *req->vm;
+          Status s = next.vm.name != cfg.vm.name || next.vm.guid != cfg.vm.guid || next.vm.adapter != cfg.vm.adapter
+                         ? Status(Error(GPUP_STATUS_INVALID_PARAMETER, "update names another partition or adapter"))
+                         : worker.update(worker_config(next));
+          if (s.ok()) cfg = std::move(next);
+          else rep = control::WorkerReply{req->id, false, s.error().message, std::nullopt};
+          break;
         }
-        continue;
+        case control::WorkerOp::kShutdown:
+          running = false;
+          break;
       }
-      // gpupd numbers every request from 1; anything else is not a request to answer.
-      if (req.is_discarded() || !req.is_object() || !req.contains("id") || !req["id"].is_number_unsigned() ||
-          req["id"].get<uint64_t>() == 0) {
-        spdlog::warn("ignoring a malformed control line from gpupd");
-        continue;
-      }
-      const std::string op = req.value("op", "");
-      nlohmann::json rep = {{"reply", req.value("id", 0)}, {"ok", true}};
-      if (op == "stats") {
-        rep["stats"] = worker.stats_json();
-      } else if (op == "update") {
-        nlohmann::json merged = {{"vm", req.value("vm", nlohmann::json::object())}, {"adapter", cfg["adapter"]}};
-        auto c = parse_worker_config(merged);
-        auto s = c.ok() ? worker.update(*c) : Status(c.error());
-        if (!s.ok()) rep = {{"reply", req.value("id", 0)}, {"ok", false}, {"error", s.error().message}};
-      } else if (op == "shutdown") {
-        running = false;
-      } else {
-        rep = {{"reply", req.value("id", 0)}, {"ok", false}, {"error", "unknown op " + op}};
-      }
-      write_line(control_fd, rep);
+      send(control_fd, rep);
     }
   }
   broker.close();  // a guest thread waiting for gpupd gives up

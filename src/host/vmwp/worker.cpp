@@ -171,48 +171,22 @@ std::string guid_to_string(const GPUPDDI_GUID& g) {
                      b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
 }
 
-namespace {
-
-bool parse_guid(const std::string& s, GPUPDDI_GUID& out) {
-  std::string hex;
-  for (char c : s)
-    if (c != '-') hex += c;
-  if (hex.size() != 32) return false;
-  for (int i = 0; i < 16; ++i) {
-    unsigned v;
-    if (std::sscanf(hex.c_str() + 2 * i, "%2x", &v) != 1) return false;
-    out.Bytes[i] = static_cast<uint8_t>(v);
-  }
-  return true;
-}
-
-}  // namespace
-
-Result<WorkerConfig> parse_worker_config(const nlohmann::json& j) {
-  try {
-    WorkerConfig c;
-    const auto& vm = j.at("vm");
-    const auto& ad = j.at("adapter");
-    c.vm_name = vm.at("name").get<std::string>();
-    if (!parse_guid(vm.at("guid").get<std::string>(), c.vm_guid))
-      return Error(GPUP_STATUS_INVALID_PARAMETER, "configure: vm.guid is not a GUID");
-    c.min_vram = vm.value("min_vram", uint64_t{0});
-    c.max_vram = vm.value("max_vram", uint64_t{0});
-    c.optimal_vram = vm.value("optimal_vram", uint64_t{0});
-    c.compute_weight = vm.value("compute_weight", 100u);
-    c.max_compute = vm.value("max_compute", 100u);
-    c.secure = vm.value("secure", false);
-    c.tdr_delay_ms = j.value("tdr_delay_ms", 2000u);
-    c.adapter_name = ad.at("name").get<std::string>();
-    c.adapter_luid = ad.at("luid").get<uint64_t>();
-    c.kmd = ad.at("kmd").get<std::string>();
-    c.kmd_config = ad.value("config", std::string());
-    if (c.max_vram && c.min_vram > c.max_vram)
-      return Error(GPUP_STATUS_INVALID_PARAMETER, "configure: min_vram exceeds max_vram");
-    return c;
-  } catch (const std::exception& e) {
-    return Error(GPUP_STATUS_INVALID_PARAMETER, fmt::format("configure: {}", e.what()));
-  }
+WorkerConfig worker_config(const control::ConfigureMessage& m) {
+  WorkerConfig c;
+  c.vm_name = m.vm.name;
+  if (auto guid = control::parse_guid(m.vm.guid)) std::memcpy(c.vm_guid.Bytes, guid->data(), sizeof c.vm_guid.Bytes);
+  c.min_vram = m.vm.min_vram;
+  c.max_vram = m.vm.max_vram;
+  c.optimal_vram = m.vm.optimal_vram;
+  c.compute_weight = m.vm.compute_weight;
+  c.max_compute = m.vm.max_compute;
+  c.secure = m.vm.secure;
+  c.tdr_delay_ms = m.tdr_delay_ms;
+  c.adapter_name = m.adapter.name;
+  c.adapter_luid = m.adapter.luid;
+  c.kmd = m.adapter.kmd;
+  c.kmd_config = m.adapter.config;
+  return c;
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1849,7 +1823,9 @@ void Worker::on_hang(const TdrWatchdog::Hang& hang) {
                   hang.context_id, hang.running.count(), config_.tdr_delay_ms);
     return;
   }
-  nlohmann::json what = {{"running_ms", hang.running.count()}, {"tdr_delay_ms", config_.tdr_delay_ms}};
+  control::TdrEvent what;
+  what.running_ms = static_cast<uint64_t>(std::max<int64_t>(hang.running.count(), 0));
+  what.tdr_delay_ms = config_.tdr_delay_ms;
   // The handlers may be stuck behind the hung work (destroying a context waits for it): tell the
   // guests only if the object graph can be had soon; otherwise they learn it from the lost channel.
   std::unique_lock lock(mu_, std::defer_lock);
@@ -1859,9 +1835,9 @@ void Worker::on_hang(const TdrWatchdog::Hang& hang) {
     if (guilty != contexts_.end()) {
       const Context& c = *guilty->second;
       guilty_device = c.device;
-      what["context"] = c.handle;
-      what["pid"] = c.process->pid_;
-      what["process"] = c.process->name_;
+      what.context = c.handle;
+      what.pid = c.process->pid_;
+      what.process = c.process->name_;
     }
     for (auto& [id, p] : processes_) {
       if (!p->open()) continue;
@@ -1886,11 +1862,11 @@ void Worker::on_hang(const TdrWatchdog::Hang& hang) {
       }
     }
   } else {
-    what["guests_told"] = false;
+    what.guests_told = false;
   }
   spdlog::error("TDR: context {} ran for {} ms (TDR delay {} ms); resetting partition {}", hang.context_id,
                 hang.running.count(), config_.tdr_delay_ms, config_.vm_name);
-  time_link_->reset(what);
+  time_link_->reset(control::to_json(what));
 }
 
 }  // namespace gpup::vmwp

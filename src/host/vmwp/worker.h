@@ -39,6 +39,7 @@
 #include "common/fd.h"
 #include "common/result.h"
 #include "gpup/ddi.h"
+#include "host/control/protocol.h"
 #include "host/kmd_loader/kmd_loader.h"
 #include "host/vmwp/handle_table.h"
 #include "host/vmwp/tdr_watchdog.h"
@@ -47,7 +48,8 @@
 
 namespace gpup::vmwp {
 
-// The partition and adapter this worker serves, from gpupd's "configure" message.
+// The partition and adapter this worker serves: gpupd's configure message (control/protocol.h),
+// converted by worker_config(); tests build one directly.
 struct WorkerConfig {
   std::string vm_name;
   GPUPDDI_GUID vm_guid{};
@@ -58,14 +60,15 @@ struct WorkerConfig {
   uint64_t min_vram = 0;
   uint64_t max_vram = 0;   // 0: the device's memory
   uint64_t optimal_vram = 0;
-  uint32_t compute_weight = 100;
-  uint32_t max_compute = 100;
+  uint32_t compute_weight = control::kDefaultComputeWeight;
+  uint32_t max_compute = control::kMaxComputePercent;
   bool secure = false;
   // Device work running longer than this is reset (TdrWatchdog); 0 turns the watchdog off.
-  uint32_t tdr_delay_ms = 2000;
+  uint32_t tdr_delay_ms = control::kDefaultTdrDelayMs;
 };
 
-Result<WorkerConfig> parse_worker_config(const nlohmann::json& configure);
+// From a configure message configure_from_json accepted (names, GUID and ranges checked there).
+WorkerConfig worker_config(const control::ConfigureMessage& m);
 std::string guid_to_string(const GPUPDDI_GUID& g);
 
 // gpupd's arbiter of the adapter's memory, as the worker reaches it (main.cpp: the control
@@ -98,9 +101,10 @@ class DeviceTimeLink {
   virtual void want() = 0;
   // busy_us: all the time the worker had device work in flight so far; more: work is waiting.
   virtual void release(uint64_t busy_us, bool more) = 0;
-  // Device work ran past the TDR delay and the partition's guests were told; what names the
-  // context, its process and how long it ran. The worker cannot take its work back from a KMD
-  // without pfnResetEngine, so this ends the process: it does not return.
+  // Device work ran past the TDR delay and the partition's guests were told; what is the tdr event
+  // (control::TdrEvent, encoded): the context, its process and how long it ran. The worker cannot
+  // take its work back from a KMD without pfnResetEngine, so this ends the process: it does not
+  // return.
   [[noreturn]] virtual void reset(const nlohmann::json& what) = 0;
 };
 

@@ -1,5 +1,6 @@
 // fake_vmwp: a stand-in for gpup-vmwp that speaks the worker side of the control protocol
-// (control/protocol.h) without touching a KMD, for gpupd's integration tests.
+// (control/protocol.h) without touching a KMD, for gpupd's integration tests. It reads and writes
+// every line through that header's codec, as the real worker does.
 //
 //   fake_vmwp --vm NAME --control-fd N
 //
@@ -12,6 +13,15 @@
 //   refuse*  answers update with {"ok":false}
 //   borrow*  right after ready asks for device memory (need 16 MiB, want 96 MiB) and reports what
 //            gpupd answered as its stats' vram_held (control/protocol.h, gpupd/worker.h)
+//   tdr*     while the partition's compute weight is 1: once gpupd has taken its ready (it answered
+//            an ask sent after it), reports a TDR ({"event":"tdr",...}) and exits kWorkerExitReset,
+//            as the real worker's watchdog does. With any other weight it serves normally, so a test
+//            lets it run again with `gpup vm set --compute-weight`.
+//   fault*   the same, but dies of SIGSEGV (without a core dump), as when a guest kernel crashes
+//            the worker
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -31,8 +41,9 @@ namespace {
 
 int g_fd = -1;
 
-void send_line(const json& j) {
-  std::string out = encode_line(j);
+template <typename Message>
+void send_line(const Message& m) {
+  std::string out = encode_line(to_json(m));
   size_t done = 0;
   while (done < out.size()) {
     ssize_t n = ::send(g_fd, out.data() + done, out.size() - done, MSG_NOSIGNAL);
@@ -75,20 +86,20 @@ int main(int argc, char** argv) {
   if (!first) return 2;
   auto msg = parse_object_line(*first);
   if (!msg) {
-    send_line(json{{"event", "error"}, {"message", msg.error().message}});
+    send_line(ErrorEvent{msg.error().message});
     return 1;
   }
   auto cfg = configure_from_json(*msg);
   if (!cfg) {
-    send_line(json{{"event", "error"}, {"message", "bad configure: " + cfg.error().message}});
+    send_line(ErrorEvent{"bad configure: " + cfg.error().message});
     return 1;
   }
   if (cfg->vm.name != vm) {
-    send_line(json{{"event", "error"}, {"message", "configure is for another vm"}});
+    send_line(ErrorEvent{"configure is for another vm"});
     return 1;
   }
   if (starts_with(vm, "fail")) {
-    send_line(json{{"event", "error"}, {"message", "fake worker refuses vm " + vm}});
+    send_line(ErrorEvent{"fake worker refuses vm " + vm});
     return 1;
   }
   if (starts_with(vm, "crash")) return 3;
@@ -97,28 +108,59 @@ int main(int argc, char** argv) {
   int type = 0;
   socklen_t tlen = sizeof type;
   if (::getsockopt(kWorkerGuestFd, SOL_SOCKET, SO_TYPE, &type, &tlen) != 0 || type != SOCK_SEQPACKET) {
-    send_line(json{{"event", "error"}, {"message", "no guest socket from gpupd on fd 4"}});
+    send_line(ErrorEvent{"no guest socket from gpupd on fd 4"});
     return 1;
   }
-  send_line(json{{"event", "ready"}, {"endpoint", cfg->endpoint}});
-  if (starts_with(vm, "borrow")) send_line(json{{"ask", 1}, {"op", "vram"}, {"need", 16u << 20}, {"want", 96u << 20}});
+  send_line(ReadyEvent{cfg->endpoint, std::nullopt});
+  if (starts_with(vm, "borrow")) send_line(VramAsk{1, false, 16u << 20, 96u << 20});
+  if ((starts_with(vm, "tdr") || starts_with(vm, "fault")) && cfg->vm.compute_weight == 1) {
+    // Dying right after ready could race gpupd's reading of it (then it is no reset, but a
+    // worker that never started): the answer to an ask proves gpupd has taken the ready.
+    send_line(VramAsk{1, true, 0, 0});
+    for (;;) {
+      auto line = next_line(reader);
+      if (!line) return 2;
+      auto in = parse_object_line(*line);
+      if (!in) return 2;
+      if (in->contains("answer")) break;  // scheduler notices meanwhile are ignored
+    }
+    if (starts_with(vm, "tdr")) {
+      send_line(TdrEvent{.running_ms = cfg->tdr_delay_ms + 5u, .tdr_delay_ms = cfg->tdr_delay_ms,
+                         .pid = static_cast<uint32_t>(::getpid()), .process = std::string("fake-guest")});
+      return kWorkerExitReset;
+    }
+    // A real fault, not raise(): the jail's seccomp filter may not let a worker signal itself.
+    ::prctl(PR_SET_DUMPABLE, 0);
+    rlimit no_core{0, 0};
+    ::setrlimit(RLIMIT_CORE, &no_core);
+    ::signal(SIGSEGV, SIG_DFL);
+    int* volatile nowhere = nullptr;
+    *nowhere = 1;
+    return 2;
+  }
 
   VmSpec spec = cfg->vm;
   unsigned updates = 0;
   uint64_t held = 0;
+  // gpupd's lines: answers to the ask above, scheduler notices (ignored: no work here), requests.
+  // A line no decoder takes ends the fake worker with status 2.
   while (auto line = next_line(reader)) {
-    auto req = parse_object_line(*line);
-    if (!req) return 2;
-    if (req->contains("answer")) {
-      if (!(*req)["granted"].is_boolean() || !(*req)["hold"].is_number_unsigned()) return 2;
-      held = (*req)["hold"].get<uint64_t>();
+    auto in = parse_object_line(*line);
+    if (!in) return 2;
+    if (in->contains("answer")) {
+      auto a = vram_answer_from_json(*in);
+      if (!a) return 2;
+      held = a->hold;
       continue;
     }
-    ObjectReader r(*req, "request");
-    auto op = r.str("op", 32);
-    auto id = r.u64("id");
-    if (!r.ok()) return 2;
-    if (*op == "stats") {
+    if (in->contains("sched")) {
+      if (!sched_notice_from_json(*in)) return 2;
+      continue;
+    }
+    auto req = worker_request_from_json(*in);
+    if (!req) return 2;
+    const uint64_t id = req->id;
+    if (req->op == WorkerOp::kStats) {
       if (starts_with(vm, "junk")) {
         std::string junk(kMaxWorkerLine + 10, 'x');
         ssize_t ignored = ::send(g_fd, junk.data(), junk.size(), MSG_NOSIGNAL);
@@ -130,24 +172,20 @@ int main(int argc, char** argv) {
                  {"vram_held", held},
                  {"totals", {{"processes", 1}, {"devices", 1}, {"contexts", 0}, {"allocations", updates}, {"sync_objects", 0}}},
                  {"processes", json::array({json{{"pid", ::getpid()}, {"name", "fake-guest"}, {"vram_used", 4096}}})}};
-      send_line(json{{"reply", *id}, {"ok", true}, {"stats", stats}});
-    } else if (*op == "update") {
-      const json* v = r.object("vm");
-      auto next = v ? vm_spec_from_json(*v) : Result<VmSpec>(make_error(GPUP_STATUS_INVALID_PARAMETER, "no vm"));
-      if (!next || next->name != spec.name || next->guid != spec.guid) {
-        send_line(json{{"reply", *id}, {"ok", false}, {"error", next ? "update for another vm" : next.error().message}});
+      send_line(WorkerReply{id, true, {}, stats});
+    } else if (req->op == WorkerOp::kUpdate) {
+      if (req->vm->name != spec.name || req->vm->guid != spec.guid) {
+        send_line(WorkerReply{id, false, "update for another vm", std::nullopt});
       } else if (starts_with(vm, "refuse")) {
-        send_line(json{{"reply", *id}, {"ok", false}, {"error", "fake KMD refuses the settings"}});
+        send_line(WorkerReply{id, false, "fake KMD refuses the settings", std::nullopt});
       } else {
-        spec = *next;
+        spec = *req->vm;
         ++updates;
-        send_line(json{{"reply", *id}, {"ok", true}});
+        send_line(WorkerReply{id, true, {}, std::nullopt});
       }
-    } else if (*op == "shutdown") {
-      send_line(json{{"reply", *id}, {"ok", true}});
+    } else {  // shutdown
+      send_line(WorkerReply{id, true, {}, std::nullopt});
       return 0;
-    } else {
-      send_line(json{{"reply", *id}, {"ok", false}, {"error", "unknown op"}});
     }
   }
   return 0;

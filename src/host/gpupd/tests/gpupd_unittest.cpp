@@ -374,6 +374,139 @@ TEST(GpupdState, InvalidContentIsRefusedNamingIt) {
   EXPECT_FALSE(load_state(path).ok());
 }
 
+ResetHistory history(uint64_t total, std::string last, std::vector<uint64_t> times, std::string removed = "") {
+  return ResetHistory{total, std::move(last), std::move(times), std::move(removed)};
+}
+
+TEST(GpupdState, ResetHistoriesRoundTripAndOnlyRealOnesAreWritten) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  PersistentState s;
+  s.luids = {{"mock0", 0x1234}};
+  s.partitions = {spec("a", "mock0", 0, GiB), spec("b", "mock0", 0, GiB), spec("c", "mock0", 0, GiB)};
+  s.resets["a"] = history(7, "TDR: work of saxpy (pid 42) ran 2004 ms, past the TDR delay", {1700000000, 1700000000, 1700000005},
+                          "removed after 3 resets within 60 s (last: TDR: work of saxpy (pid 42) ran 2004 ms, past the "
+                          "TDR delay)");
+  s.resets["b"] = history(1, "the worker killed by signal 11 (SEGV) while running guest work", {});
+  ASSERT_TRUE(save_state(path, s).ok());
+  auto back = load_state(path);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(*back, s);
+
+  json j = to_json(s);
+  EXPECT_EQ(j["partitions"][0]["resets"],
+            json::parse(R"j({"total":7,"last":"TDR: work of saxpy (pid 42) ran 2004 ms, past the TDR delay",
+                            "times":[1700000000,1700000000,1700000005],
+                            "removed":"removed after 3 resets within 60 s (last: TDR: work of saxpy (pid 42) ran 2004 ms, past the TDR delay)"})j"));
+  EXPECT_EQ(j["partitions"][1]["resets"], json::parse(R"({"total":1,"times":[],
+                            "last":"the worker killed by signal 11 (SEGV) while running guest work"})"));
+  EXPECT_FALSE(j["partitions"][2].contains("resets")) << "no history: nothing written";
+  s.resets["c"] = ResetHistory{};
+  s.resets["gone"] = history(3, "x", {});
+  j = to_json(s);
+  EXPECT_FALSE(j["partitions"][2].contains("resets")) << "an empty history is no history";
+  EXPECT_EQ(j.dump().find("gone"), std::string::npos) << "nor one of a partition not in the file";
+}
+
+TEST(GpupdState, FileWithoutResetHistoriesLoads) {
+  // As gpupd wrote it before reset histories were kept.
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  ASSERT_TRUE(write_file_atomic(path, R"({"version":1,"adapters":{"mock0":{"luid":4660}},"partitions":[
+    {"name":"v1","guid":"0b6c3c5e-6f7e-4e3a-9d0f-1a2b3c4d5e6f","adapter":"mock0","min_vram":0,
+     "max_vram":1073741824,"optimal_vram":1073741824,"compute_weight":100,"max_compute":100,"secure":false}]})")
+                  .ok());
+  auto s = load_state(path);
+  ASSERT_TRUE(s.ok()) << s.error().message;
+  ASSERT_EQ(s->partitions.size(), 1u);
+  EXPECT_EQ(s->partitions[0].name, "v1");
+  EXPECT_TRUE(s->resets.empty());
+}
+
+TEST(GpupdState, BadResetHistoriesAreRefusedNamingTheField) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  PersistentState good{{{"mock0", 0x1234}}, {spec("a", "mock0", 0, GiB)}, {}};
+  good.resets["a"] = history(3, "TDR", {1700000000, 1700000001}, "removed after 3 resets");
+  const json base = to_json(good);
+  // Loads with tdr_limit_count (default 5: at most 10 times).
+  auto refused = [&](const std::function<void(json&)>& change, uint32_t limit = control::kDefaultTdrLimitCount) {
+    json j = base;
+    change(j["partitions"][0]["resets"]);
+    EXPECT_TRUE(write_file_atomic(path, control::dump_json(j)).ok());
+    auto s = load_state(path, limit);
+    if (s.ok()) return std::string("loaded");
+    const std::string prefix = "state file " + path + " is invalid: ";
+    const std::string suffix = "; gpupd will not start until it is repaired or moved away";
+    std::string m = s.error().message;
+    EXPECT_EQ(m.rfind(prefix, 0), 0u) << m;
+    EXPECT_TRUE(m.ends_with(suffix)) << m;
+    return m.substr(prefix.size(), m.size() - prefix.size() - suffix.size());
+  };
+  EXPECT_EQ(refused([](json&) {}), "loaded");
+  EXPECT_EQ(refused([](json& r) { r = json::array(); }), "partitions[0].resets: expected an object, got array");
+  EXPECT_EQ(refused([](json& r) { r["total"] = "3"; }), "partitions[0].resets.total: expected a non-negative integer, got string");
+  EXPECT_EQ(refused([](json& r) { r.erase("total"); }), "partitions[0].resets.total: missing");
+  EXPECT_EQ(refused([](json& r) { r.erase("times"); }), "partitions[0].resets.times: missing");
+  EXPECT_EQ(refused([](json& r) { r["when"] = 1; }), "partitions[0].resets.when: unknown field");
+  EXPECT_EQ(refused([](json& r) { r["times"] = 1700000000; }), "partitions[0].resets.times: expected an array, got integer");
+  EXPECT_EQ(refused([](json& r) { r["times"] = json::array({1700000000, "soon"}); }),
+            "partitions[0].resets.times[1]: expected seconds since the epoch in 1..7258118400, got string");
+  EXPECT_EQ(refused([](json& r) { r["times"] = json::array({0}); }),
+            "partitions[0].resets.times[0]: expected seconds since the epoch in 1..7258118400, got 0");
+  EXPECT_EQ(refused([](json& r) { r["times"] = json::array({-5}); }),
+            "partitions[0].resets.times[0]: expected seconds since the epoch in 1..7258118400, got negative integer");
+  EXPECT_EQ(refused([](json& r) { r["times"] = json::array({7258118401ull}); }),
+            "partitions[0].resets.times[0]: expected seconds since the epoch in 1..7258118400, got 7258118401");
+  EXPECT_EQ(refused([](json& r) { r["times"] = json::array({1.5}); }),
+            "partitions[0].resets.times[0]: expected seconds since the epoch in 1..7258118400, got number with a fraction");
+  EXPECT_EQ(refused([](json& r) { r["times"] = json::array({1700000005, 1700000000}); }),
+            "partitions[0].resets.times[1]: earlier than the time before it (they are oldest first)");
+  EXPECT_EQ(refused([](json& r) { r["total"] = 1; }), "partitions[0].resets: 2 reset times but a total of 1");
+  // At most 2 * tdr_limit_count times: gpupd keeps tdr_limit_count at most.
+  auto many = [](size_t n) {
+    return [n](json& r) {
+      r["times"] = json::array();
+      for (size_t i = 0; i < n; ++i) r["times"].push_back(1700000000 + i);
+      r["total"] = n;
+    };
+  };
+  EXPECT_EQ(refused(many(10)), "loaded");
+  EXPECT_EQ(refused(many(11)), "partitions[0].resets.times: more than 10 items");
+  EXPECT_EQ(refused(many(4), 2), "loaded");
+  EXPECT_EQ(refused(many(5), 2), "partitions[0].resets.times: more than 4 items");
+  // Reasons: strings, capped, printable, and not empty when present.
+  EXPECT_EQ(refused([](json& r) { r["last"] = 5; }), "partitions[0].resets.last: expected a string, got integer");
+  EXPECT_EQ(refused([](json& r) { r["last"] = std::string(kMaxResetReasonLength, 'x'); }), "loaded");
+  EXPECT_EQ(refused([](json& r) { r["last"] = std::string(kMaxResetReasonLength + 1, 'x'); }),
+            "partitions[0].resets.last: longer than 2048 bytes");
+  EXPECT_EQ(refused([](json& r) { r["removed"] = std::string(100000, 'x'); }),
+            "partitions[0].resets.removed: longer than 2048 bytes");
+  EXPECT_EQ(refused([](json& r) { r["last"] = "TDR \\n \xc3\xa9"; }), "loaded") << "a backslash, n and UTF-8 are printable";
+  EXPECT_EQ(refused([](json& r) { r["last"] = "TDR\n\x1b[2J"; }), "partitions[0].resets.last: contains control characters");
+  EXPECT_EQ(refused([](json& r) { r["removed"] = std::string("a\x7f"); }),
+            "partitions[0].resets.removed: contains control characters");
+  EXPECT_EQ(refused([](json& r) { r["removed"] = ""; }), "partitions[0].resets.removed: empty");
+  EXPECT_EQ(refused([](json& r) { r["removed"] = true; }), "partitions[0].resets.removed: expected a string, got boolean");
+}
+
+TEST(GpupdState, LongOrUnprintableReasonsAreCutWhenWritten) {
+  TempDir dir;
+  std::string path = dir.file("partitions.json");
+  PersistentState s{{}, {spec("a", "mock0", 0, GiB)}, {}};
+  std::string long_utf8;
+  while (long_utf8.size() < 3 * kMaxResetReasonLength) long_utf8 += "\xc3\xa9";  // é
+  s.resets["a"] = history(1, "bad\tprocess\x1b name", {}, long_utf8);
+  ASSERT_TRUE(save_state(path, s).ok());
+  auto back = load_state(path);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  const ResetHistory& h = back->resets.at("a");
+  EXPECT_EQ(h.last, "bad?process? name");
+  EXPECT_LE(h.removed.size(), kMaxResetReasonLength);
+  EXPECT_GT(h.removed.size(), kMaxResetReasonLength - 8);
+  EXPECT_TRUE(h.removed.ends_with("\xc3\xa9...")) << "cut between characters, never inside one";
+}
+
 TEST(GpupdState, LuidsAreStableAndDistinct) {
   std::map<std::string, uint64_t> none;
   uint64_t a = derive_luid("pocl0", none);
@@ -559,7 +692,7 @@ class GpupdWorker : public ::testing::Test {
   Worker::ConfigureFn configure(const std::string& vm, uint64_t max = GiB) {
     return [this, vm, max]() -> Result<control::ConfigureMessage> {
       control::ConfigureMessage m;
-      m.vm = VmSpec{vm, control::new_guid(), "mock0", 0, max, max, 100, 100, false};
+      m.vm = VmSpec{vm, control::new_guid(), "mock0", 0, max, max, weight_, 100, false};
       m.adapter = control::AdapterSpec{"mock0", 42, "/nonexistent/libgpup_kmd_mock.so", "a=b\n"};
       ::mkdir((dir_.path() + "/" + vm).c_str(), 0755);
       m.endpoint = dir_.path() + "/" + vm + "/vrd.sock";
@@ -591,6 +724,7 @@ class GpupdWorker : public ::testing::Test {
   EventLoop loop_;
   WorkerOptions opts_;
   VmSpec spec_;
+  uint32_t weight_ = 100;  // fake_vmwp's tdr* and fault* reset their partition while it is 1
 };
 
 TEST_F(GpupdWorker, StartsAnswersStatsAndStops) {
@@ -701,6 +835,97 @@ TEST_F(GpupdWorker, MissingProgramFailsCleanly) {
   w.start();
   ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kFailed; }));
   EXPECT_NE(w.last_error().find("cannot execute /nonexistent/gpup-vmwp"), std::string::npos) << w.last_error();
+}
+
+// Seconds since the epoch, now.
+uint64_t wall_now() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
+
+// Each reset is counted and reported to the hook; at the limit the partition is removed. Its history
+// goes to a new Worker (as to a restarted gpupd): still removed, not started, until reset().
+TEST_F(GpupdWorker, ResetsAreKeptAndARestoredRemovedPartitionIsNotStarted) {
+  opts_.tdr_limit_count = 2;
+  std::vector<std::string> changed;
+  opts_.resets_changed = [&](const std::string& vm) { changed.push_back(vm); };
+  weight_ = 1;
+  const uint64_t before = wall_now();
+  ResetHistory h;
+  {
+    Worker w(loop_, opts_, "tdr1", configure("tdr1"));
+    w.start();
+    ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRemoved; })) << to_string(w.state());
+    EXPECT_EQ(changed, (std::vector<std::string>{"tdr1", "tdr1"})) << "once per reset, the last one removing it";
+    EXPECT_EQ(w.restarts(), 1u);
+    EXPECT_EQ(w.pid(), -1);
+    h = w.reset_history();
+  }
+  EXPECT_EQ(h.total, 2u);
+  EXPECT_EQ(h.last.rfind("TDR: work of fake-guest (pid ", 0), 0u) << h.last;
+  ASSERT_EQ(h.times.size(), 2u);
+  for (uint64_t t : h.times) {
+    EXPECT_GE(t, before - 1);
+    EXPECT_LE(t, wall_now() + 1);
+  }
+  EXPECT_EQ(h.removed, "removed after 2 resets within 60 s (last: " + h.last + ")");
+
+  changed.clear();
+  weight_ = 100;  // it would run now, if it were started
+  Worker again(loop_, opts_, "tdr1", configure("tdr1"));
+  again.restore_resets(h);
+  EXPECT_EQ(again.state(), WorkerState::kRemoved);
+  EXPECT_EQ(again.last_error(), h.removed + ", before gpupd restarted; `gpup vm reset tdr1` brings it back");
+  again.start();
+  EXPECT_FALSE(run_until([&] { return again.state() != WorkerState::kRemoved || again.pid() > 0; }, 300ms))
+      << "a removed partition is not started";
+  json resets = again.describe()["resets"];
+  EXPECT_EQ(resets["recent"], 2);
+  EXPECT_EQ(resets["total"], 2);
+  EXPECT_EQ(resets["last"], h.last);
+  EXPECT_EQ(again.reset_history(), h) << "handed on unchanged";
+  EXPECT_TRUE(changed.empty()) << "restoring is no change";
+
+  again.reset();
+  EXPECT_EQ(changed, std::vector<std::string>{"tdr1"});
+  ResetHistory cleared = again.reset_history();
+  EXPECT_EQ(cleared.removed, "");
+  EXPECT_TRUE(cleared.times.empty());
+  EXPECT_EQ(cleared.total, 2u) << "the total and the last reason stay";
+  EXPECT_EQ(cleared.last, h.last);
+  ASSERT_TRUE(run_until([&] { return again.state() == WorkerState::kRunning; })) << again.last_error();
+  EXPECT_EQ(again.last_error(), "");
+}
+
+// Restored resets within the window count toward the limit; older ones are dropped, and one ahead
+// of the clock (set back since) counts as now. A fault signal is a reset too.
+TEST_F(GpupdWorker, RestoredResetsCountTowardTheLimit) {
+  opts_.tdr_limit_count = 3;
+  opts_.tdr_limit_window = 60s;
+  weight_ = 1;
+  const uint64_t now = wall_now();
+  Worker w(loop_, opts_, "fault1", configure("fault1"));
+  w.restore_resets(history(9, "earlier", {now - 3600, now - 10, now + 1000}));
+  EXPECT_EQ(w.state(), WorkerState::kStopped);
+  EXPECT_EQ(w.describe()["resets"]["recent"], 2);
+  ResetHistory kept = w.reset_history();
+  ASSERT_EQ(kept.times.size(), 2u);
+  EXPECT_NEAR(static_cast<double>(kept.times[0]), static_cast<double>(now - 10), 2.0);
+  EXPECT_NEAR(static_cast<double>(kept.times[1]), static_cast<double>(wall_now()), 2.0);
+  w.start();
+  ASSERT_TRUE(run_until([&] { return w.state() == WorkerState::kRemoved; })) << to_string(w.state());
+  EXPECT_EQ(w.restarts(), 0u) << "one reset reached the limit";
+  ResetHistory h = w.reset_history();
+  EXPECT_EQ(h.total, 10u);
+  EXPECT_EQ(h.last, "the worker killed by signal 11 (SEGV) while running guest work");
+  EXPECT_EQ(h.times.size(), 3u);
+  EXPECT_EQ(h.removed, "removed after 3 resets within 60 s (last: " + h.last + ")");
+
+  // More recent times than the limit (it was lowered since gpupd wrote them): the newest count.
+  Worker lowered(loop_, opts_, "v1", configure("v1"));
+  lowered.restore_resets(history(5, "x", {now - 50, now - 40, now - 30, now - 20, now - 10}));
+  EXPECT_EQ(lowered.describe()["resets"]["recent"], 3);
+  EXPECT_EQ(lowered.reset_history().times, (std::vector<uint64_t>{now - 30, now - 20, now - 10}));
 }
 
 TEST_F(GpupdWorker, RequestsToAStoppedWorkerFail) {
