@@ -461,16 +461,20 @@ TEST_F(JailE2E, NativeProgramBinaryCannotWriteHostFiles) {
   EXPECT_FALSE(exists(path)) << path << " was created by a kernel loaded from a native binary:\n" << r.out;
 }
 
+// The environment that points the thunk library straight at partition vm's endpoint and the ICD
+// at its driver store (no sandbox between): empty when vm shows no endpoint.
+std::map<std::string, std::string> direct_env(const json& vm) {
+  const std::string endpoint = vm.value("endpoint", ""), store = vm.value("driver_store", "");
+  if (endpoint.empty()) return {};
+  return {{"GPUP_VRD", "unix:" + endpoint}, {"OCL_ICD_VENDORS", store + "/OpenCL/vendors"}, {"GPUP_OCL_DEBUG", "1"}};
+}
+
 // A local user other than the host's (uid 65534) reaching a partition: directly through its
 // endpoint with the thunk library, and through `gpup run --no-sandbox`. Refused with a clear
 // error, and no kernel runs (the write-file kernel would leave its file).
 TEST_F(JailE2E, OtherLocalUserCannotUseAPartition) {
-  const json victim = show("victim");
-  const std::string endpoint = victim.value("endpoint", ""), store = victim.value("driver_store", "");
-  ASSERT_FALSE(endpoint.empty());
-  std::map<std::string, std::string> direct = {{"GPUP_VRD", "unix:" + endpoint},
-                                               {"OCL_ICD_VENDORS", store + "/OpenCL/vendors"},
-                                               {"GPUP_OCL_DEBUG", "1"}};
+  const auto direct = direct_env(show("victim"));
+  ASSERT_FALSE(direct.empty());
   // Control: the host's own user gets a kernel run this way, so a refusal below is the user's.
   Child control({GPUP_CL_ATTACK, "read-file", "/dev/null", "16"}, direct);
   control.wait(120s);
@@ -502,12 +506,8 @@ TEST_F(JailE2E, OtherLocalUserCannotUseAPartition) {
 
 // The operator allows that user: its kernel runs; revoked, it is refused again at once.
 TEST_F(JailE2E, AllowedLocalUserRunsUntilRevoked) {
-  const json victim = show("victim");
-  const std::string endpoint = victim.value("endpoint", ""), store = victim.value("driver_store", "");
-  ASSERT_FALSE(endpoint.empty());
-  std::map<std::string, std::string> direct = {{"GPUP_VRD", "unix:" + endpoint},
-                                               {"OCL_ICD_VENDORS", store + "/OpenCL/vendors"},
-                                               {"GPUP_OCL_DEBUG", "1"}};
+  const auto direct = direct_env(show("victim"));
+  ASSERT_FALSE(direct.empty());
   Cleanup undo{[&] { host_->gpup({"vm", "set", "victim", "--allow-user", "none"}); }};
   auto set = host_->gpup({"vm", "set", "victim", "--allow-user", std::to_string(kNobody)});
   ASSERT_EQ(set.code, 0) << set.out;
