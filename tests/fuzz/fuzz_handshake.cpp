@@ -206,7 +206,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (!whole_hello && !fds_in_hello && inline_writes) {
       CHECK(r.status() == (hold ? GPUP_STATUS_TIMEOUT : GPUP_STATUS_CONNECTION_LOST), r.status(), stream.size());
     }
-    if (fds_in_hello) CHECK(r.status() == GPUP_STATUS_PROTOCOL_ERROR, r.status());
+    // Written before the accept, the fd-carrying Hello is there to be read and refused; written by
+    // the thread as the host reads, a loaded machine may not get it out within the timeout.
+    if (fds_in_hello)
+      CHECK(r.status() == GPUP_STATUS_PROTOCOL_ERROR || (!inline_writes && r.status() == GPUP_STATUS_TIMEOUT),
+            r.status(), inline_writes);
 
     if (r.ok()) {
       std::unique_ptr<Channel> ch = std::move(*r);
