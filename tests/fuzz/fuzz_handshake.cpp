@@ -45,7 +45,9 @@ namespace wire = gpup::channel::internal::wire;
 namespace {
 
 constexpr int kTimeoutMs = 20;
-constexpr int kSlackMs = 3000;
+// How much later than its deadline a handshake may return: what a loaded machine can take from a
+// (niced) fuzzer, seen at 3.3 s; below libFuzzer's -timeout=10, which still catches a hang.
+constexpr int kSlackMs = 8000;
 
 [[noreturn]] void violated(const char* what, long long a = 0, long long b = 0) {
   fprintf(stderr, "fuzz_handshake: invariant violated: %s (%lld, %lld)\n", what, a, b);
