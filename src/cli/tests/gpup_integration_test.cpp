@@ -484,7 +484,7 @@ TEST_F(GpupHost, KilledWorkerIsRestarted) {
 
 // A partition removed after repeated resets stays removed across gpupd restarts, its history kept,
 // until `gpup vm reset`; then it runs, and stays running across the next restart. fake_vmwp's tdr*
-// reports a TDR and exits 75 right after each ready, fault* dies of SIGSEGV, while their compute
+// reports a TDR and exits 75 right after each ready, fault* dies of SIGILL, while their compute
 // weight is 1.
 TEST_F(GpupHost, QuarantineSurvivesARestart) {
   require_mocks();
@@ -503,7 +503,7 @@ TEST_F(GpupHost, QuarantineSurvivesARestart) {
   const std::string why = "removed after 2 resets within 3600 s (last: " + last + ")";
   EXPECT_EQ(t["last_error"], why + "; `gpup vm reset tdr1` brings it back");
   json f = vm("fault1");
-  EXPECT_EQ(f["resets"]["last"], "the worker killed by signal 11 (SEGV) while running guest work") << f;
+  EXPECT_EQ(f["resets"]["last"], "the worker killed by signal 4 (ILL) while running guest work") << f;
   EXPECT_EQ(spawns("tdr1"), 2u);
   EXPECT_EQ(spawns("fault1"), 2u);
 

@@ -17,7 +17,7 @@
 //            an ask sent after it), reports a TDR ({"event":"tdr",...}) and exits kWorkerExitReset,
 //            as the real worker's watchdog does. With any other weight it serves normally, so a test
 //            lets it run again with `gpup vm set --compute-weight`.
-//   fault*   the same, but dies of SIGSEGV (without a core dump), as when a guest kernel crashes
+//   fault*   the same, but dies of SIGILL (without a core dump), as when a guest kernel crashes
 //            the worker
 #include <signal.h>
 #include <sys/prctl.h>
@@ -129,14 +129,14 @@ int main(int argc, char** argv) {
                          .pid = static_cast<uint32_t>(::getpid()), .process = std::string("fake-guest")});
       return kWorkerExitReset;
     }
-    // A real fault, not raise(): the jail's seccomp filter may not let a worker signal itself.
+    // A real fault, not raise(): jailed, the worker is pid 1 of its namespace, which ignores the
+    // fatal signals it sends itself. An illegal instruction, not a null store: sanitizer builds
+    // take SIGSEGV and turn it into an exit status, but leave SIGILL to the kernel.
     ::prctl(PR_SET_DUMPABLE, 0);
     rlimit no_core{0, 0};
     ::setrlimit(RLIMIT_CORE, &no_core);
-    ::signal(SIGSEGV, SIG_DFL);
-    int* volatile nowhere = nullptr;
-    *nowhere = 1;
-    return 2;
+    ::signal(SIGILL, SIG_DFL);
+    __builtin_trap();
   }
 
   VmSpec spec = cfg->vm;
