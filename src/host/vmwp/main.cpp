@@ -1,9 +1,10 @@
-// gpup-vmwp: the worker process of one VM partition. Spawned and supervised by gpupd, which
-// configures it over a control socket (JSON lines; every line is a record of control/protocol.h,
-// read and written only through its codec); it then serves the
-// VM's VRD endpoint, one thread per guest process connected to it. It runs sandboxed
-// (seccomp_policy.h): rlimits before the KMD is loaded, the seccomp filter before it reports ready;
-// gpupd has put it in its memory cgroup before sending the configuration.
+// gpup-vmwp: the worker process of one VM partition. Started by gpupd in its jail (gpupd's
+// jail.h: own uid, namespaces and root, no capabilities, its cgroups already joined) and
+// configured over a control socket on fd 3 (JSON lines; every line is a record of
+// control/protocol.h, read and written only through its codec). It then serves the guests gpupd
+// accepted on the VM's VRD endpoint and hands over on fd 4, one thread per guest process. It adds
+// its own confinement (seccomp_policy.h): rlimits before the KMD is loaded, the seccomp allow-list
+// before it reports ready.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
