@@ -75,7 +75,7 @@ Worker::~Worker() {
     }
     spdlog::info("vm {}: worker pid {} killed: {}", vm_, pid_, describe_wait_status(status));
     (void)leave_memory_cgroup();
-    leave_cpu_cgroup();
+    leave_cpu_and_pids_cgroups();
     release_vram();
   }
   detach_scheduler();
@@ -253,7 +253,7 @@ void Worker::join_cpu_cgroup() {
                to_string(opts_.cpu_cgroups->version()), sched_weight_, sched_cap_, opts_.cpu_cgroups->cpus());
 }
 
-void Worker::leave_cpu_cgroup() {
+void Worker::leave_cpu_and_pids_cgroups() {
   empty_and_remove(opts_.cpu_cgroups.get(), cpu_cgroup_dir_);
   empty_and_remove(opts_.pids_cgroups.get(), pids_cgroup_dir_);
 }
@@ -438,7 +438,7 @@ void Worker::spawn() {
     if (!started.ok()) {
       pid_ = -1;
       (void)leave_memory_cgroup();
-      leave_cpu_cgroup();
+      leave_cpu_and_pids_cgroups();
       return start_failed(fmt::format("cannot start the worker in its jail: {}", started.error().message));
     }
     pid = started->pid;
@@ -947,7 +947,7 @@ void Worker::on_exit() {
   std::string desc = r < 0 ? fmt::format("could not be reaped: {}", std::strerror(errno)) : describe_wait_status(status);
   pid_t old_pid = pid_;
   desc += leave_memory_cgroup();
-  leave_cpu_cgroup();
+  leave_cpu_and_pids_cgroups();
   release_vram();  // whatever it borrowed is free again
   detach_scheduler();
 

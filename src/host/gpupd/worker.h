@@ -261,7 +261,7 @@ class Worker {
   std::string cpu_cgroup_dir_;  // the live process's cpu cgroup, empty when none
   std::string cpu_note_;        // why none
   void join_cpu_cgroup();
-  void leave_cpu_cgroup();  // and the pids cgroup
+  void leave_cpu_and_pids_cgroups();
   std::string pids_cgroup_dir_;  // the live process's pids cgroup, empty when none
   void join_pids_cgroup();
   // Kills whatever is left in dir (nothing, for a jailed worker: its pid namespace went with it),
