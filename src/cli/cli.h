@@ -71,6 +71,7 @@ struct VmOptions {
   std::string min_vram, max_vram, optimal_vram;  // as typed; empty when not given
   int64_t compute_weight = -1;                   // -1 when not given
   int64_t max_compute = -1;
+  int64_t build_timeout = -1;                    // seconds
   bool secure = false;
   // --allow-user / --allow-group: names or numeric ids; "none" clears the list. Unset: not given.
   std::vector<std::string> allow_users, allow_groups;

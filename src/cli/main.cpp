@@ -38,8 +38,13 @@ int main(int argc, char** argv) {
     c->add_option("--min-vram", opts.min_vram, "VRAM reserved for the partition (e.g. 256MiB)");
     c->add_option("--max-vram", opts.max_vram, "most VRAM the partition may use (default: the adapter's)");
     c->add_option("--optimal-vram", opts.optimal_vram, "VRAM the partition should get (default: max)");
-    c->add_option("--compute-weight", opts.compute_weight, "relative share of device time, 1-10000 (default 100)");
-    c->add_option("--max-compute", opts.max_compute, "cap on device time in percent, 1-100 (default 100)");
+    c->add_option("--compute-weight", opts.compute_weight, "relative share of device time, 1-10000 (default 100)")
+        ->check(CLI::NonNegativeNumber);
+    c->add_option("--max-compute", opts.max_compute, "cap on device time in percent, 1-100 (default 100)")
+        ->check(CLI::NonNegativeNumber);
+    c->add_option("--build-timeout", opts.build_timeout,
+                  "seconds a device program build may take before the partition is reset, 1-3600 (default 300)")
+        ->check(CLI::NonNegativeNumber);
     c->add_option("--allow-user", opts.allow_users,
                   "a user (name or uid) allowed to run guests in the partition besides root; repeat or "
                   "comma-separate; 'none' clears")

@@ -73,6 +73,7 @@ static json vm_settings(const VmOptions& o) {
   if (!o.optimal_vram.empty()) vm["optimal_vram"] = parse_size_option(o.optimal_vram, "--optimal-vram");
   if (o.compute_weight >= 0) vm["compute_weight"] = o.compute_weight;
   if (o.max_compute >= 0) vm["max_compute"] = o.max_compute;
+  if (o.build_timeout >= 0) vm["build_timeout_s"] = o.build_timeout;
   if (!o.allow_users.empty()) vm["allow_users"] = id_list(o.allow_users, false);
   if (!o.allow_groups.empty()) vm["allow_groups"] = id_list(o.allow_groups, true);
   return vm;
@@ -160,6 +161,7 @@ int cmd_vm_show(const Context& ctx, const std::string& name, bool as_json) {
   row("optimal vram", format_size(u64(vm, "optimal_vram")));
   row("compute", fmt::format("weight {}, max {}%", u64(vm, "compute_weight"), u64(vm, "max_compute")));
   row("secure", flag(vm, "secure") ? "yes" : "no");
+  if (vm.contains("build_timeout_s")) row("build timeout", fmt::format("{} s", u64(vm, "build_timeout_s")));
   {
     std::string who = "root";
     for (const char* key : {"allow_users", "allow_groups"})

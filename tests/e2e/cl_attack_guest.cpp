@@ -37,6 +37,7 @@
 #include <CL/cl.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -591,12 +592,37 @@ int hold(Cl& cl, const std::string& pattern, double seconds) {
   return 0;
 }
 
+// A program that is slow to compile and small to send: each macro level doubles the statements the
+// compiler sees, so depth 20 is a million of them (minutes of PoCL build time on this machine
+// kind; depth 14 takes about 3 s natively) from a source of a few hundred bytes.
+int heavy_build(Cl& cl, int depth) {
+  std::string src = "#define S0 x = x * 3u + (x >> 7);\n";
+  for (int i = 1; i <= depth; ++i) src += "#define S" + std::to_string(i) + " S" + std::to_string(i - 1) + " S" + std::to_string(i - 1) + "\n";
+  src += "__kernel void heavy(__global uint* p) { uint x = p[get_global_id(0)]; S" + std::to_string(depth) +
+         " p[get_global_id(0)] = x; }\n";
+  const char* text = src.c_str();
+  cl_int err = CL_SUCCESS;
+  cl_program prog = clCreateProgramWithSource(cl.ctx, 1, &text, nullptr, &err);
+  if (err != CL_SUCCESS) {
+    std::printf("SETUP failed: clCreateProgramWithSource err=%d\n", err);
+    return 2;
+  }
+  std::printf("BUILDING depth=%d\n", depth);
+  std::fflush(stdout);
+  const auto t0 = std::chrono::steady_clock::now();
+  err = clBuildProgram(prog, 1, &cl.dev, "", nullptr, nullptr);
+  const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("RESULT build=%d ms=%lld\n", err, static_cast<long long>(ms));
+  if (err != CL_SUCCESS) print_build_log(cl, prog);
+  return 0;
+}
+
 int usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s write-file PATH | read-file PATH [N] | exec PATH [ARG...] | kill PID SIG |\n"
                "  proc-mem PID ADDR HEX | connect PATH [PAYLOAD] | cgroup-write PATH VALUE... |\n"
                "  sysctl-write PATH VALUE... | cache-poison PATH... | make-binary OUTFILE |\n"
-               "  binary-write-file BINFILE PATH | hold PATTERN SECONDS\n",
+               "  binary-write-file BINFILE PATH | hold PATTERN SECONDS | heavy-build DEPTH\n",
                argv0);
   return 2;
 }
@@ -614,6 +640,11 @@ int main(int argc, char** argv) {
     if (args.size() != 1) return usage(argv[0]);
     if (!setup(cl, /*native=*/true)) return 2;
     return make_binary(cl, args[0]);
+  }
+  if (mode == "heavy-build") {
+    if (args.size() != 1) return usage(argv[0]);
+    if (!setup(cl, false)) return 2;
+    return heavy_build(cl, std::atoi(args[0].c_str()));
   }
   if (mode == "binary-write-file") {
     if (args.size() != 2) return usage(argv[0]);

@@ -184,6 +184,24 @@ struct Cleanup {
   }
 };
 
+// Writes a new file `name` in dir as uid (and the gid of the same number), from a child process
+// that opens dir as root first (another process's /proc/PID/root takes root's ptrace access).
+bool write_as(uid_t uid, const std::string& dir, const std::string& name, const std::string& text) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int dfd = open(dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) _exit(1);
+    if (setgroups(0, nullptr) != 0 || setgid(uid) != 0 || setuid(uid) != 0) _exit(2);
+    const int fd = openat(dfd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) _exit(3);
+    const bool ok = write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+    close(fd);
+    _exit(ok ? 0 : 4);
+  }
+  int status = 0;
+  return pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
 // Removes `path` if an attack created it; says whether it existed.
 bool remove_if_created(const std::string& path) {
   if (!exists(path)) return false;
@@ -603,6 +621,77 @@ TEST_F(JailE2E, KernelCannotSignalGpupdOrAnotherPartition) {
   EXPECT_TRUE(alive(gpupd)) << "gpupd " << gpupd << " died:\n" << r.out;
   EXPECT_EQ(gpupd_pid(), gpupd);
   EXPECT_EQ(host_->gpup({"host", "status"}).code, 0);
+}
+
+// A device program whose build would take minutes, in a partition whose builds may take 5 s: the
+// build is stopped by resetting that partition only. Its guest's clBuildProgram fails with a log
+// that says why, the partition comes back with a new worker whose scratch and kernel cache hold
+// nothing of the old build, and the other partition's worker and data are untouched.
+TEST_F(JailE2E, BuildPastTheTimeoutResetsOnlyItsPartition) {
+  auto r = host_->gpup({"vm", "set", "attacker", "--build-timeout", "5"});
+  ASSERT_EQ(r.code, 0) << r.out;
+  Cleanup restore{[] { host_->gpup({"vm", "set", "attacker", "--build-timeout", "300"}); }};
+  EXPECT_EQ(show("attacker").value("build_timeout_s", 0), 5);
+
+  auto victim = host_->guest("victim", {"hold", "victim-data", "120"}, {}, GPUP_CL_ATTACK);
+  ASSERT_TRUE(victim->wait_for("HOLDING", 90s)) << victim->output();
+  const pid_t victim_worker = our_worker("victim");
+  ASSERT_GT(victim_worker, 0);
+  const json attacker_before = show("attacker");
+  const pid_t old_worker = our_worker("attacker");
+  ASSERT_GT(old_worker, 0);
+  const uint64_t resets_before = attacker_before["resets"].value("total", uint64_t{0});
+  // Files standing for what the build leaves in the worker's scratch and kernel cache, written as
+  // the worker's own uid (the jail's mounts take no file of an id they do not map, root's included).
+  const json jail_uid = worker_field(attacker_before, "jail")["uid"];
+  ASSERT_TRUE(jail_uid.is_number_unsigned()) << attacker_before.dump();
+  const std::string marker = "gpup-build-leftover-" + unique_tag();
+  for (const char* dir : {"/tmp/", "/cache/"}) {
+    const std::string where = "/proc/" + std::to_string(old_worker) + "/root" + dir;
+    ASSERT_TRUE(write_as(jail_uid.get<uid_t>(), where, marker, "partial build output\n")) << "cannot plant " << where << marker;
+    ASSERT_TRUE(exists(where + marker));
+  }
+
+  const auto t0 = std::chrono::steady_clock::now();
+  r = attack({"heavy-build", "20"});
+  const auto took = std::chrono::steady_clock::now() - t0;
+  ASSERT_NE(r.out.find("BUILDING depth=20"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("RESULT build=-11 "), std::string::npos) << "expected CL_BUILD_PROGRAM_FAILURE:\n" << r.out;
+  EXPECT_NE(r.out.find("build timeout of 5 s"), std::string::npos) << "the build log does not say why:\n" << r.out;
+  EXPECT_GE(took, 5s);
+  EXPECT_LT(took, 60s) << "the build was not stopped near its 5 s timeout";
+
+  // gpupd sees the old worker end and starts a new one.
+  json after;
+  for (int i = 0; i < 300; ++i) {
+    after = wait_running("attacker");
+    if (after["resets"].value("total", uint64_t{0}) > resets_before && worker_field(after, "pid") != worker_field(attacker_before, "pid"))
+      break;
+    std::this_thread::sleep_for(100ms);
+  }
+  ASSERT_EQ(after.value("state", ""), "running") << after.dump();
+  EXPECT_EQ(after["resets"].value("total", uint64_t{0}), resets_before + 1) << after.dump();
+  EXPECT_NE(after["resets"].value("last", "").find("program build"), std::string::npos) << after.dump();
+  EXPECT_FALSE(alive(old_worker)) << "the worker that ran the build is still there";
+  const pid_t new_worker = our_worker("attacker");
+  ASSERT_GT(new_worker, 0);
+  EXPECT_NE(new_worker, old_worker);
+  // The new worker's scratch and kernel cache are new: what the old one's held is gone.
+  for (const char* dir : {"/tmp/", "/cache/"}) {
+    const std::string root = "/proc/" + std::to_string(new_worker) + "/root" + dir;
+    EXPECT_TRUE(fs::is_directory(root)) << root;
+    EXPECT_FALSE(exists(root + marker)) << dir << marker << " outlived the worker that was reset";
+  }
+
+  // The partition builds again, within the same limit.
+  r = attack({"heavy-build", "0"});
+  EXPECT_NE(r.out.find("RESULT build=0 "), std::string::npos) << r.out;
+
+  victim->close_stdin();
+  victim->wait(60s);
+  EXPECT_NE(victim->output().find("INTACT 1"), std::string::npos) << victim->output();
+  EXPECT_TRUE(alive(victim_worker)) << "the other partition's worker was reset too";
+  EXPECT_EQ(our_worker("victim"), victim_worker);
 }
 
 }  // namespace

@@ -114,6 +114,9 @@ cl_int host_build(GPUPKMT_HANDLE hw_device, cl_device_id d, const BuildInput& in
   }
   log_failure("building a program on the host", s);
   if (b->log.empty()) b->log = GpupKmtGetLastErrorMessage();
+  // The host reset the partition during the build (it ran past the partition's build timeout):
+  // a failed build, whose log says why, as applications look for one.
+  if (s == GPUP_STATUS_DEVICE_REMOVED) return CL_BUILD_PROGRAM_FAILURE;
   return cl_error_from_status(s, CL_OUT_OF_HOST_MEMORY);
 }
 

@@ -234,6 +234,9 @@ TEST(ControlWorkerChannel, EveryLineRoundTrips) {
   auto tdr = [](const json& j) { return tdr_event_from_json(j); };
   check(TdrEvent{2100, 2000, 0x40000001u, 42u, std::string("app"), true}, tdr);
   check(TdrEvent{2100, 2000, std::nullopt, std::nullopt, std::nullopt, false}, tdr);
+  check(TdrEvent{.running_ms = 5100, .pid = 42u, .process = std::string("app"), .guests_told = false,
+                 .kind = TdrEvent::Kind::kBuild, .build_timeout_s = 5},
+        tdr);
 
   auto ask = [](const json& j) { return vram_ask_from_json(j); };
   check(VramAsk{1, false, 16 << 20, 96 << 20}, ask);
@@ -267,6 +270,48 @@ TEST(ControlWorkerChannel, WireTextIsUnchanged) {
   EXPECT_EQ(encode_line(to_json(TdrEvent{2100, 2000, 5u, 42u, std::string("app"), false})),
             "{\"context\":5,\"event\":\"tdr\",\"guests_told\":false,\"pid\":42,\"process\":\"app\",\"running_ms\":2100,"
             "\"tdr_delay_ms\":2000}\n");
+  EXPECT_EQ(encode_line(to_json(TdrEvent{.running_ms = 5100, .pid = 42u, .guests_told = false,
+                                         .kind = TdrEvent::Kind::kBuild, .build_timeout_s = 5})),
+            "{\"build_timeout_s\":5,\"event\":\"tdr\",\"guests_told\":false,\"kind\":\"build\",\"pid\":42,"
+            "\"running_ms\":5100}\n");
+}
+
+// Partitions persisted before builds had a timeout load with the default; a bad one is refused.
+TEST(ControlProtocol, BuildTimeoutDefaultsWhenAbsentAndIsRanged) {
+  VmSpec vm = sample_vm();
+  vm.build_timeout_s = 7;
+  json j = to_json(vm);
+  EXPECT_EQ(j["build_timeout_s"], 7);
+  auto back = exact_vm_spec_from_json(j);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(*back, vm);
+  j.erase("build_timeout_s");
+  back = exact_vm_spec_from_json(j);
+  ASSERT_TRUE(back.ok()) << back.error().message;
+  EXPECT_EQ(back->build_timeout_s, kDefaultBuildTimeoutS);
+  for (uint64_t bad : {uint64_t{0}, uint64_t{kMaxBuildTimeoutS} + 1}) {
+    j["build_timeout_s"] = bad;
+    back = exact_vm_spec_from_json(j);
+    ASSERT_FALSE(back.ok());
+    EXPECT_EQ(back.error().message, fmt::format("vm.build_timeout_s: {} is outside 1..3600", bad));
+  }
+}
+
+// A build's reset names its timeout, not a TDR delay, and carries no context; a work reset no kind.
+TEST(ControlWorkerChannel, BuildResetsAreChecked) {
+  auto d = [](const json& j) { return tdr_event_from_json(j); };
+  EXPECT_EQ(refusal(d, json::parse(R"({"event":"tdr","kind":"build","running_ms":5100,"build_timeout_s":5})")),
+            "accepted");
+  EXPECT_EQ(refusal(d, json::parse(R"({"event":"tdr","kind":"build","running_ms":5100,"tdr_delay_ms":2000})")),
+            "tdr.tdr_delay_ms: unknown field");
+  EXPECT_EQ(refusal(d, json::parse(R"({"event":"tdr","kind":"build","running_ms":1,"build_timeout_s":0})")),
+            "tdr.build_timeout_s: 0 is outside 1..3600");
+  EXPECT_EQ(refusal(d, json::parse(R"({"event":"tdr","kind":"build","running_ms":1,"build_timeout_s":5,"context":1})")),
+            "tdr.context: unknown field");
+  EXPECT_EQ(refusal(d, json::parse(R"({"event":"tdr","kind":"work","running_ms":1,"tdr_delay_ms":2000})")),
+            "tdr: kind is 'work', not build");
+  EXPECT_EQ(refusal(d, json::parse(R"({"event":"tdr","running_ms":1,"build_timeout_s":5})")),
+            "tdr.build_timeout_s: unknown field");
 }
 
 TEST(ControlWorkerChannel, RequestsAreChecked) {

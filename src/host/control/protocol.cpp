@@ -98,6 +98,7 @@ json to_json(const VmSpec& vm) {
               {"compute_weight", vm.compute_weight},
               {"max_compute", vm.max_compute},
               {"secure", vm.secure},
+              {"build_timeout_s", vm.build_timeout_s},
               {"allow_users", vm.allow_users},
               {"allow_groups", vm.allow_groups}};
 }
@@ -134,6 +135,8 @@ Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
   auto weight = r.u64("compute_weight", kMinComputeWeight, kMaxComputeWeight);
   auto percent = r.u64("max_compute", kMinComputePercent, kMaxComputePercent);
   auto secure = r.boolean("secure");
+  // Partitions persisted before builds had a limit take the default.
+  auto build_timeout = r.opt_u64("build_timeout_s", kMinBuildTimeoutS, kMaxBuildTimeoutS);
   if (!r.ok()) return make_error(GPUP_STATUS_INVALID_PARAMETER, r.error());
   auto users = id_list(j, "allow_users", context);
   if (!users) return users.error();
@@ -156,6 +159,7 @@ Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
   vm.compute_weight = static_cast<uint32_t>(*weight);
   vm.max_compute = static_cast<uint32_t>(*percent);
   vm.secure = *secure;
+  vm.build_timeout_s = static_cast<uint32_t>(build_timeout.value_or(kDefaultBuildTimeoutS));
   vm.allow_users = std::move(*users);
   vm.allow_groups = std::move(*groups);
   return vm;
@@ -164,7 +168,7 @@ Result<VmSpec> vm_spec_from_json(const json& j, std::string_view context) {
 Result<VmSpec> exact_vm_spec_from_json(const json& j, std::string_view context) {
   ObjectReader r(j, std::string(context));
   r.only({"name", "guid", "adapter", "min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute",
-          "secure", "allow_users", "allow_groups"});
+          "secure", "build_timeout_s", "allow_users", "allow_groups"});
   if (!r.ok()) return make_error(GPUP_STATUS_INVALID_PARAMETER, r.error());
   return vm_spec_from_json(j, context);
 }
@@ -353,7 +357,13 @@ Result<ErrorEvent> error_event_from_json(const json& j) {
 }
 
 json to_json(const TdrEvent& m) {
-  json j{{"event", "tdr"}, {"running_ms", m.running_ms}, {"tdr_delay_ms", m.tdr_delay_ms}};
+  json j{{"event", "tdr"}, {"running_ms", m.running_ms}};
+  if (m.kind == TdrEvent::Kind::kBuild) {
+    j["kind"] = "build";
+    j["build_timeout_s"] = m.build_timeout_s;
+  } else {
+    j["tdr_delay_ms"] = m.tdr_delay_ms;
+  }
   if (m.context) j["context"] = *m.context;
   if (m.pid) j["pid"] = *m.pid;
   if (m.process) j["process"] = capped(*m.process, kMaxProcessName);
@@ -363,18 +373,31 @@ json to_json(const TdrEvent& m) {
 
 Result<TdrEvent> tdr_event_from_json(const json& j) {
   ObjectReader r(j, "tdr");
-  r.only({"event", "running_ms", "tdr_delay_ms", "context", "pid", "process", "guests_told"});
+  const bool build = j.is_object() && j.contains("kind");
+  if (build) {
+    kind_of(r, "kind", {"build"});
+    r.only({"event", "kind", "running_ms", "build_timeout_s", "pid", "process", "guests_told"});
+  } else {
+    r.only({"event", "running_ms", "tdr_delay_ms", "context", "pid", "process", "guests_told"});
+  }
   kind_of(r, "event", {"tdr"});
   TdrEvent m;
   auto ran = r.u64("running_ms");
-  auto delay = r.u64("tdr_delay_ms", kMinTdrDelayMs, kMaxTdrDelayMs);
+  std::optional<uint64_t> delay, timeout;
+  if (build) timeout = r.u64("build_timeout_s", kMinBuildTimeoutS, kMaxBuildTimeoutS);
+  else delay = r.u64("tdr_delay_ms", kMinTdrDelayMs, kMaxTdrDelayMs);
   auto context = r.opt_u64("context", 0, UINT32_MAX);
   auto pid = r.opt_u64("pid", 0, UINT32_MAX);
   m.process = r.opt_str("process", kMaxProcessName);
   auto told = r.opt_boolean("guests_told");
   if (!r.ok()) return protocol_error(r.error());
   m.running_ms = *ran;
-  m.tdr_delay_ms = static_cast<uint32_t>(*delay);
+  if (build) {
+    m.kind = TdrEvent::Kind::kBuild;
+    m.build_timeout_s = static_cast<uint32_t>(*timeout);
+  } else {
+    m.tdr_delay_ms = static_cast<uint32_t>(*delay);
+  }
   if (context) m.context = static_cast<uint32_t>(*context);
   if (pid) m.pid = static_cast<uint32_t>(*pid);
   m.guests_told = told.value_or(true);

@@ -29,6 +29,7 @@
 //     {"ask":N,"op":"vram"[,"need":N,"want":N]}                  VramAsk
 //     {"sched":"want"}, {"sched":"release","busy_us":N,"more":B}  SchedRequest
 //     {"event":"tdr","running_ms":N,"tdr_delay_ms":N,...}        TdrEvent, then it exits
+//     {"event":"tdr","kind":"build","running_ms":N,"build_timeout_s":N,...}   (a build, the same)
 // The worker answers configure with exactly one of ready (endpoint equal to the one it was given)
 // or error (then exits; gpupd marks the VM failed). After ready, gpupd numbers its requests from 1
 // and the worker replies to each once: stats with its statistics; update after
@@ -83,6 +84,12 @@ inline constexpr int kWorkerExitReset = 75;
 inline constexpr uint32_t kDefaultTdrDelayMs = 2000, kMinTdrDelayMs = 100, kMaxTdrDelayMs = 600000;
 inline constexpr uint32_t kDefaultTdrLimitCount = 5, kDefaultTdrLimitWindowS = 60;
 
+// A device program build (the KMD's pfnCreateAllocation of a program) running longer than a
+// partition's build_timeout_s resets it as a TDR does: a compiler cannot be stopped midway, and the
+// partition's other work waits behind the build. Generous by default: big kernels (hashcat's, a
+// BLAS library's) take minutes to build on a CPU device.
+inline constexpr uint32_t kDefaultBuildTimeoutS = 300, kMinBuildTimeoutS = 1, kMaxBuildTimeoutS = 3600;
+
 inline constexpr uint32_t kMinComputeWeight = 1, kMaxComputeWeight = 10000, kDefaultComputeWeight = 100;
 inline constexpr uint32_t kMinComputePercent = 1, kMaxComputePercent = 100;
 
@@ -116,6 +123,7 @@ struct VmSpec {
   bool secure = false;
   // Who may connect to its VRD endpoint besides root (uids, gids); at most kMaxAllowIds each.
   std::vector<uint32_t> allow_users, allow_groups;
+  uint32_t build_timeout_s = kDefaultBuildTimeoutS;  // absent in JSON: the default
   bool operator==(const VmSpec&) const = default;
 };
 inline constexpr size_t kMaxAllowIds = 64;
@@ -197,14 +205,19 @@ json to_json(const ErrorEvent& m);
 Result<ErrorEvent> error_event_from_json(const json& j);
 
 // The worker's TDR watchdog reset the partition (then the worker exits with kWorkerExitReset):
-// work ran running_ms, past tdr_delay_ms; which context, guest pid and program, when the worker
-// could tell; guests_told false when they learn it only from the lost connection.
+// device work ran running_ms, past tdr_delay_ms (kind work); or a program build ran running_ms,
+// past the partition's build_timeout_s (kind build: "kind":"build" and "build_timeout_s" on the
+// wire instead of "tdr_delay_ms"). Which context (work only), guest pid and program, when the
+// worker could tell; guests_told false when they learn it only from the lost connection.
 struct TdrEvent {
+  enum class Kind { kWork, kBuild };
   uint64_t running_ms = 0;
-  uint32_t tdr_delay_ms = kDefaultTdrDelayMs;
+  uint32_t tdr_delay_ms = kDefaultTdrDelayMs;  // kWork
   std::optional<uint32_t> context, pid;
   std::optional<std::string> process;  // at most kMaxProcessName bytes
   bool guests_told = true;             // on the wire only when false
+  Kind kind = Kind::kWork;
+  uint32_t build_timeout_s = 0;        // kBuild
   bool operator==(const TdrEvent&) const = default;
 };
 json to_json(const TdrEvent& m);

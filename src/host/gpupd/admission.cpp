@@ -32,10 +32,10 @@ Result<VmRequest> parse_vm_request(const json& vm, bool for_add) {
   control::ObjectReader r(vm, "vm");
   if (for_add)
     r.only({"name", "adapter", "min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure",
-            "allow_users", "allow_groups"});
+            "build_timeout_s", "allow_users", "allow_groups"});
   else
-    r.only({"min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure", "allow_users",
-            "allow_groups"});
+    r.only({"min_vram", "max_vram", "optimal_vram", "compute_weight", "max_compute", "secure", "build_timeout_s",
+            "allow_users", "allow_groups"});
   VmRequest req;
   if (for_add) {
     auto name = r.str("name", 256);
@@ -45,7 +45,9 @@ Result<VmRequest> parse_vm_request(const json& vm, bool for_add) {
   auto weight = r.opt_u64("compute_weight", control::kMinComputeWeight, control::kMaxComputeWeight);
   auto percent = r.opt_u64("max_compute", control::kMinComputePercent, control::kMaxComputePercent);
   req.secure = r.opt_boolean("secure");
+  auto build_timeout = r.opt_u64("build_timeout_s", control::kMinBuildTimeoutS, control::kMaxBuildTimeoutS);
   if (!r.ok()) return refuse(r.error());
+  if (build_timeout) req.build_timeout_s = static_cast<uint32_t>(*build_timeout);
   if (weight) req.compute_weight = static_cast<uint32_t>(*weight);
   if (percent) req.max_compute = static_cast<uint32_t>(*percent);
   if (for_add) {
@@ -147,6 +149,7 @@ Result<VmSpec> admit_new_vm(const VmRequest& req, const std::vector<const Adapte
   vm.compute_weight = req.compute_weight.value_or(control::kDefaultComputeWeight);
   vm.max_compute = req.max_compute.value_or(control::kMaxComputePercent);
   vm.secure = req.secure.value_or(false);
+  vm.build_timeout_s = req.build_timeout_s.value_or(control::kDefaultBuildTimeoutS);
   vm.allow_users = req.allow_users.value_or(std::vector<uint32_t>{});
   vm.allow_groups = req.allow_groups.value_or(std::vector<uint32_t>{});
   if (Status s = check_fit(vm, *a, existing); !s.ok()) return s.error();
@@ -170,6 +173,7 @@ Result<VmSpec> admit_vm_change(const VmSpec& current, const VmRequest& change, c
   }
   if (change.compute_weight) vm.compute_weight = *change.compute_weight;
   if (change.max_compute) vm.max_compute = *change.max_compute;
+  if (change.build_timeout_s) vm.build_timeout_s = *change.build_timeout_s;
   if (change.allow_users) vm.allow_users = *change.allow_users;
   if (change.allow_groups) vm.allow_groups = *change.allow_groups;
   if (Status s = check_fit(vm, *adapter, existing); !s.ok()) return s.error();

@@ -7,7 +7,8 @@
 //   optimal_vram  the target the KMD and scheduler aim for (default: max); min <= optimal <= max;
 //   compute_weight relative share of device time, 1..10000 (default 100);
 //   max_compute   cap on the share of device time in percent, 1..100 (default 100);
-//   secure        a secure VM: needs a KMD with IoMmuSecureModeSupported.
+//   secure        a secure VM: needs a KMD with IoMmuSecureModeSupported;
+//   build_timeout_s  a device program build running longer is reset, 1..3600 (default 300).
 // Every refusal says which numbers did not fit, with units.
 #pragma once
 #include <optional>
@@ -29,6 +30,7 @@ struct VmRequest {
   std::optional<uint64_t> min_vram, max_vram, optimal_vram;
   std::optional<uint32_t> compute_weight, max_compute;
   std::optional<bool> secure;
+  std::optional<uint32_t> build_timeout_s;
   std::optional<std::vector<uint32_t>> allow_users, allow_groups;  // replace the lists when given
 };
 

@@ -915,9 +915,13 @@ void Worker::handle_tdr_event(const json& msg) {
   auto ev = control::tdr_event_from_json(msg);
   if (!ev) return violation("sent a bad tdr event: " + ev.error().message);
   reset_pending_ = true;
-  last_reset_ = fmt::format("TDR: work of {}{} ran {} ms, past the TDR delay",
-                            ev->process ? control::printable(*ev->process) : "a guest",
-                            ev->pid ? fmt::format(" (pid {})", *ev->pid) : "", ev->running_ms);
+  const std::string who = fmt::format("{}{}", ev->process ? control::printable(*ev->process) : "a guest",
+                                      ev->pid ? fmt::format(" (pid {})", *ev->pid) : "");
+  if (ev->kind == control::TdrEvent::Kind::kBuild)
+    last_reset_ = fmt::format("TDR: a program build of {} ran {} ms, past the build timeout of {} s", who,
+                              ev->running_ms, ev->build_timeout_s);
+  else
+    last_reset_ = fmt::format("TDR: work of {} ran {} ms, past the TDR delay", who, ev->running_ms);
   spdlog::error("vm {}: {}; the partition is reset", vm_, last_reset_);
 }
 

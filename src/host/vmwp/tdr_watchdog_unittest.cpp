@@ -181,5 +181,49 @@ TEST(TdrWatchdog, DestructorWaitsForAReportInProgress) {
   EXPECT_TRUE(finished);
 }
 
+// A build is timed against its own limit, reported as a build, and its end then says "too late".
+TEST(TdrWatchdog, BuildRunningPastItsLimitIsReportedAsABuild) {
+  Reports r;
+  TdrWatchdog w(0ms, r.callback());  // device work not timed: only the build can be reported
+  const auto started = Clock::now();
+  const auto limit = 300ms;
+  w.building(3, started, limit);
+  ASSERT_EQ(r.wait_for(1, 5s), 1u) << "no report within 5 s of a " << limit.count() << " ms build limit";
+  {
+    std::lock_guard l(r.mu);
+    EXPECT_EQ(r.hangs[0].kind, TdrWatchdog::Hang::Kind::kBuild);
+    EXPECT_EQ(r.hangs[0].context_id, 3u);
+    EXPECT_GE(r.hangs[0].running, limit);
+    EXPECT_GE(r.at[0] - started, limit) << "reported before the limit had passed";
+  }
+  EXPECT_FALSE(w.built(3)) << "the reported build's end must not look like a normal one";
+}
+
+TEST(TdrWatchdog, BuildEndingInTimeIsNotReported) {
+  Reports r;
+  TdrWatchdog w(0ms, r.callback());
+  w.building(1, Clock::now(), 300ms);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_TRUE(w.built(1));
+  // A context running with device work untimed (delay 0) is not reported either.
+  w.running(9, Clock::now() - 10s);
+  std::this_thread::sleep_for(700ms);
+  EXPECT_EQ(r.count(), 0u);
+}
+
+TEST(TdrWatchdog, HungWorkIsReportedWhileABuildIsWithinItsLimit) {
+  Reports r;
+  TdrWatchdog w(100ms, r.callback());
+  w.building(1, Clock::now(), 60s);
+  w.running(5, Clock::now());
+  ASSERT_EQ(r.wait_for(1, 5s), 1u);
+  {
+    std::lock_guard l(r.mu);
+    EXPECT_EQ(r.hangs[0].kind, TdrWatchdog::Hang::Kind::kWork);
+    EXPECT_EQ(r.hangs[0].context_id, 5u);
+  }
+  EXPECT_TRUE(w.built(1)) << "the build was not what was reported";
+}
+
 }  // namespace
 }  // namespace gpup::vmwp

@@ -182,6 +182,7 @@ WorkerConfig worker_config(const control::ConfigureMessage& m) {
   c.max_compute = m.vm.max_compute;
   c.secure = m.vm.secure;
   c.tdr_delay_ms = m.tdr_delay_ms;
+  c.build_timeout_s = m.vm.build_timeout_s;
   c.adapter_name = m.adapter.name;
   c.adapter_luid = m.adapter.luid;
   c.kmd = m.adapter.kmd;
@@ -603,7 +604,9 @@ Result<GuestProcess::Reply> GuestProcess::on_sync(const Message& m) {
       a.PrivateDriverDataSize = static_cast<uint32_t>(priv->size());
       a.pOutputData = out.empty() ? nullptr : out.data();
       a.OutputDataSize = *capacity;
+      const uint64_t build = program ? w_.build_began_locked(*this, m) : 0;
       gpup_status st = ddi.Memory.pfnCreateAllocation((*dev)->kmd, &a);
+      w_.build_ended(build);
       const uint32_t written = std::min(a.OutputDataWritten, *capacity);
       out.resize(written);
       if (out_section && st == GPUP_STATUS_BUILD_FAILED) {
@@ -1364,9 +1367,13 @@ Status Worker::start() {
   st = driver_->ddi().Adapter.pfnSetVirtualMachineData(adapter_, &d);
   if (GPUP_FAILED(st)) return Error(st, "KMD SetVirtualMachineData failed");
   completion_thread_ = std::thread([this] { completion_loop(); });
-  if (config_.tdr_delay_ms)
+  // Also without a TDR delay when builds are timed: a later update may set a build timeout.
+  if (config_.tdr_delay_ms || config_.build_timeout_s)
     watchdog_ = std::make_unique<TdrWatchdog>(std::chrono::milliseconds(config_.tdr_delay_ms),
-                                              [this](const TdrWatchdog::Hang& h) { on_hang(h); });
+                                              [this](const TdrWatchdog::Hang& h) {
+                                                if (h.kind == TdrWatchdog::Hang::Kind::kBuild) on_build_hang(h);
+                                                else on_hang(h);
+                                              });
   spdlog::info("VM {} ({}) on adapter {} ({}): max VRAM {}", config_.vm_name, guid_to_string(config_.vm_guid),
                config_.adapter_name, caps_.info.Name, format_size(config_.max_vram));
   return {};
@@ -1383,6 +1390,7 @@ Status Worker::update(const WorkerConfig& c) {
   config_.compute_weight = c.compute_weight;
   config_.max_compute = c.max_compute;
   config_.secure = c.secure;
+  config_.build_timeout_s = c.build_timeout_s;  // from the next build on
   auto d = vm_data();
   gpup_status st = driver_->ddi().Adapter.pfnSetVirtualMachineData(adapter_, &d);
   if (GPUP_FAILED(st)) return Error(st, "KMD SetVirtualMachineData failed");
@@ -1866,6 +1874,62 @@ void Worker::on_hang(const TdrWatchdog::Hang& hang) {
   }
   spdlog::error("TDR: context {} ran for {} ms (TDR delay {} ms); resetting partition {}", hang.context_id,
                 hang.running.count(), config_.tdr_delay_ms, config_.vm_name);
+  time_link_->reset(control::to_json(what));
+}
+
+uint64_t Worker::build_began_locked(GuestProcess& p, const proto::Message& m) {
+  if (!watchdog_ || config_.build_timeout_s == 0) return 0;
+  const uint64_t id = next_build_id_++;
+  {
+    std::lock_guard l(builds_mu_);
+    builds_[id] = Build{p.link_.get(), m.op(), m.header.txn, p.pid_, p.name_, config_.build_timeout_s};
+  }
+  watchdog_->building(id, std::chrono::steady_clock::now(), std::chrono::seconds(config_.build_timeout_s));
+  return id;
+}
+
+void Worker::build_ended(uint64_t id) {
+  if (id == 0) return;
+  {
+    std::lock_guard l(builds_mu_);
+    builds_.erase(id);
+  }
+  if (watchdog_->built(id) || !time_link_) return;
+  // The watchdog answered the guest and is ending this process; nothing more may reach the guest
+  // or the KMD from here.
+  for (;;) pause();
+}
+
+void Worker::on_build_hang(const TdrWatchdog::Hang& hang) {
+  Build b;
+  {
+    std::lock_guard l(builds_mu_);
+    auto it = builds_.find(hang.context_id);
+    if (it == builds_.end()) return;  // ended meanwhile: build_ended() returns normally
+    b = it->second;
+  }
+  const auto seconds = static_cast<double>(hang.running.count()) / 1000.0;
+  if (!time_link_) {
+    spdlog::error("a program build of process {} ({}) ran {:.1f} s, past the build timeout of {} s; nothing resets "
+                  "it here (no gpupd link)",
+                  b.pid, b.process, seconds, b.timeout_s);
+    return;
+  }
+  const std::string why =
+      fmt::format("the program build ran {:.1f} s, past partition {}'s build timeout of {} s; the partition was reset",
+                  seconds, config_.vm_name, b.timeout_s);
+  // The builder learns why; the others find their devices lost with the connection (the build
+  // holds the object graph, so they cannot be told one by one).
+  (void)b.link->send(proto::encode_error_reply(b.op, b.txn, GPUP_STATUS_DEVICE_REMOVED, why));
+  control::TdrEvent what;
+  what.kind = control::TdrEvent::Kind::kBuild;
+  what.running_ms = static_cast<uint64_t>(std::max<int64_t>(hang.running.count(), 0));
+  what.build_timeout_s = b.timeout_s;
+  what.pid = b.pid;
+  what.process = b.process;
+  what.guests_told = false;
+  spdlog::error("TDR: a program build of process {} ({}) ran {:.1f} s (build timeout {} s); resetting partition {}",
+                b.pid, b.process, seconds, b.timeout_s, config_.vm_name);
   time_link_->reset(control::to_json(what));
 }
 

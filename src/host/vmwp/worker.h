@@ -63,8 +63,10 @@ struct WorkerConfig {
   uint32_t compute_weight = control::kDefaultComputeWeight;
   uint32_t max_compute = control::kMaxComputePercent;
   bool secure = false;
-  // Device work running longer than this is reset (TdrWatchdog); 0 turns the watchdog off.
+  // Device work running longer than this is reset (TdrWatchdog); 0: work is not timed.
   uint32_t tdr_delay_ms = control::kDefaultTdrDelayMs;
+  // A program build running longer than this resets the partition too; 0: builds are not timed.
+  uint32_t build_timeout_s = control::kDefaultBuildTimeoutS;
 };
 
 // From a configure message configure_from_json accepted (names, GUID and ranges checked there).
@@ -315,6 +317,13 @@ class Worker {
   void inflight_changed_locked(Context& ctx, int delta);
   // The TDR watchdog found ctx running too long: tell every guest, then reset (ends the process).
   void on_hang(const TdrWatchdog::Hang& hang);
+  // A program build (the KMD's CreateAllocation of a program, for message m of p) is timed by the
+  // watchdog from build_began_locked() to build_ended(id) (id 0: not timed). One that runs past
+  // the partition's build timeout cannot be stopped inside the KMD: on_build_hang() answers its
+  // guest and resets the partition, and build_ended() of that build never returns.
+  uint64_t build_began_locked(GuestProcess& p, const proto::Message& m);
+  void build_ended(uint64_t id);
+  void on_build_hang(const TdrWatchdog::Hang& hang);
   uint64_t busy_ns_locked() const;
   void fence_changed_locked(SyncObject& s);
   Counts totals_locked();
@@ -372,6 +381,18 @@ class Worker {
   uint64_t grants_ = 0;
   std::atomic<int64_t> yield_deadline_ns_{0};  // yield_at_ for the completion thread's wait; 0: none
   std::unique_ptr<TdrWatchdog> watchdog_;
+  // Builds in flight (the watchdog's thread reads them without mu_, which the build holds).
+  struct Build {
+    GuestLink* link = nullptr;  // the building guest's: it stays open while its handler runs
+    proto::Op op{};
+    uint64_t txn = 0;
+    uint32_t pid = 0;
+    std::string process;
+    uint32_t timeout_s = 0;
+  };
+  std::mutex builds_mu_;
+  std::map<uint64_t, Build> builds_;
+  uint64_t next_build_id_ = 1;  // under mu_
 
   // Completions from KMD threads.
   struct Completion {
