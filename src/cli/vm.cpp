@@ -86,6 +86,7 @@ static void report_vm(const json& vm, const std::string& verb) {
                            format_size(u64(vm, "max_vram")), format_size(u64(vm, "optimal_vram")),
                            u64(vm, "compute_weight"), u64(vm, "max_compute"), flag(vm, "secure") ? ", secure" : "",
                            worker_state(vm));
+  if (!str(vm, "note").empty()) std::cerr << fmt::format("gpup: note: vm {}: {}\n", str(vm, "name"), str(vm, "note"));
   std::string state = str(vm, "state");
   if (state != "running" && !str(vm, "last_error").empty())
     std::cerr << fmt::format("gpup: warning: vm {} is {}: {}\n", str(vm, "name"), state, str(vm, "last_error"));
@@ -106,7 +107,7 @@ int cmd_vm_set(const Context& ctx, const std::string& name, const VmOptions& o, 
   json vm = vm_settings(o);
   if (o.secure) vm["secure"] = true;
   if (vm.empty()) throw CliError("vm set: nothing to change (give --min-vram, --max-vram, --optimal-vram, "
-                                 "--compute-weight, --max-compute, --allow-user or --allow-group)");
+                                 "--compute-weight, --max-compute, --build-timeout, --allow-user or --allow-group)");
   json r = call(ctx, json{{"op", "vm.set"}, {"name", name}, {"vm", vm}});
   if (as_json) print_json(r);
   else report_vm(r, "changed");

@@ -592,13 +592,30 @@ TEST_F(GpupHost, VmSetReachesTheWorker) {
   EXPECT_EQ(shown["compute_weight"], 50);
   EXPECT_EQ(shown["stats"]["vram_max"], 256 * MiB) << "the worker applied the update";
   EXPECT_EQ(shown["stats"]["totals"]["allocations"], 1) << "fake_vmwp counts updates there";
+  EXPECT_EQ(shown["build_timeout_s"], 300) << "the default build timeout";
+  Out timeout = gpup({"vm", "set", "v1", "--build-timeout", "60"});
+  ASSERT_EQ(timeout.code, 0) << timeout.err;
+  EXPECT_EQ(gpup_json({"vm", "show", "v1"})["build_timeout_s"], 60);
+  EXPECT_NE(gpup({"vm", "show", "v1"}).out.find("build timeout  60 s"), std::string::npos);
+  EXPECT_EQ(gpup({"vm", "set", "v1", "--build-timeout", "0"}).err, "gpup: vm.build_timeout_s: 0 is outside 1..3600\n");
 
+  // A worker that refuses its partition's new settings does not keep the old ones: it is
+  // restarted with the new.
   ASSERT_EQ(gpup({"vm", "add", "refuse1", "--adapter", "mock0", "--max-vram", "128MiB"}).code, 0);
+  const json before = vm("refuse1");
+  ASSERT_TRUE(before.contains("pid")) << before;
   Out refused = gpup({"vm", "set", "refuse1", "--max-vram", "64MiB"});
-  EXPECT_EQ(refused.code, 1);
-  EXPECT_EQ(refused.err, "gpup: vm refuse1: the worker did not apply the new settings: fake KMD refuses the settings; "
-                         "the previous settings stay\n");
-  EXPECT_EQ(vm("refuse1")["max_vram"], 128 * MiB);
+  EXPECT_EQ(refused.code, 0) << refused.err;
+  EXPECT_NE(refused.err.find("gpup: note: vm refuse1: the worker did not apply the new settings (fake KMD refuses the "
+                             "settings); it was restarted with them"),
+            std::string::npos)
+      << refused.err;
+  json after = gpup_json({"vm", "show", "refuse1"});
+  EXPECT_EQ(after["max_vram"], 64 * MiB);
+  EXPECT_EQ(after["state"], "running") << after;
+  EXPECT_NE(after["pid"], before["pid"]) << "the worker was not restarted";
+  EXPECT_EQ(after["stats"]["vram_max"], 64 * MiB) << "the new worker runs with the new settings";
+  EXPECT_EQ(spawns("refuse1"), 2u);
   Out too_big = gpup({"vm", "set", "v1", "--min-vram", "2GiB", "--max-vram", "2GiB"});
   EXPECT_EQ(too_big.err, "gpup: max 2 GiB exceeds adapter mock0's 1 GiB\n");
 }

@@ -795,7 +795,7 @@ void Daemon::op_vm_set(const json& req, Reply reply) {
       return reply(s.error());
   if (*next == vm.spec) return reply(vm_json(vm));
 
-  control::VmSpec previous = vm.spec;
+  const control::VmSpec previous = vm.spec;
   vm.spec = *next;
   if (Status s = persist(specs()); !s.ok()) {
     vm.spec = previous;
@@ -809,21 +809,34 @@ void Daemon::op_vm_set(const json& req, Reply reply) {
   vm.busy = true;
   std::string vname = vm.spec.name;
   vm.worker->request("update", json{{"vm", control::to_json(vm.spec)}},
-                     [this, vname, previous, applied = vm.spec, reply = std::move(reply)](Result<json> r) {
+                     [this, vname, reply = std::move(reply)](Result<json> r) mutable {
                        auto it = vms_.find(vname);
                        if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", vname)));
                        Vm& vm = it->second;
-                       vm.busy = false;
-                       if (r.ok()) return reply(vm_json(vm));
-                       // The worker (its KMD) refused: go back to what it still runs with.
-                       spdlog::warn("vm {}: worker refused the new settings: {}", vname, r.error().message);
-                       if (vm.spec == applied) {
-                         vm.spec = previous;
-                         (void)persist(specs());
+                       if (r.ok()) {
+                         vm.busy = false;
+                         return reply(vm_json(vm));
                        }
-                       reply(refuse(fmt::format("vm {}: the worker did not apply the new settings: {}; the previous "
-                                                "settings stay",
-                                                vname, r.error().message)));
+                       // The settings are the operator's, not the worker's: one that does not apply
+                       // them (its KMD refused, or it did not answer) is restarted with them, so a
+                       // worker cannot keep its partition's old weight, cap or memory by refusing.
+                       const std::string why = r.error().message;
+                       spdlog::warn("vm {}: the worker did not apply the new settings ({}); restarting it with them",
+                                    vname, why);
+                       vm.worker->stop([this, vname, why, reply = std::move(reply)]() mutable {
+                         auto it = vms_.find(vname);
+                         if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", vname)));
+                         it->second.worker->start();
+                         it->second.worker->when_settled([this, vname, why, reply = std::move(reply)] {
+                           auto it = vms_.find(vname);
+                           if (it == vms_.end()) return reply(refuse(fmt::format("vm {} was removed meanwhile", vname)));
+                           it->second.busy = false;
+                           json j = vm_json(it->second);
+                           j["note"] = fmt::format("the worker did not apply the new settings ({}); it was restarted with them",
+                                                   why);
+                           reply(j);
+                         });
+                       });
                      });
 }
 
