@@ -162,7 +162,7 @@ int cmd_vm_show(const Context& ctx, const std::string& name, bool as_json) {
   row("optimal vram", format_size(u64(vm, "optimal_vram")));
   row("compute", fmt::format("weight {}, max {}%", u64(vm, "compute_weight"), u64(vm, "max_compute")));
   row("secure", flag(vm, "secure") ? "yes" : "no");
-  if (vm.contains("build_timeout_s")) row("build timeout", fmt::format("{} s", u64(vm, "build_timeout_s")));
+  if (vm.contains("build_timeout_s")) row("build limit", fmt::format("{} s", u64(vm, "build_timeout_s")));
   {
     std::string who = "root";
     for (const char* key : {"allow_users", "allow_groups"})

@@ -596,7 +596,7 @@ TEST_F(GpupHost, VmSetReachesTheWorker) {
   Out timeout = gpup({"vm", "set", "v1", "--build-timeout", "60"});
   ASSERT_EQ(timeout.code, 0) << timeout.err;
   EXPECT_EQ(gpup_json({"vm", "show", "v1"})["build_timeout_s"], 60);
-  EXPECT_NE(gpup({"vm", "show", "v1"}).out.find("build timeout  60 s"), std::string::npos);
+  EXPECT_NE(gpup({"vm", "show", "v1"}).out.find("build limit   60 s"), std::string::npos);
   EXPECT_EQ(gpup({"vm", "set", "v1", "--build-timeout", "0"}).err, "gpup: vm.build_timeout_s: 0 is outside 1..3600\n");
 
   // A worker that refuses its partition's new settings does not keep the old ones: it is
