@@ -28,6 +28,7 @@
 
 #include "cli/cli.h"
 #include "cli/sandbox.h"
+#include "cli/terminal.h"
 
 extern char** environ;
 
@@ -118,6 +119,7 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   launch.env["OCL_ICD_VENDORS"] = guest_icd_dir(str(vm, "driver_store"));
 
   std::unique_ptr<Sandbox> sandbox;
+  std::unique_ptr<TerminalProxy> terminal;
   if (opts.sandbox) {
     SandboxOptions so;
     so.network = opts.network;
@@ -126,6 +128,11 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
     so.driver_store = str(vm, "driver_store");
     so.icd_dir = launch.env["OCL_ICD_VENDORS"];
     so.visible = {program_path(launch.argv.front(), launch.env["PATH"]), self_exe()};
+    terminal = TerminalProxy::open();
+    if (terminal) {
+      so.terminal = terminal->slave();
+      so.terminal_fds = terminal->replaced();
+    }
     sandbox = std::make_unique<Sandbox>(so);
     sandbox->prepare();
     for (const auto& [k, v] : sandbox->env_overrides()) launch.env[k] = v;
@@ -143,13 +150,15 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   // exec failures come back through a close-on-exec pipe as an errno.
   int errpipe[2];
   if (::pipe2(errpipe, O_CLOEXEC) != 0) throw CliError(fmt::format("pipe: {}", std::strerror(errno)));
-  // While the guest runs, ^C and ^\ go to it (same process group); gpup just waits. A SIGTERM or
-  // SIGHUP sent to gpup alone is passed on.
+  // Unconfined, the guest is in gpup's process group: ^C and ^\ reach it, and gpup just waits.
+  // Sandboxed, it has a session of its own: keys typed reach it through its pty when gpup's stdin
+  // is a terminal (raw meanwhile), and the signals a terminal gives gpup otherwise are passed on.
+  // A SIGTERM or SIGHUP sent to gpup alone is passed on either way.
   struct sigaction ign {}, fwd {}, old_int {}, old_quit {}, old_term {}, old_hup {};
   ign.sa_handler = SIG_IGN;
   fwd.sa_handler = forward_signal;
-  ::sigaction(SIGINT, &ign, &old_int);
-  ::sigaction(SIGQUIT, &ign, &old_quit);
+  ::sigaction(SIGINT, sandbox ? &fwd : &ign, &old_int);
+  ::sigaction(SIGQUIT, sandbox ? &fwd : &ign, &old_quit);
   ::sigaction(SIGTERM, &fwd, &old_term);
   ::sigaction(SIGHUP, &fwd, &old_hup);
 
@@ -169,6 +178,9 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
       }
       std::fprintf(stderr, "gpup: warning: sandbox unavailable (%s); running the guest unconfined\n", std::strerror(e));
       sandbox.reset();
+      terminal.reset();
+      ::sigaction(SIGINT, &ign, nullptr);
+      ::sigaction(SIGQUIT, &ign, nullptr);
     }
   }
   if (!sandbox) pid = ::fork();
@@ -188,6 +200,7 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
     ::_exit(127);
   }
   g_child = pid;
+  if (terminal) terminal->start();
   ::close(errpipe[1]);
   SandboxReport report;
   ssize_t n;
@@ -199,6 +212,7 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
   while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
   }
   g_child = 0;
+  if (terminal) terminal->finish();
   ::sigaction(SIGINT, &old_int, nullptr);
   ::sigaction(SIGQUIT, &old_quit, nullptr);
   ::sigaction(SIGTERM, &old_term, nullptr);

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -207,6 +208,12 @@ int enter_guest_policy(bool network, const char** failed_step) {
   for (uint64_t bit = 1; bit != 0 && rc == 0; bit <<= 1)
     if (kNamespaceFlags & bit)
       rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(clone), 1, SCMP_A0(SCMP_CMP_MASKED_EQ, bit, bit));
+  // Typing into a terminal (the guest's own pty, as no other is reachable; still refused) or
+  // driving the console: the kernel compares the request's low 32 bits, so the filter does too.
+  for (unsigned long request : {TIOCSTI, TIOCLINUX})
+    if (rc == 0)
+      rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
+                              SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(request)));
   if (!network)
     for (int family : {AF_INET, AF_INET6, AF_PACKET})
       if (rc == 0)
@@ -426,6 +433,23 @@ void Sandbox::child_init(char* const argv[], char* const envp[], int rfd, int sy
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    // A session of its own: the operator's terminal is no longer its controlling terminal.
+    if (::setsid() < 0) {
+      report(rfd, 0, errno, "setsid");
+      ::_exit(125);
+    }
+    if (opts_.terminal >= 0) {
+      if (::ioctl(opts_.terminal, TIOCSCTTY, 0) != 0) {
+        report(rfd, 0, errno, "make the guest's pty its controlling terminal");
+        ::_exit(125);
+      }
+      for (int fd = 0; fd < 3; ++fd)
+        if (opts_.terminal_fds[static_cast<size_t>(fd)] && ::dup2(opts_.terminal, fd) < 0) {
+          report(rfd, 0, errno, "dup2 the guest's pty");
+          ::_exit(125);
+        }
+      ::close(opts_.terminal);
+    }
     const char* step = "";
     if (int e = enter_guest_policy(opts_.network, &step); e != 0) {
       report(rfd, 0, e, step);
@@ -436,6 +460,7 @@ void Sandbox::child_init(char* const argv[], char* const envp[], int rfd, int sy
     ::_exit(127);
   }
   ::close(rfd);
+  if (opts_.terminal >= 0) ::close(opts_.terminal);  // the guest's session alone holds its pty
   g_guest = guest;
 
   // pid 1: forward signals sent to it, reap everything, leave with the guest.

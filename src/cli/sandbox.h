@@ -13,13 +13,15 @@
 //   host ICD libraries     each library a host .icd names is covered by an unreadable empty file
 //
 // Processes: gpup (parent, outside) → init (pid 1 inside: builds the mounts, pivots into the new
-// root, reaps, forwards SIGTERM/SIGHUP/SIGINT/SIGQUIT/SIGUSR1/SIGUSR2) → the guest (pid 2: drops
-// capabilities, sets no_new_privs, loads the filter, execs). init exits with the guest's status
+// root, reaps, forwards SIGTERM/SIGHUP/SIGINT/SIGQUIT/SIGUSR1/SIGUSR2) → the guest (pid 2: starts
+// a session of its own, with its own pty as controlling terminal when gpup run has a terminal,
+// drops capabilities, sets no_new_privs, loads the filter, execs). init exits with the guest's status
 // (128+signal when it was killed), so gpup run's exit status is the guest's either way.
 //
 // Threading: gpup is single-threaded; the child side runs between clone and exec and uses only
 // what prepare() computed (plus plain system calls and the seccomp library in the guest).
 #pragma once
+#include <array>
 #include <string>
 #include <utility>
 #include <vector>
@@ -37,6 +39,10 @@ struct SandboxOptions {
   // program and gpup's own tree (the ICD's libraries). Each keeps the /tmp entry holding it
   // visible, read-only.
   std::vector<std::string> visible;
+  // The guest's own terminal (terminal.h): the slave it makes its controlling terminal and puts on
+  // the fds marked here; -1: none (it still gets a session of its own, with no terminal).
+  int terminal = -1;
+  std::array<bool, 3> terminal_fds{};
 };
 
 // How the child side reports a failure before exec, through a close-on-exec pipe.
@@ -83,7 +89,8 @@ class Sandbox {
 // Sets no_new_privs, drops every capability (bounding set included) and loads the guest's seccomp
 // filter: ptrace, process_vm_*, mount and the new mount API, pivot_root, chroot, unshare, setns,
 // namespace-creating clone flags, bpf, perf_event_open, kexec, module loading, keyctl/add_key/
-// request_key, userfaultfd fail with EPERM; clone3 with ENOSYS (so callers fall back to clone,
+// request_key, userfaultfd, and the ioctls TIOCSTI and TIOCLINUX (typing into a terminal) fail
+// with EPERM; clone3 with ENOSYS (so callers fall back to clone,
 // whose flags can be checked); socket(AF_INET/AF_INET6/AF_PACKET) with EPERM unless network.
 // Returns 0 or an errno.
 int enter_guest_policy(bool network, const char** failed_step);

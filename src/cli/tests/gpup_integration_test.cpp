@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -670,6 +671,94 @@ TEST_F(GpupHost, RunGivesTheGuestItsEndpoint) {
   Out failed = gpup({"run", "--vm", "fail1", "--", "/bin/true"});
   EXPECT_EQ(failed.code, 1);
   EXPECT_EQ(failed.err, "gpup: vm fail1 is not running (state failed: fake worker refuses vm fail1)\n");
+}
+
+// `gpup run` from an operator's terminal (a pty the test holds): the guest tries to type into it
+// (TIOCSTI on its stdin, stdout, stderr and /dev/tty) and must not get a byte into its input queue;
+// its output still reaches the terminal, through the pty gpup gives it. The same guest run with
+// --no-sandbox does get its bytes in, which shows the check can fail.
+struct TerminalRun {
+  int code = -1;
+  std::string screen;    // what the operator's terminal showed
+  std::string injected;  // what was left in the terminal's input queue afterwards
+};
+
+TerminalRun run_on_terminal(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env) {
+  TerminalRun r;
+  const int master = ::posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (master < 0 || ::grantpt(master) != 0 || ::unlockpt(master) != 0) return r;
+  const std::string slave_name = ::ptsname(master);
+  // The test's own handle on the terminal, raw so that any byte typed into it can be read.
+  const int op = ::open(slave_name.c_str(), O_RDWR | O_NOCTTY | O_CLOEXEC | O_NONBLOCK);
+  termios raw{};
+  ::tcgetattr(op, &raw);
+  ::cfmakeraw(&raw);
+  ::tcsetattr(op, TCSANOW, &raw);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::setsid();
+    const int tty = ::open(slave_name.c_str(), O_RDWR);  // becomes the controlling terminal
+    if (tty < 0) ::_exit(126);
+    for (int fd = 0; fd < 3; ++fd) ::dup2(tty, fd);
+    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    ::execv(args[0], args.data());
+    ::_exit(126);
+  }
+  char buf[4096];
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 60s;
+  for (;;) {
+    pollfd p{master, POLLIN, 0};
+    if (::poll(&p, 1, 50) > 0) {
+      const ssize_t n = ::read(master, buf, sizeof buf);
+      if (n > 0) r.screen.append(buf, static_cast<size_t>(n));
+    }
+    if (::waitpid(pid, &status, WNOHANG) == pid) break;
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, &status, 0);
+      break;
+    }
+  }
+  for (pollfd p{master, POLLIN, 0}; ::poll(&p, 1, 100) > 0;) {
+    const ssize_t n = ::read(master, buf, sizeof buf);
+    if (n <= 0) break;
+    r.screen.append(buf, static_cast<size_t>(n));
+  }
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  for (ssize_t n; (n = ::read(op, buf, sizeof buf)) > 0;) r.injected.append(buf, static_cast<size_t>(n));
+  ::close(op);
+  ::close(master);
+  return r;
+}
+
+TEST_F(GpupHost, RunGuestCannotTypeIntoTheOperatorsTerminal) {
+  require_mocks();
+  start();
+  ASSERT_EQ(gpup({"vm", "add", "v1", "--adapter", "mock0"}).code, 0);
+  // TIOCSTI is 0x5412; each attempt types one letter (perl's ioctl may write into its buffer, so
+  // the letter printed is a copy).
+  const std::string typist =
+      "my $i = 0; for my $fh (\\*STDIN, \\*STDOUT, \\*STDERR) { my $l = chr(65 + $i++); my $c = $l; "
+      "print ioctl($fh, 0x5412, $c) ? \"typed $l\\n\" : \"refused $l: $!\\n\"; } "
+      "if (open(my $t, '+<', '/dev/tty')) { my $c = 'T'; print ioctl($t, 0x5412, $c) ? \"typed T\\n\" : "
+      "\"refused T: $!\\n\"; } else { print \"no tty: $!\\n\"; } "
+      "print -t STDIN ? \"stdin is a terminal\\n\" : \"stdin is not a terminal\\n\"; exit 3;";
+  TerminalRun boxed = run_on_terminal({GPUP_CLI, "run", "--vm", "v1", "--", "/usr/bin/perl", "-e", typist}, env_);
+  EXPECT_EQ(boxed.code, 3) << boxed.screen;
+  EXPECT_EQ(boxed.injected, "") << "a sandboxed guest typed into the operator's terminal:\n" << boxed.screen;
+  EXPECT_NE(boxed.screen.find("refused A: Operation not permitted"), std::string::npos) << boxed.screen;
+  EXPECT_NE(boxed.screen.find("stdin is a terminal"), std::string::npos)
+      << "the guest's pty did not carry its output or its terminal:\n" << boxed.screen;
+
+  TerminalRun open = run_on_terminal({GPUP_CLI, "run", "--no-sandbox", "--vm", "v1", "--", "/usr/bin/perl", "-e", typist}, env_);
+  EXPECT_EQ(open.code, 3) << open.screen;
+  if (open.injected.empty() && open.screen.find("typed") == std::string::npos)
+    GTEST_SKIP() << "this host refuses TIOCSTI to everyone (dev.tty.legacy_tiocsti = 0): the control run could not type";
+  EXPECT_NE(open.injected.find('A'), std::string::npos) << "the control run's typing did not arrive:\n" << open.screen;
 }
 
 TEST_F(GpupHost, VmRemoveStopsTheWorkerAndFreesTheReservation) {
