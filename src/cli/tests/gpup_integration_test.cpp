@@ -38,6 +38,16 @@ struct Out {
   std::string out, err;
 };
 
+// In a forked child: adds env and execs argv (exit 126 when it cannot).
+[[noreturn]] void exec_with(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env) {
+  for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  ::execv(args[0], args.data());
+  ::_exit(126);
+}
+
 // Runs argv with env added, stdout and stderr captured; kills it after timeout.
 Out run(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env,
         std::chrono::milliseconds timeout = 60s) {
@@ -47,12 +57,7 @@ Out run(const std::vector<std::string>& argv, const std::map<std::string, std::s
   if (pid == 0) {
     ::dup2(o[1], 1);
     ::dup2(e[1], 2);
-    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(126);
+    exec_with(argv, env);
   }
   ::close(o[1]);
   ::close(e[1]);
@@ -700,12 +705,7 @@ TerminalRun run_on_terminal(const std::vector<std::string>& argv, const std::map
     const int tty = ::open(slave_name.c_str(), O_RDWR);  // becomes the controlling terminal
     if (tty < 0) ::_exit(126);
     for (int fd = 0; fd < 3; ++fd) ::dup2(tty, fd);
-    for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 1);
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    ::execv(args[0], args.data());
-    ::_exit(126);
+    exec_with(argv, env);
   }
   char buf[4096];
   int status = 0;
