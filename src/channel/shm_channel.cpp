@@ -198,21 +198,9 @@ gpup_status ShmChannel::send_fd_impl(uint64_t id, int fd) {
   size_t sent = 0;
   while (sent < sizeof rec) {
     if (closed_.load()) return fail(GPUP_STATUS_CONNECTION_LOST, "send_fd: the channel is shut down");
-    iovec iov{rec + sent, sizeof rec - sent};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    if (sent == 0) {  // the fd travels with the record's first byte
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof control;
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
-    }
-    const ssize_t r = ::sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    // The fd travels with the record's first byte.
+    const ssize_t r = send_with_fds(sock, rec + sent, sizeof rec - sent,
+                                    sent == 0 ? std::span<const int>(&fd, 1) : std::span<const int>(), MSG_DONTWAIT);
     if (r >= 0) {
       sent += static_cast<size_t>(r);
       continue;
@@ -245,18 +233,12 @@ gpup_status ShmChannel::send_fd_impl(uint64_t id, int fd) {
 gpup_status ShmChannel::read_fd_records(const Deadline& deadline, std::vector<std::pair<uint64_t, UniqueFd>>& got,
                                         std::string& why) {
   constexpr size_t kBatch = 32;
-  constexpr size_t kMaxFdsPerRead = 16;
   const int sock = p_.socket.get();
   for (;;) {
     uint8_t buf[wire::kFdRecordSize * kBatch];
-    iovec iov{buf, sizeof buf};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerRead)];
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    const ssize_t r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    std::vector<UniqueFd> fds;
+    ReceivedFds info;
+    const ssize_t r = receive_with_fds(sock, buf, sizeof buf, &fds, kMaxFdsPerMessage, MSG_DONTWAIT, &info);
     if (r < 0) {
       const int err = errno;
       if (err == EINTR) continue;
@@ -272,16 +254,8 @@ gpup_status ShmChannel::read_fd_records(const Deadline& deadline, std::vector<st
       why = errno_text("recvmsg", err);
       return GPUP_STATUS_CONNECTION_LOST;
     }
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < count; ++i) {
-        int fd;
-        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        fd_queue_.emplace_back(fd);
-      }
-    }
-    if (msg.msg_flags & MSG_CTRUNC) {
+    for (auto& fd : fds) fd_queue_.push_back(std::move(fd));
+    if (info.extra || info.fds_truncated) {
       why = "the peer attached more file descriptors than any fd record carries";
       return GPUP_STATUS_PROTOCOL_ERROR;
     }

@@ -116,23 +116,13 @@ bool is_unix_socket(int sock) {
   return ss.ss_family == AF_UNIX;
 }
 
-namespace {
-constexpr size_t kMaxCmsgFds = 16;
-}  // namespace
-
 Status read_exact(int sock, void* buf, size_t n, const Deadline& deadline, std::vector<UniqueFd>* fds, size_t max_fds) {
   auto* p = static_cast<uint8_t*>(buf);
   size_t got = 0;
   bool bad_fds = false;
   while (got < n) {
-    iovec iov{p + got, n - got};
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxCmsgFds)];
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof control;
-    const ssize_t r = ::recvmsg(sock, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    ReceivedFds info;
+    const ssize_t r = receive_with_fds(sock, p + got, n - got, fds, fds ? max_fds : 0, MSG_DONTWAIT, &info);
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -143,22 +133,7 @@ Status read_exact(int sock, void* buf, size_t n, const Deadline& deadline, std::
       }
       return error(errno_status(errno), errno_text("recvmsg", errno));
     }
-    // Take ownership of every fd that arrived before looking at anything else, so none leaks.
-    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-      if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-      const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-      for (size_t i = 0; i < count; ++i) {
-        int fd;
-        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
-        UniqueFd owned(fd);
-        if (fds != nullptr && fds->size() < max_fds) {
-          fds->push_back(std::move(owned));
-        } else {
-          bad_fds = true;
-        }
-      }
-    }
-    if (msg.msg_flags & MSG_CTRUNC) bad_fds = true;
+    if (info.extra || info.fds_truncated) bad_fds = true;
     if (bad_fds) return error(GPUP_STATUS_PROTOCOL_ERROR, "peer sent unexpected file descriptors");
     if (r == 0) return error(GPUP_STATUS_CONNECTION_LOST, "peer closed the connection during the handshake");
     got += static_cast<size_t>(r);
@@ -169,24 +144,10 @@ Status read_exact(int sock, void* buf, size_t n, const Deadline& deadline, std::
 Status write_exact(int sock, const void* buf, size_t n, const Deadline& deadline, std::span<const int> fds) {
   const auto* p = static_cast<const uint8_t*>(buf);
   size_t sent = 0;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxCmsgFds)];
-  if (fds.size() > kMaxCmsgFds) return error(GPUP_STATUS_INVALID_PARAMETER, "too many fds for one message");
+  if (fds.size() > kMaxFdsPerMessage) return error(GPUP_STATUS_INVALID_PARAMETER, "too many fds for one message");
   while (sent < n) {
-    iovec iov{const_cast<uint8_t*>(p + sent), n - sent};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    if (sent == 0 && !fds.empty()) {
-      std::memset(control, 0, sizeof control);
-      msg.msg_control = control;
-      msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
-      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
-    }
-    const ssize_t r = ::sendmsg(sock, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    // The fds travel with the first byte.
+    const ssize_t r = send_with_fds(sock, p + sent, n - sent, sent == 0 ? fds : std::span<const int>(), MSG_DONTWAIT);
     if (r < 0) {
       if (errno == EINTR) continue;
       if (errno == EAGAIN || errno == EWOULDBLOCK) {

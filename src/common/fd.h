@@ -1,8 +1,12 @@
-// Owning file descriptor.
+// Owning file descriptor, and passing descriptors over unix sockets (SCM_RIGHTS).
 #pragma once
+#include <sys/types.h>
 #include <unistd.h>
 
+#include <cstddef>
+#include <span>
 #include <utility>
+#include <vector>
 
 namespace gpup {
 
@@ -31,5 +35,23 @@ class UniqueFd {
  private:
   int fd_ = -1;
 };
+
+// At most this many descriptors travel with one message, either way.
+inline constexpr size_t kMaxFdsPerMessage = 16;
+
+// One sendmsg of n bytes with fds attached (none when empty; at most kMaxFdsPerMessage, else -1
+// with EINVAL). flags as sendmsg's (MSG_NOSIGNAL is always added). Returns what sendmsg returns.
+ssize_t send_with_fds(int sock, const void* data, size_t n, std::span<const int> fds, int flags);
+
+// One recvmsg of at most n bytes (flags as recvmsg's; MSG_CMSG_CLOEXEC is always added). Every
+// descriptor that arrives is owned at once: up to max_fds go to *fds (appended), the others are
+// closed and counted in extra. Returns what recvmsg returns.
+struct ReceivedFds {
+  size_t extra = 0;             // descriptors beyond max_fds, closed
+  bool fds_truncated = false;   // MSG_CTRUNC: more than kMaxFdsPerMessage came (the kernel closed those)
+  bool data_truncated = false;  // MSG_TRUNC: a datagram or packet longer than n
+};
+ssize_t receive_with_fds(int sock, void* data, size_t n, std::vector<UniqueFd>* fds, size_t max_fds, int flags,
+                         ReceivedFds* info);
 
 }  // namespace gpup

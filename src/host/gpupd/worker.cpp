@@ -610,20 +610,9 @@ void Worker::on_guest_connect() {
     if (!guests_ || (state_ != WorkerState::kRunning && state_ != WorkerState::kStarting)) continue;
     uint8_t data[control::kGuestHandoffSize];
     control::encode(control::GuestHandoff{cr.pid, cr.uid, cr.gid}, data);
-    iovec iov{data, sizeof data};
-    alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))] = {};
-    msghdr mh{};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    mh.msg_control = cbuf;
-    mh.msg_controllen = sizeof cbuf;
-    cmsghdr* cm = CMSG_FIRSTHDR(&mh);
-    cm->cmsg_level = SOL_SOCKET;
-    cm->cmsg_type = SCM_RIGHTS;
-    cm->cmsg_len = CMSG_LEN(sizeof(int));
     const int sent_fd = c.get();
-    std::memcpy(CMSG_DATA(cm), &sent_fd, sizeof sent_fd);
-    if (::sendmsg(guests_.get(), &mh, MSG_DONTWAIT | MSG_NOSIGNAL) != ssize_t(sizeof data))
+    if (send_with_fds(guests_.get(), data, sizeof data, std::span<const int>(&sent_fd, 1), MSG_DONTWAIT) !=
+        ssize_t(sizeof data))
       spdlog::warn("vm {}: guest pid {} dropped: the worker does not take connections ({})", vm_, cr.pid,
                    std::strerror(errno));
   }

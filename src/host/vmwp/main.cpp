@@ -235,23 +235,14 @@ void serve(Worker& worker, Connection& conn) {
 // 0 when gpupd closed the socket, -1 on a malformed message (ignored).
 int receive_guest(int fd, UniqueFd& sock, int& pid) {
   uint8_t data[control::kGuestHandoffSize];
-  iovec iov{data, sizeof data};
-  alignas(cmsghdr) char cbuf[CMSG_SPACE(sizeof(int))];
-  msghdr mh{};
-  mh.msg_iov = &iov;
-  mh.msg_iovlen = 1;
-  mh.msg_control = cbuf;
-  mh.msg_controllen = sizeof cbuf;
-  ssize_t n = ::recvmsg(fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  std::vector<UniqueFd> fds;
+  ReceivedFds info;
+  const ssize_t n = receive_with_fds(fd, data, sizeof data, &fds, 1, MSG_DONTWAIT, &info);
   if (n == 0) return 0;
   if (n < 0) return errno == EAGAIN || errno == EINTR ? -1 : 0;
-  for (cmsghdr* cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
-    if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int))) {
-      int received = -1;
-      std::memcpy(&received, CMSG_DATA(cm), sizeof received);
-      sock = UniqueFd(received);
-    }
-  if (n != ssize_t(sizeof data) || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || !sock) return -1;
+  if (n != ssize_t(sizeof data) || info.extra || info.fds_truncated || info.data_truncated || fds.size() != 1)
+    return -1;
+  sock = std::move(fds.front());
   pid = control::decode_guest_handoff(data).pid;
   return 1;
 }
