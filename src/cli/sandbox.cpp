@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/capability.h>
 #include <linux/mount.h>
+#include <linux/netlink.h>
 #include <sched.h>
 #include <seccomp.h>
 #include <signal.h>
@@ -214,11 +215,21 @@ int enter_guest_policy(bool network, const char** failed_step) {
     if (rc == 0)
       rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
                               SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(request)));
-  if (!network)
-    for (int family : {AF_INET, AF_INET6, AF_PACKET})
-      if (rc == 0)
-        rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(socket), 1,
-                                SCMP_A0(SCMP_CMP_EQ, static_cast<scmp_datum_t>(family)));
+  // Sockets: unix ones (its endpoint, and its own programs' IPC); with --network also IP and
+  // route netlink (what name resolution reads). Every other family (netlink of any other kind,
+  // vsock, packet, bluetooth, the kernel's crypto API, ...) is refused; the kernel reads the
+  // family's low 32 bits, so the filter does too. Families at or above AF_MAX do not exist.
+  auto allowed = [&](int family) {
+    return family == AF_UNIX || (network && (family == AF_INET || family == AF_INET6 || family == AF_NETLINK));
+  };
+  for (int family = 0; family < AF_MAX && rc == 0; ++family)
+    if (!allowed(family))
+      rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(socket), 1,
+                              SCMP_A0(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(family)));
+  if (network && rc == 0)
+    rc = ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(socket), 2,
+                            SCMP_A0(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<scmp_datum_t>(AF_NETLINK)),
+                            SCMP_A2(SCMP_CMP_NE, static_cast<scmp_datum_t>(NETLINK_ROUTE)));
   if (rc != 0) {
     ::seccomp_release(ctx);
     return -rc;

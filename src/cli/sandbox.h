@@ -91,7 +91,8 @@ class Sandbox {
 // namespace-creating clone flags, bpf, perf_event_open, kexec, module loading, keyctl/add_key/
 // request_key, userfaultfd, and the ioctls TIOCSTI and TIOCLINUX (typing into a terminal) fail
 // with EPERM; clone3 with ENOSYS (so callers fall back to clone,
-// whose flags can be checked); socket(AF_INET/AF_INET6/AF_PACKET) with EPERM unless network.
+// whose flags can be checked); socket() of any family but AF_UNIX with EPERM (with network, also
+// AF_INET, AF_INET6 and route netlink).
 // Returns 0 or an errno.
 int enter_guest_policy(bool network, const char** failed_step);
 

@@ -14,7 +14,9 @@
 #include <sched.h>
 #include <sys/mount.h>
 #include <sys/ptrace.h>
+#include <linux/netlink.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -29,6 +31,16 @@
 namespace {
 
 int g_failures = 0;
+
+struct Family {
+  int family, protocol;
+  const char* name;
+};
+// Families a guest has no use for (those this kernel lacks must fail too, by the filter).
+std::vector<Family> other_families() {
+  return {{AF_NETLINK, NETLINK_ROUTE, "AF_NETLINK route"}, {AF_NETLINK, NETLINK_KOBJECT_UEVENT, "AF_NETLINK uevent"},
+          {AF_PACKET, 0, "AF_PACKET"}, {AF_VSOCK, 0, "AF_VSOCK"}, {AF_ALG, 0, "AF_ALG"}, {AF_BLUETOOTH, 0, "AF_BLUETOOTH"}};
+}
 
 void check(bool ok, const std::string& what, const std::string& detail = "") {
   std::printf("%s %s%s%s\n", ok ? "ok  " : "FAIL", what.c_str(), detail.empty() ? "" : ": ", detail.c_str());
@@ -129,6 +141,9 @@ int main(int argc, char** argv) {
     for (const auto& p : deny_open) check(try_open(p) == 0, "unconfined: open " + p, err_name(try_open(p)));
     for (const auto& p : deny_connect) check(try_connect(p) == 0, "unconfined: connect " + p, err_name(try_connect(p)));
     check(status_field("Seccomp") == "0", "unconfined: no seccomp filter", status_field("Seccomp"));
+    const int nl = ::socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+    check(nl >= 0, "unconfined: socket(AF_NETLINK)", err_name(nl < 0 ? errno : 0));
+    if (nl >= 0) ::close(nl);
     std::printf(g_failures ? "PROBE FAILED\n" : "PROBE OK\n");
     return g_failures ? 1 : 0;
   }
@@ -163,6 +178,19 @@ int main(int argc, char** argv) {
   if (s >= 0) ::close(s);
   s = ::socket(AF_INET6, SOCK_DGRAM, 0);
   check(s < 0 && errno == EPERM, "socket(AF_INET6) is refused", err_name(s < 0 ? errno : 0));
+  if (s >= 0) ::close(s);
+  // Every other family but unix, by the filter (EPERM, not the kernel's EAFNOSUPPORT), even with
+  // high bits set in the family argument.
+  for (const auto& [family, protocol, name] : other_families()) {
+    s = ::socket(family, SOCK_RAW | SOCK_CLOEXEC, protocol);
+    check(s < 0 && errno == EPERM, std::string("socket(") + name + ") is refused", err_name(s < 0 ? errno : 0));
+    if (s >= 0) ::close(s);
+  }
+  const long high = ::syscall(SYS_socket, (1L << 32) | AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+  check(high < 0 && errno == EPERM, "socket(AF_NETLINK with high bits) is refused", err_name(high < 0 ? errno : 0));
+  if (high >= 0) ::close(static_cast<int>(high));
+  s = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  check(s >= 0, "socket(AF_UNIX) works", err_name(s < 0 ? errno : 0));
   if (s >= 0) ::close(s);
   check(::unshare(CLONE_NEWUSER) != 0, "unshare(CLONE_NEWUSER) is refused", std::strerror(errno));
   check(::mount("none", "/tmp", "tmpfs", 0, nullptr) != 0, "mount is refused", std::strerror(errno));
