@@ -90,6 +90,19 @@ std::string resolve_library(const std::string& name) {
   return {};
 }
 
+// What a guest's /etc shows of the host's, as paths below /etc: what programs and their libraries
+// read at run time, and no secret. Everything else (shadow files, sudoers, ssh and TLS keys,
+// gpup's and other services' configuration, machine-id) is absent inside. Names ending in '*'
+// take every entry that begins so (python3, python3.11; java-17-openjdk).
+constexpr const char* kEtcAllowed[] = {
+    "passwd", "group", "hosts", "hostname", "resolv.conf", "nsswitch.conf", "host.conf", "gai.conf",
+    "networks", "protocols", "services", "netconfig", "ld.so.cache", "ld.so.conf", "ld.so.conf.d",
+    "localtime", "timezone", "locale.alias", "locale.gen", "os-release", "debian_version",
+    "alternatives", "environment", "profile", "profile.d", "bash.bashrc", "inputrc", "shells",
+    "terminfo", "mime.types", "magic", "magic.mime", "ca-certificates", "ca-certificates.conf",
+    "ssl/certs", "ssl/openssl.cnf", "fonts", "xdg", "xml", "sgml", "perl", "python*", "java-*",
+    "glvnd", "OpenCL"};
+
 // ----- the child side: plain system calls, failures reported through the pipe ---------------
 
 void report(int fd, int exec_failed, int err, const std::string& what) {
@@ -270,6 +283,37 @@ void Sandbox::prepare() {
       hidden_libs_.push_back(lib);
   }
 
+  // The host's /etc entries the guest sees.
+  auto add_etc = [&](const std::string& rel) {
+    const std::string host = "/etc/" + rel;
+    struct stat st {};
+    if (::lstat(host.c_str(), &st) != 0) return;
+    if (S_ISLNK(st.st_mode)) {
+      char target[PATH_MAX];
+      const ssize_t n = ::readlink(host.c_str(), target, sizeof target - 1);
+      if (n > 0) etc_.push_back({rel, 'l', std::string(target, static_cast<size_t>(n))});
+    } else if (S_ISDIR(st.st_mode)) {
+      etc_.push_back({rel, 'd', {}});
+    } else if (S_ISREG(st.st_mode)) {
+      etc_.push_back({rel, 'f', {}});
+    }
+  };
+  std::vector<std::string> etc_names;
+  if (DIR* d = ::opendir("/etc")) {
+    while (dirent* e = ::readdir(d)) etc_names.emplace_back(e->d_name);
+    ::closedir(d);
+  }
+  std::sort(etc_names.begin(), etc_names.end());
+  for (const char* allowed : kEtcAllowed) {
+    const std::string a = allowed;
+    if (a.back() == '*') {
+      for (const auto& n : etc_names)
+        if (n.rfind(a.substr(0, a.size() - 1), 0) == 0 && n != "." && n != "..") add_etc(n);
+    } else {
+      add_etc(a);
+    }
+  }
+
   // What the guest needs from the host's /tmp: the entry directly under /tmp holding each path.
   for (const auto& p : opts_.visible) {
     std::string rp = real_path(p);
@@ -347,6 +391,27 @@ bool Sandbox::build_root(int rfd) {
   // The host, read-only: from here on a mkdir on a host path fails rather than changing the host.
   if (!bind(rfd, "/", root, false, true)) return false;
   if (!set_tree_attr(rfd, root, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)) return false;
+
+  // Its /etc: the allowed entries of the host's, read-only, on a tmpfs of its own.
+  const std::string etc = root + "/etc";
+  if (!do_mount(rfd, "tmpfs", etc, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755", "mount tmpfs")) return false;
+  for (const auto& e : etc_) {
+    const std::string inside = etc + "/" + e.path;
+    const auto slash = inside.rfind('/');
+    if (!make_dirs(rfd, inside.substr(0, slash))) return false;
+    if (e.kind == 'l') {
+      if (::symlink(e.target.c_str(), inside.c_str()) != 0) return report(rfd, 0, errno, "symlink " + inside), false;
+    } else if (e.kind == 'd') {
+      if (!make_dirs(rfd, inside) || !bind(rfd, "/etc/" + e.path, inside, true, true)) return false;
+    } else {
+      if (!touch(rfd, inside, 0644) || !bind(rfd, "/etc/" + e.path, inside, true)) return false;
+    }
+  }
+  if (vendors_replaced_ && opts_.host_vendors_dir.rfind("/etc/", 0) == 0 && !make_dirs(rfd, root + opts_.host_vendors_dir))
+    return false;
+  if (!do_mount(rfd, nullptr, etc, nullptr, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755",
+                "remount read-only"))
+    return false;
 
   // A private /tmp, but for the entries holding the guest's program and gpup's own files.
   if (!do_mount(rfd, "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", "mount tmpfs")) return false;

@@ -3,6 +3,10 @@
 // The guest runs in new user, mount, pid, ipc and (unless --network) network namespaces, with
 // no_new_privs, no capabilities and a seccomp filter (sandbox_policy(): the reviewed list). It sees:
 //   /                      the host's file system, read-only (nosuid, nodev)
+//   /etc                   a tmpfs holding only the host's entries on kEtcAllowed (sandbox.cpp):
+//                          accounts without passwords, name resolution, the dynamic linker's
+//                          cache, certificates, locale and interpreter settings; no shadow files,
+//                          no ssh or TLS keys, no sudoers, no gpup configuration
 //   its working directory  read-write (unless it is "/")
 //   /tmp, /dev/shm         private tmpfs
 //   /dev                   a tmpfs with null zero full random urandom tty only
@@ -83,6 +87,14 @@ class Sandbox {
   std::vector<std::pair<std::string, std::string>> icd_files_;  // name, content
   std::vector<std::string> hidden_libs_;
   std::vector<std::string> tmp_kept_;  // entries of the host's /tmp shown inside, read-only
+  // What the guest's /etc holds of the host's: paths below /etc (kEtcAllowed), their kind, and a
+  // symlink's target.
+  struct EtcEntry {
+    std::string path;  // "passwd", "ssl/certs"
+    char kind;         // 'd' directory, 'f' file, 'l' symlink
+    std::string target;
+  };
+  std::vector<EtcEntry> etc_;
   bool vendors_replaced_ = false;
 };
 

@@ -82,6 +82,23 @@ for icd in /etc/OpenCL/vendors/*.icd; do
 done
 [ "$NICD" -gt 0 ] || fail "no host OpenCL ICD (and library) to try (pocl-opencl-icd is installed by install-deps.sh)"
 DENY+=(--deny-connect "$RUN/vms/b/vrd.sock" --deny-connect "$RUN/gpupd.sock")
+# The host's secrets under /etc that this test can read (it runs as root in CI): a guest's /etc
+# has none of them. At least the shadow file must be among them.
+NSECRET=0
+for f in /etc/shadow /etc/gshadow /etc/sudoers /etc/ssh/ssh_host_*_key /etc/ssl/private/* /etc/machine-id; do
+  [ -f "$f" ] && openable "$f" && { DENY+=(--deny-open "$f"); NSECRET=$((NSECRET + 1)); }
+done
+[ "$NSECRET" -gt 0 ] || echo "note: no host secret under /etc is readable by this user; that check is empty here"
+
+
+# What programs read from /etc is there: accounts, the linker's cache, certificates.
+for f in /etc/passwd /etc/ld.so.cache /etc/ssl/certs; do
+  [ -e "$f" ] || continue
+  host "$GPUP" run --vm a -- /bin/sh -c "test -r $f" || fail "$f is not readable inside"
+done
+host "$GPUP" run --vm a -- /bin/sh -c 'test ! -e /etc/shadow && test ! -e /etc/ssl/private' ||
+  fail "/etc/shadow or /etc/ssl/private exists inside"
+echo "ok   the guest's /etc has what programs read and no secret"
 
 echo "--- confined: gpup run --vm a -- sandbox_probe"
 host timeout 120 "$GPUP" run --vm a -- "$PROBE" --expect-store "$STORE" "${DENY[@]}" >"$TMP/probe.out" 2>"$TMP/probe.err"
