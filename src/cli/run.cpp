@@ -124,6 +124,9 @@ int cmd_run(const Context& ctx, const std::string& vm_name, const std::vector<st
     SandboxOptions so;
     so.network = opts.network;
     so.runtime_dir = ctx.runtime_dir;
+    // gpupd's own view of its state directory (it may differ from this shell's $GPUP_STATE_DIR).
+    so.state_dir = str(call(ctx, json{{"op", "status"}}), "state_dir");
+    if (so.state_dir.empty()) so.state_dir = ctx.state_dir;
     so.endpoint = endpoint;
     so.driver_store = str(vm, "driver_store");
     so.icd_dir = launch.env["OCL_ICD_VENDORS"];

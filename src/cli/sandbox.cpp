@@ -271,6 +271,21 @@ void Sandbox::prepare() {
     throw CliError(fmt::format("sandbox: endpoint {} is not inside the runtime directory {}", opts_.endpoint,
                                runtime_dir_));
   endpoint_ = vm_dir + opts_.endpoint.substr(slash);
+  if (!opts_.state_dir.empty()) state_dir_ = real_path(opts_.state_dir);
+  // The working directory is bound read-write under the same path: never one that would show the
+  // guest gpupd's directories, or what the guest's /run hides.
+  auto within = [&](const std::string& dir) { return !dir.empty() && (cwd_ == dir || cwd_.rfind(dir + "/", 0) == 0); };
+  for (const auto& [dir, what] : {std::pair{runtime_dir_, "gpupd's runtime directory"},
+                                  std::pair{state_dir_, "gpupd's state directory"}, std::pair{std::string("/run"), "/run"}})
+    if (within(dir))
+      throw CliError(fmt::format("run: the working directory {} is inside {} ({}), which a guest must not see; run "
+                                 "from another directory",
+                                 cwd_, what, dir),
+                     125);
+  {
+    const std::string resolv = real_path("/etc/resolv.conf");
+    if (resolv.rfind("/run/", 0) == 0) resolv_target_ = resolv;
+  }
   if (!opts_.driver_store.empty() && is_dir(opts_.driver_store)) store_ = real_path(opts_.driver_store);
 
   for (const auto& n : icd_names(opts_.icd_dir)) icd_files_.emplace_back(n, read_text(opts_.icd_dir + "/" + n));
@@ -458,6 +473,32 @@ bool Sandbox::build_root(int rfd) {
   for (const auto& lib : hidden_libs_)
     if (!bind(rfd, scratch_ + "/hidden", root + lib, true)) return false;
 
+  // The working directory, read-write (never the whole file system). Before what hides gpupd's
+  // directories, so that a working directory holding them (their parent, say) shows them hidden.
+  if (cwd_ != "/") {
+    if (!make_dirs(rfd, root + cwd_) || !bind(rfd, cwd_, root + cwd_, false)) return false;
+  }
+
+  // /run: the host's services' sockets and state are none of the guest's. What name resolution
+  // reads through /etc/resolv.conf stays.
+  const std::string run = root + "/run";
+  if (is_dir("/run")) {
+    if (!do_mount(rfd, "tmpfs", run, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755", "mount tmpfs")) return false;
+    if (!resolv_target_.empty()) {
+      if (!make_dirs(rfd, root + resolv_target_.substr(0, resolv_target_.rfind('/'))) ||
+          !touch(rfd, root + resolv_target_, 0644) || !bind(rfd, resolv_target_, root + resolv_target_, true))
+        return false;
+    }
+  }
+
+  // gpupd's state directory: not there at all (an empty directory, read-only).
+  if (!state_dir_.empty() && is_dir(state_dir_)) {
+    if (!make_dirs(rfd, root + state_dir_) ||
+        !do_mount(rfd, "tmpfs", root + state_dir_, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_RDONLY, "mode=0755",
+                  "mount tmpfs"))
+      return false;
+  }
+
   // gpupd's runtime directory: only this VM's endpoint and driver store.
   const std::string rt = root + runtime_dir_;
   if (!make_dirs(rfd, rt) ||
@@ -477,11 +518,10 @@ bool Sandbox::build_root(int rfd) {
   if (!do_mount(rfd, nullptr, rt, nullptr, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755",
                 "remount read-only"))
     return false;
-
-  // The working directory, read-write (never the whole file system).
-  if (cwd_ != "/") {
-    if (!make_dirs(rfd, root + cwd_) || !bind(rfd, cwd_, root + cwd_, false)) return false;
-  }
+  if (is_dir("/run") &&
+      !do_mount(rfd, nullptr, run, nullptr, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755",
+                "remount read-only"))
+    return false;
 
   // Into the new root; the old one is detached.
   if (::chdir(root.c_str()) != 0) return report(rfd, 0, errno, "chdir " + root), false;

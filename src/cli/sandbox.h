@@ -7,7 +7,9 @@
 //                          accounts without passwords, name resolution, the dynamic linker's
 //                          cache, certificates, locale and interpreter settings; no shadow files,
 //                          no ssh or TLS keys, no sudoers, no gpup configuration
-//   its working directory  read-write (unless it is "/")
+//   its working directory  read-write (unless it is "/"); one inside gpupd's runtime or state
+//                          directory, or under /run, is refused
+//   /run                   a tmpfs: no host service's socket (but /etc/resolv.conf's target)
 //   /tmp, /dev/shm         private tmpfs
 //   /dev                   a tmpfs with null zero full random urandom tty only
 //   /proc                  its own pid namespace's
@@ -35,6 +37,7 @@ namespace gpup::cli {
 struct SandboxOptions {
   bool network = false;          // keep the host's network namespace and allow IP sockets
   std::string runtime_dir;       // gpupd's runtime directory (hidden but for this VM's files)
+  std::string state_dir;         // gpupd's state directory (hidden)
   std::string endpoint;          // this VM's VRD endpoint (a unix socket inside runtime_dir)
   std::string driver_store;      // this VM's HostDriverStore (may be empty or missing)
   std::string icd_dir;           // the vendors directory whose .icd files the guest's loader gets
@@ -83,7 +86,8 @@ class Sandbox {
   SandboxOptions opts_;
   std::string scratch_;  // host directory the child mounts its scratch tmpfs on
   std::string cwd_;
-  std::string runtime_dir_, endpoint_, store_;
+  std::string runtime_dir_, state_dir_, endpoint_, store_;
+  std::string resolv_target_;  // /etc/resolv.conf's target when it lives under /run
   std::vector<std::pair<std::string, std::string>> icd_files_;  // name, content
   std::vector<std::string> hidden_libs_;
   std::vector<std::string> tmp_kept_;  // entries of the host's /tmp shown inside, read-only

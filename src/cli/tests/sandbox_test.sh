@@ -113,6 +113,30 @@ rc=$?
 cat "$TMP/ctl.out"
 [ $rc = 0 ] || { cat "$TMP/ctl.err"; fail "the unconfined control run exited $rc"; }
 
+# gpupd's directories stay hidden whatever the working directory: run from their parent, the
+# guest finds neither gpupd's socket nor the state file, and cannot write the state file; run
+# from inside one, gpup run refuses.
+STATE_SUM="$(cksum <"$TMP/state/partitions.json")"
+(cd "$TMP" && host "$GPUP" run --vm a -- /bin/sh -c \
+  "test ! -e '$RUN/gpupd.sock' && test ! -e '$TMP/state/partitions.json' && ! (echo x > '$TMP/state/partitions.json') 2>/dev/null") ||
+  fail "from $TMP (the parent of gpupd's directories) the guest saw or wrote them"
+[ "$(cksum <"$TMP/state/partitions.json")" = "$STATE_SUM" ] || fail "partitions.json changed under a guest"
+[ -S "$RUN/gpupd.sock" ] || fail "gpupd.sock is not there for the control check"
+for d in "$RUN" "$RUN/vms" "$TMP/state"; do
+  out="$(cd "$d" && host "$GPUP" run --vm a -- /bin/true 2>&1)"; rc=$?
+  [ $rc = 125 ] && [[ "$out" == *"a guest must not see"* ]] || fail "run from $d: exit $rc, '$out' (expected a refusal)"
+done
+# A host service's socket under /run answers on the host, not in the guest.
+SOCK="/run/gpup-sbx-test-$$.sock"
+python3 -c 'import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(4); time.sleep(60)' "$SOCK" &
+LISTENER=$!
+for i in $(seq 50); do [ -S "$SOCK" ] && break; sleep 0.1; done
+CONNECT='import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])'
+python3 -c "$CONNECT" "$SOCK" || { kill $LISTENER; fail "the control connection to $SOCK failed"; }
+host "$GPUP" run --vm a -- python3 -c "$CONNECT" "$SOCK" 2>/dev/null && { kill $LISTENER; rm -f "$SOCK"; fail "the guest connected to $SOCK"; }
+kill $LISTENER; wait $LISTENER 2>/dev/null; rm -f "$SOCK"
+echo "ok   gpupd's directories and /run's sockets stay hidden from every working directory"
+
 # Exit status and signals pass through init.
 host "$GPUP" run --vm a -- /bin/sh -c 'exit 7'; rc=$?
 [ $rc = 7 ] || fail "exit 7 came back as $rc"
