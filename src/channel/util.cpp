@@ -119,7 +119,6 @@ bool is_unix_socket(int sock) {
 Status read_exact(int sock, void* buf, size_t n, const Deadline& deadline, std::vector<UniqueFd>* fds, size_t max_fds) {
   auto* p = static_cast<uint8_t*>(buf);
   size_t got = 0;
-  bool bad_fds = false;
   while (got < n) {
     ReceivedFds info;
     const ssize_t r = receive_with_fds(sock, p + got, n - got, fds, fds ? max_fds : 0, MSG_DONTWAIT, &info);
@@ -133,8 +132,7 @@ Status read_exact(int sock, void* buf, size_t n, const Deadline& deadline, std::
       }
       return error(errno_status(errno), errno_text("recvmsg", errno));
     }
-    if (info.extra || info.fds_truncated) bad_fds = true;
-    if (bad_fds) return error(GPUP_STATUS_PROTOCOL_ERROR, "peer sent unexpected file descriptors");
+    if (info.extra || info.fds_truncated) return error(GPUP_STATUS_PROTOCOL_ERROR, "peer sent unexpected file descriptors");
     if (r == 0) return error(GPUP_STATUS_CONNECTION_LOST, "peer closed the connection during the handshake");
     got += static_cast<size_t>(r);
   }

@@ -165,6 +165,13 @@ bool bind(int rfd, const std::string& src, const std::string& dst, bool read_onl
   return true;
 }
 
+// Binds src (a directory, recursively, or a single file) at dst, making dst's mount point first.
+bool bind_path(int rfd, const std::string& src, const std::string& dst, bool read_only) {
+  const bool dir = is_dir(src);
+  if (!(dir ? make_dirs(rfd, dst) : touch(rfd, dst, 0644))) return false;
+  return bind(rfd, src, dst, read_only, dir);
+}
+
 bool set_tree_attr(int rfd, const std::string& path, uint64_t attr) {
   mount_attr a{};
   a.attr_set = attr;
@@ -323,7 +330,7 @@ void Sandbox::prepare() {
     const std::string a = allowed;
     if (a.back() == '*') {
       for (const auto& n : etc_names)
-        if (n.rfind(a.substr(0, a.size() - 1), 0) == 0 && n != "." && n != "..") add_etc(n);
+        if (n.rfind(a.substr(0, a.size() - 1), 0) == 0) add_etc(n);
     } else {
       add_etc(a);
     }
@@ -416,10 +423,8 @@ bool Sandbox::build_root(int rfd) {
     if (!make_dirs(rfd, inside.substr(0, slash))) return false;
     if (e.kind == 'l') {
       if (::symlink(e.target.c_str(), inside.c_str()) != 0) return report(rfd, 0, errno, "symlink " + inside), false;
-    } else if (e.kind == 'd') {
-      if (!make_dirs(rfd, inside) || !bind(rfd, "/etc/" + e.path, inside, true, true)) return false;
-    } else {
-      if (!touch(rfd, inside, 0644) || !bind(rfd, "/etc/" + e.path, inside, true)) return false;
+    } else if (!bind_path(rfd, "/etc/" + e.path, inside, true)) {
+      return false;
     }
   }
   if (vendors_replaced_ && opts_.host_vendors_dir.rfind("/etc/", 0) == 0 && !make_dirs(rfd, root + opts_.host_vendors_dir))
@@ -430,11 +435,8 @@ bool Sandbox::build_root(int rfd) {
 
   // A private /tmp, but for the entries holding the guest's program and gpup's own files.
   if (!do_mount(rfd, "tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", "mount tmpfs")) return false;
-  for (const auto& top : tmp_kept_) {
-    const bool dir = is_dir(top);
-    if (!(dir ? make_dirs(rfd, root + top) : touch(rfd, root + top, 0600)) || !bind(rfd, top, root + top, true, dir))
-      return false;
-  }
+  for (const auto& top : tmp_kept_)
+    if (!bind_path(rfd, top, root + top, true)) return false;
 
   // A minimal /dev.
   const std::string dev = root + "/dev";
@@ -484,11 +486,10 @@ bool Sandbox::build_root(int rfd) {
   const std::string run = root + "/run";
   if (is_dir("/run")) {
     if (!do_mount(rfd, "tmpfs", run, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755", "mount tmpfs")) return false;
-    if (!resolv_target_.empty()) {
-      if (!make_dirs(rfd, root + resolv_target_.substr(0, resolv_target_.rfind('/'))) ||
-          !touch(rfd, root + resolv_target_, 0644) || !bind(rfd, resolv_target_, root + resolv_target_, true))
-        return false;
-    }
+    if (!resolv_target_.empty() &&
+        (!make_dirs(rfd, root + resolv_target_.substr(0, resolv_target_.rfind('/'))) ||
+         !bind_path(rfd, resolv_target_, root + resolv_target_, true)))
+      return false;
   }
 
   // gpupd's state directory: not there at all (an empty directory, read-only).

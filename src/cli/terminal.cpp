@@ -141,9 +141,7 @@ void TerminalProxy::copy_loop() {
       if (n > 0) {
         if (out_fd_ >= 0 && !write_all(out_fd_, buf, static_cast<size_t>(n))) out_fd_ = -1;
       } else if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
-        // EIO: every holder of the slave is gone. Wait for finish() (more cannot come).
-        pollfd w{wake_[0].get(), POLLIN, 0};
-        while (!stop_) ::poll(&w, 1, 100);
+        // EIO: every holder of the slave is gone; no more output can come. finish() joins.
         return;
       }
     }
