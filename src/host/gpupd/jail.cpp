@@ -5,6 +5,7 @@
 #include <link.h>
 #include <linux/capability.h>
 #include <linux/landlock.h>
+#include <linux/mount.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -69,6 +70,10 @@ struct Bind {
   std::string src, dst;  // dst: under the stage
   unsigned long remount = 0;
   bool file = false;
+  // A detached copy of src's mount made by gpupd before the clone (open_tree), which the child
+  // attaches at dst: gpupd looks src up with all its rights, so a build tree or library behind a
+  // directory only root may search (a 0700 checkout, /root) is shown as well.
+  int tree = -1;
 };
 
 struct Plan {
@@ -220,9 +225,8 @@ void drop_privileges(int rfd, uint32_t id) {
   // closed to the jail's uid.
   if (::chdir(st) != 0) fail(rfd, "chdir", st);
   // Files in the jail's own tmpfs are made as its uid (the only one its user namespace maps); host
-  // paths are looked up as gpupd (root, but with no capability over the host's files any more),
-  // which still reaches the build trees and libraries that only root's directories lead to.
-  const long host_fsuid = 0, jail_fsuid = p.id;
+  // paths come as mounts gpupd opened (Bind::tree), or are the kernel's (/proc, /dev nodes).
+  const long jail_fsuid = p.id;
   ::syscall(SYS_setfsuid, jail_fsuid);
   ::syscall(SYS_setfsgid, jail_fsuid);
   // Its writable places, bounded, its own; mounted before the host paths are shown, as one of
@@ -240,12 +244,9 @@ void drop_privileges(int rfd, uint32_t id) {
   for (const auto& b : p.binds)
     if (b.file) make_file(rfd, b.dst.c_str());
   for (const auto& b : p.binds) {
-    ::syscall(SYS_setfsuid, host_fsuid);
-    ::syscall(SYS_setfsgid, host_fsuid);
-    const int rc = ::mount(b.src.c_str(), b.dst.c_str(), nullptr, MS_BIND, nullptr);
-    ::syscall(SYS_setfsuid, jail_fsuid);
-    ::syscall(SYS_setfsgid, jail_fsuid);
-    if (rc != 0) fail(rfd, "bind-mount", b.src.c_str());
+    if (::syscall(SYS_move_mount, b.tree, "", AT_FDCWD, b.dst.c_str(), MOVE_MOUNT_F_EMPTY_PATH) != 0)
+      fail(rfd, "bind-mount", b.src.c_str());
+    ::close(b.tree);
     if (::mount(nullptr, b.dst.c_str(), nullptr, MS_REMOUNT | MS_BIND | b.remount, nullptr) != 0)
       fail(rfd, "remount read-only", b.dst.c_str());
   }
@@ -629,6 +630,16 @@ Result<Jails::Started> Jails::spawn(const Spawn& s, const std::function<Status(p
   for (size_t i = 0; i < p.fds.size(); ++i)
     if (p.fds[i].second != static_cast<int>(3 + i))
       return make_error(GPUP_STATUS_INVALID_PARAMETER, "jail: passed fds must be numbered 3, 4, ... in order");
+
+  // The host paths it shows, looked up here, with gpupd's rights, as detached mounts.
+  std::vector<UniqueFd> trees;
+  for (auto& bind : p.binds) {
+    trees.emplace_back(static_cast<int>(
+        ::syscall(SYS_open_tree, AT_FDCWD, bind.src.c_str(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC)));
+    if (!trees.back())
+      return make_error(GPUP_STATUS_INTERNAL, fmt::format("jail: open_tree {}: {}", bind.src, std::strerror(errno)));
+    bind.tree = trees.back().get();
+  }
 
   int rp[2], sp[2];
   if (::pipe2(rp, O_CLOEXEC) != 0) return make_error(GPUP_STATUS_INTERNAL, fmt::format("pipe: {}", std::strerror(errno)));
